@@ -1,0 +1,7 @@
+// Subcommands of the `monet` binary. Each add_*_command registers a CLI11
+// subcommand whose callback throws monet::Error on failure; main() reports it.
+#pragma once
+#include <CLI/CLI.hpp>
+
+void add_info_command(CLI::App& app);
+void add_forward_command(CLI::App& app);

@@ -1,0 +1,25 @@
+// monet — command-line front end over the monet library.
+#include <cstdio>
+#include <exception>
+
+#include "commands.h"
+#include "monet/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"monet: inference, interpretability and training for Monet models"};
+  app.require_subcommand(1);
+  add_info_command(app);
+  add_forward_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const monet::Error& e) {
+    std::fprintf(stderr, "monet: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "monet: internal error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}
