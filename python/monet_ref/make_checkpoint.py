@@ -1,0 +1,174 @@
+"""Random Monet checkpoints in Hugging Face layout, for tests and demos.
+
+    python3 -m monet_ref.make_checkpoint OUT --preset tiny-vd [--dtype BF16] [--shards 3] ...
+
+Router BatchNorm running statistics are calibrated by running the float64
+reference on random tokens (router by router, with the stored, dtype-rounded
+weights), so that each head keeps about moe_topk experts, as in trained models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from . import reference
+from .safetensors_io import round_to_dtype, write_safetensors
+
+PRESETS = {
+    "tiny-vd": dict(vocab=256, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
+                    moe_dim=8, topk=4, groups=2, decompose="vertical"),
+    "tiny-hd": dict(vocab=256, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
+                    moe_dim=8, topk=4, groups=2, decompose="horizontal"),
+}
+
+TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def make_config(*, vocab, hidden, layers, heads, kv_heads, experts, moe_heads, moe_dim, topk, groups,
+                decompose, tie, dtype, max_pos) -> dict:
+    return {
+        "architectures": ["MonetForCausalLM"], "model_type": "monet",
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_pos, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_scaling": None, "attention_bias": False, "hidden_act": "relu2",
+        "tie_word_embeddings": tie, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": TORCH_DTYPE[dtype], "moe_dim": moe_dim, "moe_heads": moe_heads,
+        "moe_experts": experts, "moe_topk": topk, "moe_groups": groups, "moe_decompose": decompose,
+    }
+
+
+def random_weights(cfg: dict, rng: np.random.Generator, std: float) -> dict:
+    D = reference.dims(cfg)
+    d, hd, E, m, H = D["d"], D["hd"], D["E"], D["m"], D["H"]
+
+    def mat(*shape, s=std):
+        return rng.normal(0.0, s, size=shape)
+
+    w = {"model.embed_tokens.weight": mat(D["V"], d, s=1.0)}
+    for l in range(D["L"]):
+        p = f"model.layers.{l}."
+        w[p + "input_layernorm.weight"] = 1.0 + 0.1 * rng.normal(size=d)
+        w[p + "post_attention_layernorm.weight"] = 1.0 + 0.1 * rng.normal(size=d)
+        w[p + "self_attn.q_proj.weight"] = mat(D["nh"] * hd, d)
+        w[p + "self_attn.k_proj.weight"] = mat(D["nkv"] * hd, d)
+        w[p + "self_attn.v_proj.weight"] = mat(D["nkv"] * hd, d)
+        w[p + "self_attn.o_proj.weight"] = mat(d, D["nh"] * hd)
+        if l % D["G"] == 0:
+            for s in ("1", "2"):
+                w[p + f"router.w{s}.weight"] = mat(H * E, d)
+                w[p + f"router.norm{s}.running_mean"] = np.zeros(H)
+                w[p + f"router.norm{s}.running_var"] = np.ones(H)
+                w[p + f"router.norm{s}.num_batches_tracked"] = np.array(0, dtype=np.int64)
+        if D["vd"]:
+            for s in ("1", "2"):
+                w[p + f"moe.u{s}.weight"] = mat(E * m // 2, d)
+                w[p + f"moe.u{s}.bias"] = mat(E * m // 2, s=0.05)
+            for n in ("v11", "v12", "v21", "v22"):
+                w[p + f"moe.{n}.weight"] = mat(d // 2, E * m // 2)
+            w[p + "moe.b1"] = mat(E, d // 2, s=0.05)
+            w[p + "moe.b2"] = mat(E, d // 2, s=0.05)
+        else:
+            w[p + "moe.u.weight"] = mat(E * m, d)
+            w[p + "moe.u.bias"] = mat(E * m, s=0.05)
+            w[p + "moe.v.weight"] = mat(d, E * m)
+            w[p + "moe.b"] = mat(E, d, s=0.05)
+    w["model.norm.weight"] = 1.0 + 0.1 * rng.normal(size=d)
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = mat(D["V"], d)
+    return w
+
+
+def calibrate(cfg: dict, w: dict, rng: np.random.Generator, tokens: int = 64) -> None:
+    """Sets each router's running_mean/var to the per-head statistics of its logits."""
+    D = reference.dims(cfg)
+    ids = rng.integers(0, D["V"], size=tokens)
+    for l in range(0, D["L"], D["G"]):
+        # Run the stack up to layer l's router with the routers calibrated so far.
+        model = reference.Model(cfg, w)
+        x = w["model.embed_tokens.weight"][ids]
+        g1 = g2 = None
+        for j in range(l + 1):
+            p = f"model.layers.{j}."
+            x = x + reference.attention(model, j, reference.rmsnorm(x, w[p + "input_layernorm.weight"], D["eps"]), D)
+            y = reference.rmsnorm(x, w[p + "post_attention_layernorm.weight"], D["eps"])
+            if j == l:
+                break
+            if j % D["G"] == 0:
+                g1, g2 = reference.router(model, j, y, D)
+            x = x + (reference.experts_vd if D["vd"] else reference.experts_hd)(model, j, y, g1, g2, D)
+        p = f"model.layers.{l}.router."
+        for s in ("1", "2"):
+            z = (y @ w[p + f"w{s}.weight"].T).reshape(len(ids), D["H"], D["E"])
+            w[p + f"norm{s}.running_mean"] = z.mean(axis=(0, 2))
+            w[p + f"norm{s}.running_var"] = z.var(axis=(0, 2))
+
+
+def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv_heads=None, experts=32,
+                    moe_heads=4, moe_dim=8, topk=4, groups=2, decompose="vertical", tie=False, dtype="F32",
+                    shards=1, seed=0, calibrate_router=True, max_pos=512, std=0.15) -> dict:
+    cfg = make_config(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads or heads,
+                      experts=experts, moe_heads=moe_heads, moe_dim=moe_dim, topk=topk, groups=groups,
+                      decompose=decompose, tie=tie, dtype=dtype, max_pos=max_pos)
+    rng = np.random.default_rng(seed)
+    w = random_weights(cfg, rng, std)
+    # Round to the stored dtype first so that calibration sees the stored model.
+    w = {k: (v if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else round_to_dtype(v, dtype))
+         for k, v in w.items()}
+    if calibrate_router:
+        calibrate(cfg, w, rng)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+    def stored(name, arr):
+        if name.endswith(("running_mean", "running_var")):
+            return ("F32", arr)
+        if name.endswith("num_batches_tracked"):
+            return ("I64", arr)
+        return (dtype, arr)
+
+    names = list(w)
+    if shards <= 1:
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), {n: stored(n, w[n]) for n in names},
+                          {"format": "pt"})
+        return cfg
+    weight_map, total = {}, 0
+    for s, part in enumerate(np.array_split(np.arange(len(names)), shards)):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = {names[i]: stored(names[i], w[names[i]]) for i in part}
+        write_safetensors(os.path.join(out_dir, fname), chunk, {"format": "pt"})
+        for n, (dt, arr) in chunk.items():
+            weight_map[n] = fname
+            total += arr.size * {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}[dt]
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny-vd")
+    for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "moe_heads", "moe_dim", "topk",
+                 "groups", "shards", "seed", "max_pos"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int)
+    ap.add_argument("--decompose", choices=["vertical", "horizontal"])
+    ap.add_argument("--dtype", choices=["F32", "BF16", "F16"], default="F32")
+    ap.add_argument("--tie", action="store_true")
+    args = ap.parse_args()
+    kw = dict(PRESETS[args.preset])
+    for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "moe_heads", "moe_dim", "topk",
+                 "groups", "shards", "seed", "max_pos", "decompose"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    make_checkpoint(args.out, dtype=args.dtype, tie=args.tie, **kw)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what monet.cpp needs on Debian 12 (apt) and the Python test
+# environment (.venv, sees Debian's numpy/torch through system site packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential cmake pkg-config git
+  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev
+  python3 python3-venv python3-numpy python3-pytest python3-torch
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if [ -f python/requirements.txt ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r python/requirements.txt
+fi

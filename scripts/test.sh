@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: C++ unit tests (CTest/GoogleTest), then the Python
+# golden tests against the float64 reference and the tokenizer parity tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash scripts/deps.sh
+bash scripts/build.sh
+(cd build && ctest --output-on-failure -j"$(nproc)")
+MONET_BIN="$PWD/build/monet" .venv/bin/python -m pytest -q tests/python "$@"

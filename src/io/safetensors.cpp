@@ -1,0 +1,307 @@
+#include "monet/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "monet/error.h"
+
+namespace monet {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string TensorInfo::shape_str() const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+namespace {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(path, ": cannot open (", std::strerror(errno), ")");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open (", std::strerror(errno), ")");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    fail(path, ": cannot stat (", std::strerror(errno), ")");
+  }
+  map_size_ = size_t(st.st_size);
+  if (map_size_ < 8) {
+    ::close(fd);
+    fail(path, ": not a safetensors file: ", map_size_, " bytes, shorter than the 8-byte header length");
+  }
+  map_ = ::mmap(nullptr, map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map_ == MAP_FAILED) {
+    map_ = nullptr;
+    fail(path, ": cannot mmap (", std::strerror(errno), ")");
+  }
+  try {
+    const uint8_t* base = static_cast<const uint8_t*>(map_);
+    uint64_t header_len = 0;
+    std::memcpy(&header_len, base, 8);  // little-endian u64, as on x86-64 and aarch64
+    if (header_len > kMaxHeaderBytes)
+      fail(path, ": header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+    if (header_len > map_size_ - 8)
+      fail(path, ": truncated: header length ", header_len, " but the file has only ", map_size_ - 8,
+           " bytes after the length field");
+    json header;
+    try {
+      header = json::parse(base + 8, base + 8 + header_len);
+    } catch (const json::exception& e) {
+      fail(path, ": header is not valid JSON (", e.what(), ")");
+    }
+    if (!header.is_object()) fail(path, ": header must be a JSON object");
+    const uint8_t* data = base + 8 + header_len;
+    const uint64_t data_size = map_size_ - 8 - header_len;
+
+    for (auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") {
+        if (!entry.is_object()) fail(path, ": __metadata__ must be an object of strings");
+        for (auto& [k, v] : entry.items()) {
+          if (!v.is_string()) fail(path, ": __metadata__[\"", k, "\"] must be a string");
+          metadata_[k] = v.get<std::string>();
+        }
+        continue;
+      }
+      if (!entry.is_object()) fail(path, ": tensor ", name, ": entry must be an object");
+      if (!entry.contains("dtype") || !entry["dtype"].is_string())
+        fail(path, ": tensor ", name, ": missing string field \"dtype\"");
+      if (!entry.contains("shape") || !entry["shape"].is_array())
+        fail(path, ": tensor ", name, ": missing array field \"shape\"");
+      if (!entry.contains("data_offsets") || !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2)
+        fail(path, ": tensor ", name, ": \"data_offsets\" must be [begin, end]");
+      TensorInfo t;
+      t.name = name;
+      t.file = path;
+      const std::string dt = entry["dtype"].get<std::string>();
+      if (!dtype_from_name(dt, &t.dtype)) fail(path, ": tensor ", name, ": unknown dtype \"", dt, "\"");
+      uint64_t numel = 1;
+      for (const auto& d : entry["shape"]) {
+        if (!d.is_number_integer() || d.get<int64_t>() < 0)
+          fail(path, ": tensor ", name, ": shape entries must be non-negative integers");
+        const uint64_t dim = d.get<uint64_t>();
+        if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
+          fail(path, ": tensor ", name, ": shape is too large");
+        numel *= dim;
+        t.shape.push_back(int64_t(dim));
+      }
+      const auto& off = entry["data_offsets"];
+      if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+        fail(path, ": tensor ", name, ": data_offsets must be non-negative integers");
+      const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+      if (begin > end) fail(path, ": tensor ", name, ": data_offsets [", begin, ", ", end, "] has begin > end");
+      if (end > data_size)
+        fail(path, ": truncated: tensor ", name, " needs bytes [", begin, ", ", end, ") but the data section has ",
+             data_size, " bytes");
+      const uint64_t expected = numel * dtype_size(t.dtype);
+      if (end - begin != expected)
+        fail(path, ": tensor ", name, ": ", end - begin, " bytes for shape ", t.shape_str(), " of ", dt,
+             ", expected ", expected);
+      t.data = data + begin;
+      t.nbytes = size_t(end - begin);
+      tensors_.push_back(std::move(t));
+    }
+    // Tensors may not share bytes.
+    std::vector<const TensorInfo*> by_offset;
+    for (const auto& t : tensors_) by_offset.push_back(&t);
+    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->data < b->data; });
+    for (size_t i = 1; i < by_offset.size(); i++) {
+      const TensorInfo* prev = by_offset[i - 1];
+      if (prev->data + prev->nbytes > by_offset[i]->data)
+        fail(path, ": tensors ", prev->name, " and ", by_offset[i]->name, " overlap in the data section");
+    }
+    for (size_t i = 0; i < tensors_.size(); i++) index_[tensors_[i].name] = i;
+  } catch (...) {
+    ::munmap(map_, map_size_);
+    map_ = nullptr;
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_) ::munmap(map_, map_size_);
+}
+
+const TensorInfo* SafetensorsFile::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+std::unique_ptr<TensorStore> TensorStore::open_file(const std::string& path) {
+  auto store = std::unique_ptr<TensorStore>(new TensorStore());
+  store->source_ = path;
+  store->files_.push_back(std::make_unique<SafetensorsFile>(path));
+  for (const auto& t : store->files_.back()->tensors()) store->by_name_[t.name] = &t;
+  return store;
+}
+
+std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
+  if (!fs::is_directory(dir)) fail(dir, ": no such checkpoint directory");
+  const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
+  const fs::path single_path = fs::path(dir) / "model.safetensors";
+  if (!fs::exists(index_path)) {
+    if (!fs::exists(single_path)) fail(dir, ": no model.safetensors or model.safetensors.index.json");
+    auto store = open_file(single_path.string());
+    store->source_ = dir;
+    return store;
+  }
+  json index;
+  try {
+    index = json::parse(read_text_file(index_path.string()));
+  } catch (const json::exception& e) {
+    fail(index_path.string(), ": not valid JSON (", e.what(), ")");
+  }
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    fail(index_path.string(), ": missing object \"weight_map\"");
+  auto store = std::unique_ptr<TensorStore>(new TensorStore());
+  store->source_ = dir;
+  std::map<std::string, SafetensorsFile*> shards;
+  for (auto& [name, file] : index["weight_map"].items()) {
+    if (!file.is_string()) fail(index_path.string(), ": weight_map[\"", name, "\"] must be a file name");
+    const std::string shard = file.get<std::string>();
+    if (shard.find('/') != std::string::npos || shard == "..")
+      fail(index_path.string(), ": weight_map[\"", name, "\"] = \"", shard, "\" must name a file in the directory");
+    if (!shards.count(shard)) {
+      const fs::path shard_path = fs::path(dir) / shard;
+      if (!fs::exists(shard_path))
+        fail(index_path.string(), ": shard ", shard, " (holding ", name, ") does not exist");
+      store->files_.push_back(std::make_unique<SafetensorsFile>(shard_path.string()));
+      shards[shard] = store->files_.back().get();
+    }
+    const TensorInfo* t = shards[shard]->find(name);
+    if (!t) fail((fs::path(dir) / shard).string(), ": tensor ", name, " listed in the index is missing from this shard");
+  }
+  for (const auto& f : store->files_)
+    for (const auto& t : f->tensors()) {
+      auto [it, inserted] = store->by_name_.emplace(t.name, &t);
+      if (!inserted) fail(dir, ": tensor ", t.name, " appears in both ", it->second->file, " and ", t.file);
+    }
+  return store;
+}
+
+const TensorInfo* TensorStore::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : it->second;
+}
+
+const TensorInfo& TensorStore::get(const std::string& name) const {
+  const TensorInfo* t = find(name);
+  if (!t) fail(source_, ": missing tensor ", name);
+  return *t;
+}
+
+std::vector<std::string> TensorStore::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, t] : by_name_) out.push_back(name);
+  return out;
+}
+
+namespace {
+
+// Writes `fill` output to path via a temp file + fsync + rename.
+template <class Fill>
+void write_atomic(const std::string& path, Fill fill) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(path, ": cannot create (", std::strerror(errno), ")");
+  auto write_all = [&](const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    while (n > 0) {
+      const ssize_t w = ::write(fd, c, std::min(n, size_t(1) << 30));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail(path, ": write failed (", std::strerror(errno), ")");
+      }
+      c += w;
+      n -= size_t(w);
+    }
+  };
+  try {
+    fill(write_all);
+    if (::fsync(fd) != 0) fail(path, ": fsync failed (", std::strerror(errno), ")");
+    if (::close(fd) != 0) {
+      ::unlink(tmp.c_str());
+      fail(path, ": close failed (", std::strerror(errno), ")");
+    }
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    fail(path, ": rename failed (", std::strerror(err), ")");
+  }
+}
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  std::set<std::string> names;
+  for (const auto& t : tensors) {
+    if (!names.insert(t.name).second) fail(path, ": tensor ", t.name, " given twice");
+    if (t.name == "__metadata__") fail(path, ": \"__metadata__\" is not a tensor name");
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) {
+      if (d < 0) fail(path, ": tensor ", t.name, " has a negative dimension");
+      numel *= uint64_t(d);
+    }
+    const uint64_t bytes = numel * dtype_size(t.dtype);
+    if (bytes > 0 && !t.data) fail(path, ": tensor ", t.name, " has no data");
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string head = header.dump();
+  head.append((8 - head.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  write_atomic(path, [&](auto write_all) {
+    const uint64_t n = head.size();
+    write_all(&n, 8);
+    write_all(head.data(), head.size());
+    for (const auto& t : tensors) {
+      uint64_t numel = 1;
+      for (int64_t d : t.shape) numel *= uint64_t(d);
+      write_all(t.data, numel * dtype_size(t.dtype));
+    }
+  });
+}
+
+void write_file_atomic(const std::string& path, const std::string& contents) {
+  write_atomic(path, [&](auto write_all) { write_all(contents.data(), contents.size()); });
+}
+
+}  // namespace monet
