@@ -5,5 +5,3 @@
 
 void add_info_command(CLI::App& app);
 void add_forward_command(CLI::App& app);
-void add_tokenize_command(CLI::App& app);
-void add_generate_command(CLI::App& app);

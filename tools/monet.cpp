@@ -10,8 +10,6 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   add_info_command(app);
   add_forward_command(app);
-  add_tokenize_command(app);
-  add_generate_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
