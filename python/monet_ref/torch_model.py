@@ -1,0 +1,244 @@
+"""The PyTorch peer: Monet's reference modules (the computation of the HF
+remote code, written here from shared/monet-spec.md) on torch, for benchmarks.
+
+It computes what the reference modules compute, the way they compute it:
+dense einsums over all E experts per token, the router's BatchNorm in eval
+mode, a concatenating KV cache. Works with torch >= 1.13.
+
+    model = MonetTorch.load("ckpt", dtype=torch.bfloat16)
+    logits, cache = model(ids[None])               # prefill, ids [B, T]
+    logits, cache = model(next_ids[:, None], cache)  # one decode step
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+from torch import nn
+
+from .reference import router_sigma
+
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64}
+
+
+def read_safetensors_torch(path: str) -> dict:
+    """name -> torch tensor, BF16 kept as torch.bfloat16 (no float32 detour)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        b, e = info["data_offsets"]
+        arr = np.frombuffer(raw[b:e], dtype=_NP[info["dtype"]]).reshape(info["shape"])
+        t = torch.from_numpy(arr.copy())
+        out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    return out
+
+
+def load_tensors(path: str) -> dict:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return read_safetensors_torch(os.path.join(path, "model.safetensors"))
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for s in shards:
+        out.update(read_safetensors_torch(os.path.join(path, s)))
+    return out
+
+
+# Modules are built on the "meta" device (no memory, no random init) and then
+# filled from the checkpoint: initialising 1.4 B parameters would take longer
+# than the benchmark.
+META = torch.device("meta")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d, device=META))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.nh, self.nkv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        self.hd = c["hidden_size"] // self.nh
+        d = c["hidden_size"]
+        self.q_proj = nn.Linear(d, self.nh * self.hd, bias=False, device=META)
+        self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False, device=META)
+        self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False, device=META)
+        self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False, device=META)
+        self.theta = c.get("rope_theta", 10000.0)
+
+    def forward(self, x, pos0, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        pos = torch.arange(pos0, pos0 + T, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        new_cache = (k, v)
+        rep = self.nh // self.nkv
+        kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ kk.transpose(2, 3)) / self.hd ** 0.5
+        S = kk.shape[2]
+        causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vv
+        return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1)), new_cache
+
+
+class Router(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.H, self.E = c["moe_heads"], c["moe_experts"]
+        self.w1 = nn.Linear(c["hidden_size"], self.H * self.E, bias=False, device=META)
+        self.w2 = nn.Linear(c["hidden_size"], self.H * self.E, bias=False, device=META)
+        self.norm1 = nn.BatchNorm1d(self.H, affine=False, device=META)
+        self.norm2 = nn.BatchNorm1d(self.H, affine=False, device=META)
+        self.sigma = router_sigma(c["moe_topk"], self.E)
+
+    def side(self, w, norm, x):
+        z = w(x).unflatten(-1, (self.H, -1)).float()                       # [B, T, H, E]
+        n = norm(z.transpose(2, 3).flatten(0, -2))                          # BatchNorm over H
+        n = n.view(z.size(0), z.size(1), z.size(3), -1).transpose(2, 3)
+        cut = n.amax(-1, keepdim=True).clamp_max(self.sigma)
+        return torch.softmax(torch.where(n >= cut, z, torch.tensor(-1e10)), dim=-1)
+
+    def forward(self, x):
+        return self.side(self.w1, self.norm1, x), self.side(self.w2, self.norm2, x)
+
+
+def relu2(x):
+    return torch.relu(x).square()
+
+
+class VDExperts(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, E, m = c["hidden_size"], c["moe_experts"], c["moe_dim"]
+        self.E = E
+        self.u1 = nn.Linear(d, E * m // 2, device=META)
+        self.u2 = nn.Linear(d, E * m // 2, device=META)
+        self.v11 = nn.Linear(E * m // 2, d // 2, bias=False, device=META)
+        self.v12 = nn.Linear(E * m // 2, d // 2, bias=False, device=META)
+        self.v21 = nn.Linear(E * m // 2, d // 2, bias=False, device=META)
+        self.v22 = nn.Linear(E * m // 2, d // 2, bias=False, device=META)
+        self.b1 = nn.Parameter(torch.empty(E, d // 2, device=META))
+        self.b2 = nn.Parameter(torch.empty(E, d // 2, device=META))
+
+    def forward(self, x, g1, g2):
+        g1, g2 = g1.type_as(x), g2.type_as(x)
+        x1 = relu2(self.u1(x).unflatten(-1, (self.E, -1)))
+        x2 = relu2(self.u2(x).unflatten(-1, (self.E, -1)))
+        x11 = self.v11(torch.einsum("btim,bthi->btim", x1, g1).flatten(-2))
+        x12 = self.v12(torch.einsum("btjm,bthj,bthi->btim", x2, g2, g1).flatten(-2))
+        x13 = torch.einsum("bthi,id->btd", g1, self.b1.type_as(x))
+        x21 = self.v21(torch.einsum("btim,bthi,bthj->btjm", x1, g1, g2).flatten(-2))
+        x22 = self.v22(torch.einsum("btjm,bthj->btjm", x2, g2).flatten(-2))
+        x23 = torch.einsum("bthj,jd->btd", g2, self.b2.type_as(x))
+        return torch.cat((x11 + x12 + x13, x21 + x22 + x23), dim=-1)
+
+
+class HDExperts(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, E, m = c["hidden_size"], c["moe_experts"], c["moe_dim"]
+        self.E = E
+        self.u = nn.Linear(d, E * m, device=META)
+        self.v = nn.Linear(E * m, d, bias=False, device=META)
+        self.b = nn.Parameter(torch.empty(E, d, device=META))
+
+    def forward(self, x, g1, g2):
+        g1, g2 = g1.type_as(x), g2.type_as(x)
+        x = relu2(self.u(x).unflatten(-1, (self.E, -1)))
+        x = self.v(torch.einsum("btim,bthi,bthj->btjm", x, g1, g2).flatten(-2))
+        return x + torch.einsum("bthj,jd->btd", g2, self.b.type_as(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c, l):
+        super().__init__()
+        eps = c.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(c["hidden_size"], eps)
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], eps)
+        self.self_attn = Attention(c)
+        self.moe = VDExperts(c) if c.get("moe_decompose", "vertical") == "vertical" else HDExperts(c)
+        if l % c["moe_groups"] == 0:
+            self.router = Router(c)
+
+    def forward(self, x, pos0, cache, g):
+        h, cache = self.self_attn(self.input_layernorm(x), pos0, cache)
+        x = x + h
+        y = self.post_attention_layernorm(x)
+        if hasattr(self, "router"):
+            g = self.router(y)
+        return x + self.moe(y, *g), cache, g
+
+
+class MonetTorch(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"], device=META)
+        self.layers = nn.ModuleList(Layer(c, l) for l in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(c["hidden_size"], c.get("rms_norm_eps", 1e-6))
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False, device=META)
+
+    @classmethod
+    def load(cls, path: str, dtype=torch.bfloat16) -> "MonetTorch":
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        model = cls(c)
+        tensors = load_tensors(path)
+        state = {}
+        for name, t in tensors.items():
+            key = name[len("model."):] if name.startswith("model.") else name
+            state[key] = t if ("running_" in key or "num_batches" in key) else t.to(dtype)
+        if c.get("tie_word_embeddings", False):
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model = model.to_empty(device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model = model.to(dtype)
+        for mod in model.modules():  # router buffers and routing stay float32, as in the reference
+            if isinstance(mod, Router):
+                mod.norm1.float()
+                mod.norm2.float()
+        return model.eval()
+
+    def forward(self, ids, cache=None):
+        """ids [B, T]; cache: list of per-layer (k, v) or None. Returns logits [B, T, V], cache."""
+        pos0 = 0 if cache is None else cache[0][0].shape[2]
+        x = self.embed_tokens(ids)
+        new_cache, g = [], None
+        for l, layer in enumerate(self.layers):
+            x, kv, g = layer(x, pos0, None if cache is None else cache[l], g)
+            new_cache.append(kv)
+        return self.lm_head(self.norm(x)), new_cache
+
