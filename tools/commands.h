@@ -5,3 +5,6 @@
 
 void add_info_command(CLI::App& app);
 void add_forward_command(CLI::App& app);
+void add_tokenize_command(CLI::App& app);
+void add_generate_command(CLI::App& app);
+void add_experts_command(CLI::App& app);

@@ -10,6 +10,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   add_info_command(app);
   add_forward_command(app);
+  add_tokenize_command(app);
+  add_generate_command(app);
+  add_experts_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,75 @@
+// monet experts --model DIR (-p TEXT | --ids 1,5,9) [--threshold 0.01] [--top N] [--json]
+// For every token and router group: the composed experts (id = i*E + j) whose
+// probability sum_h g1[h,i] g2[h,j] exceeds the threshold.
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "cli_util.h"
+#include "commands.h"
+#include "monet/error.h"
+#include "monet/interp.h"
+#include "monet/mask.h"
+#include "monet/model.h"
+#include "monet/tokenizer.h"
+
+void add_experts_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("experts", "Show which experts each token activates, per router group");
+  static std::string model_dir, prompt, ids_text, mask_path;
+  static float threshold = 0.01f;
+  static int top = 10, threads = 0;
+  static bool as_json = false;
+  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  auto* p = cmd->add_option("-p,--prompt", prompt, "text to route");
+  cmd->add_option("--ids", ids_text, "token ids instead of text")->excludes(p);
+  cmd->add_option("--threshold", threshold, "report experts with probability above this (default 0.01)");
+  cmd->add_option("--top", top, "at most this many experts per token and group in text output (0 = all)");
+  cmd->add_option("--threads", threads, "CPU threads");
+  cmd->add_option("--mask", mask_path, "JSON file of experts to remove");
+  cmd->add_flag("--json", as_json, "machine-readable output (all experts above the threshold)");
+  cmd->callback([] {
+    if (prompt.empty() && ids_text.empty()) monet::fail("experts: give -p TEXT or --ids 1,5,9");
+    auto model = monet::Model::load(model_dir, {threads});
+    const monet::MonetConfig& c = model->config();
+    std::unique_ptr<monet::Tokenizer> tok;
+    try {
+      tok = monet::Tokenizer::load_dir(model_dir);
+    } catch (const monet::Error&) {
+      if (!prompt.empty()) throw;
+    }
+    const std::vector<int32_t> ids = ids_text.empty() ? tok->encode(prompt, true) : parse_id_list(ids_text);
+    monet::ExpertMask mask = monet::ExpertMask::none(c);
+    if (!mask_path.empty()) mask = monet::ExpertMask::load_json(mask_path, c);
+    monet::KvCache cache = model->new_cache(int64_t(ids.size()));
+    monet::RouterCapture cap;
+    monet::ForwardOptions fo;
+    fo.capture = &cap;
+    fo.mask = &mask;
+    std::vector<float> logits;
+    model->forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
+
+    const int64_t H = c.moe_heads, E = c.moe_experts, HE = H * E;
+    nlohmann::json out = {{"model", model_dir}, {"experts_per_group", E * E}, {"threshold", threshold},
+                          {"tokens", nlohmann::json::array()}};
+    for (size_t t = 0; t < ids.size(); t++) {
+      const std::string piece = tok ? tok->piece(ids[t]) : std::to_string(ids[t]);
+      nlohmann::json jt = {{"position", t}, {"id", ids[t]}, {"piece", piece}, {"groups", nlohmann::json::array()}};
+      if (!as_json) std::printf("%3zu  %-16s (id %d)\n", t, ("\"" + piece + "\"").c_str(), ids[t]);
+      for (size_t g = 0; g < cap.g1.size(); g++) {
+        const auto act = monet::active_experts(cap.g1[g].data() + t * HE, cap.g2[g].data() + t * HE, H, E, threshold);
+        nlohmann::json je = nlohmann::json::array();
+        for (const auto& a : act) je.push_back({{"id", a.id}, {"i", a.i}, {"j", a.j}, {"p", a.prob}});
+        jt["groups"].push_back({{"group", g}, {"count", act.size()}, {"experts", je}});
+        if (!as_json) {
+          std::printf("     group %zu: %zu experts >", g, act.size());
+          std::printf(" %g:", threshold);
+          for (size_t k = 0; k < act.size() && (top == 0 || int(k) < top); k++)
+            std::printf(" %lld(%.3f)", (long long)act[k].id, act[k].prob);
+          if (top != 0 && int(act.size()) > top) std::printf(" ...");
+          std::printf("\n");
+        }
+      }
+      out["tokens"].push_back(jt);
+    }
+    if (as_json) std::printf("%s\n", out.dump().c_str());
+  });
+}

@@ -1,0 +1,140 @@
+// monet generate --model DIR (-p TEXT | --ids 1,5,9) [sampling options]
+// Streams the continuation to stdout; timing to stderr.
+#include <chrono>
+#include <cstdio>
+
+#include "cli_util.h"
+#include "commands.h"
+#include "monet/error.h"
+#include "monet/generate.h"
+#include "monet/mask.h"
+#include "monet/model.h"
+#include "monet/tokenizer.h"
+
+namespace {
+
+struct GenerateArgs {
+  std::string model_dir, prompt, ids_text, mask_path;
+  std::vector<std::string> stops;
+  int64_t max_tokens = 128;
+  int threads = 0;
+  bool print_ids = false;
+  monet::SamplingParams sampling;
+};
+
+// Holds back text that could be the start of a stop string; reports a stop
+// string once it is complete (the text before it is emitted, the rest not).
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+  // Appends text; returns what may be printed now. Sets stopped() when a stop string completed.
+  std::string feed(const std::string& text) {
+    pending_ += text;
+    for (const std::string& s : stops_) {
+      size_t at = pending_.find(s);
+      if (at != std::string::npos) {
+        stopped_ = true;
+        std::string out = pending_.substr(0, at);
+        pending_.clear();
+        return out;
+      }
+    }
+    // Keep the longest suffix that is a prefix of some stop string.
+    size_t keep = 0;
+    for (const std::string& s : stops_)
+      for (size_t n = std::min(s.size() - 1, pending_.size()); n > keep; n--)
+        if (pending_.compare(pending_.size() - n, n, s, 0, n) == 0) {
+          keep = n;
+          break;
+        }
+    std::string out = pending_.substr(0, pending_.size() - keep);
+    pending_.erase(0, pending_.size() - keep);
+    return out;
+  }
+  std::string flush() { return std::exchange(pending_, ""); }
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::vector<std::string> stops_;
+  std::string pending_;
+  bool stopped_ = false;
+};
+
+}  // namespace
+
+void add_generate_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Generate text from a prompt, streaming it to stdout");
+  static GenerateArgs a;
+  cmd->add_option("--model", a.model_dir, "checkpoint directory")->required();
+  auto* p = cmd->add_option("-p,--prompt", a.prompt, "prompt text");
+  auto* ids = cmd->add_option("--ids", a.ids_text, "prompt as comma-separated token ids instead of text");
+  p->excludes(ids);
+  cmd->add_option("-n,--max-tokens", a.max_tokens, "maximum number of tokens to generate")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--temperature", a.sampling.temperature, "sampling temperature; 0 = greedy");
+  cmd->add_option("--top-k", a.sampling.top_k, "keep the k most likely tokens (0 = off)");
+  cmd->add_option("--top-p", a.sampling.top_p, "nucleus sampling threshold (1 = off)");
+  cmd->add_option("--min-p", a.sampling.min_p, "drop tokens below min_p x the top probability (0 = off)");
+  cmd->add_option("--repeat-penalty", a.sampling.repeat_penalty, "penalty for recently seen tokens (1 = off)");
+  cmd->add_option("--repeat-last-n", a.sampling.repeat_last_n, "how many recent tokens the penalty considers");
+  cmd->add_option("--seed", a.sampling.seed, "random seed (same seed = same output)");
+  cmd->add_option("--stop", a.stops, "stop when this string is generated (repeatable)");
+  cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  cmd->add_option("--mask", a.mask_path, "JSON file of experts to remove");
+  cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids, comma-separated, on one line");
+  cmd->callback([] {
+    if (a.prompt.empty() && a.ids_text.empty()) monet::fail("generate: give a prompt with -p TEXT or --ids 1,5,9");
+    monet::LoadOptions lo;
+    lo.threads = a.threads;
+    auto model = monet::Model::load(a.model_dir, lo);
+    const monet::MonetConfig& c = model->config();
+    std::unique_ptr<monet::Tokenizer> tok;
+    std::vector<int32_t> prompt;
+    if (!a.ids_text.empty()) {
+      prompt = parse_id_list(a.ids_text);
+    } else {
+      tok = monet::Tokenizer::load_dir(a.model_dir);
+      prompt = tok->encode(a.prompt, true);
+    }
+    if (!tok && !a.print_ids) {
+      try {
+        tok = monet::Tokenizer::load_dir(a.model_dir);
+      } catch (const monet::Error&) {
+        // no tokenizer files: ids only
+      }
+    }
+    monet::ExpertMask mask = monet::ExpertMask::none(c);
+    if (!a.mask_path.empty()) mask = monet::ExpertMask::load_json(a.mask_path, c);
+
+    monet::GenerateOptions go;
+    go.max_tokens = a.max_tokens;
+    go.sampling = a.sampling;
+    go.stop_ids.assign(c.eos_token_ids.begin(), c.eos_token_ids.end());
+    go.mask = &mask;
+    monet::KvCache cache = model->new_cache(int64_t(prompt.size()) + a.max_tokens);
+    std::unique_ptr<monet::StreamDecoder> stream;
+    if (tok) stream = std::make_unique<monet::StreamDecoder>(*tok);
+    StopMatcher stop(a.stops);
+    if (!a.stops.empty() && !tok) monet::fail("generate: --stop needs the tokenizer files in ", a.model_dir);
+    monet::GenerateStats stats;
+    std::vector<int32_t> out = monet::generate(*model, cache, prompt, go, [&](int32_t id) {
+      if (!stream || a.print_ids) return true;
+      std::string text = stop.feed(stream->feed(id));
+      std::fwrite(text.data(), 1, text.size(), stdout);
+      std::fflush(stdout);
+      return !stop.stopped();
+    }, &stats);
+    if (a.print_ids) {
+      for (size_t i = 0; i < out.size(); i++) std::printf("%s%d", i ? "," : "", out[i]);
+      std::printf("\n");
+    } else if (stream) {
+      std::string rest = stop.stopped() ? "" : stop.flush();
+      std::fwrite(rest.data(), 1, rest.size(), stdout);
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+    std::fprintf(stderr, "prompt: %lld tokens, %.1f tokens/s | generated: %lld tokens, %.2f tokens/s\n",
+                 (long long)stats.prompt_tokens, stats.prompt_tokens / std::max(stats.prompt_seconds, 1e-9),
+                 (long long)stats.generated_tokens,
+                 stats.generated_tokens / std::max(stats.generate_seconds, 1e-9));
+  });
+}
