@@ -127,11 +127,18 @@ void add_generate_command(CLI::App& app) {
       for (size_t i = 0; i < out.size(); i++) std::printf("%s%d", i ? "," : "", out[i]);
       std::printf("\n");
     } else if (stream) {
-      std::string rest = stop.stopped() ? "" : stop.flush();
+      std::string rest;
+      if (!stop.stopped()) {
+        rest = stop.feed(stream->flush());
+        if (!stop.stopped()) rest += stop.flush();
+      }
       std::fwrite(rest.data(), 1, rest.size(), stdout);
       std::printf("\n");
     }
     std::fflush(stdout);
+    if (stats.hit_context_end)
+      std::fprintf(stderr, "stopped at the end of the context (max_position_embeddings = %lld)\n",
+                   (long long)c.max_position_embeddings);
     std::fprintf(stderr, "prompt: %lld tokens, %.1f tokens/s | generated: %lld tokens, %.2f tokens/s\n",
                  (long long)stats.prompt_tokens, stats.prompt_tokens / std::max(stats.prompt_seconds, 1e-9),
                  (long long)stats.generated_tokens,

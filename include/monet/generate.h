@@ -36,6 +36,7 @@ class Sampler {
 struct GenerateStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   double prompt_seconds = 0, generate_seconds = 0;
+  bool hit_context_end = false;  // stopped because max_position_embeddings was reached
 };
 
 struct GenerateOptions {
@@ -46,7 +47,7 @@ struct GenerateOptions {
 };
 
 // Feeds `prompt` (after whatever `cache` already holds), then samples up to
-// max_tokens tokens, calling on_token for each; on_token returning false
+// max_tokens tokens (fewer where the context ends), calling on_token for each; on_token returning false
 // stops. Returns the generated ids (without a stop id that ended it).
 std::vector<int32_t> generate(const Model& model, KvCache& cache, const std::vector<int32_t>& prompt,
                               const GenerateOptions& opts, const std::function<bool(int32_t)>& on_token,

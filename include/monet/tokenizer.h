@@ -37,7 +37,8 @@ class Tokenizer {
   const std::string& source() const { return source_; }
 
   // Bytes one token contributes to decoded text (byte-fallback tokens as raw
-  // bytes); `first`: it is the first token of the text (leading-space rules).
+  // bytes; ids beyond the vocabulary: nothing); `first`: it is the first
+  // token of the text (leading-space rules).
   std::string token_bytes(int32_t id, bool first = false) const;
   bool strips_one_leading_space() const { return leading_ == Leading::StripOneSpace; }
 

@@ -18,9 +18,9 @@ from . import reference
 from .safetensors_io import round_to_dtype, write_safetensors
 
 PRESETS = {
-    "tiny-vd": dict(vocab=256, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
+    "tiny-vd": dict(vocab=301, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
                     moe_dim=8, topk=4, groups=2, decompose="vertical"),
-    "tiny-hd": dict(vocab=256, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
+    "tiny-hd": dict(vocab=301, hidden=64, layers=4, heads=4, kv_heads=4, experts=32, moe_heads=4,
                     moe_dim=8, topk=4, groups=2, decompose="horizontal"),
 }
 
@@ -107,9 +107,47 @@ def calibrate(cfg: dict, w: dict, rng: np.random.Generator, tokens: int = 64) ->
             w[p + f"norm{s}.running_var"] = z.var(axis=(0, 2))
 
 
+TINY_CHARS = "▁etaoinshrdlucmfwypvb"
+TINY_MERGES = [("▁", "t"), ("t", "h"), ("▁t", "h"), ("h", "e"), ("▁th", "e"), ("i", "n"), ("e", "r"), ("a", "n"),
+               ("r", "e"), ("o", "n"), ("▁", "a"), ("e", "n"), ("a", "t"), ("o", "u"), ("e", "d"), ("h", "a"),
+               ("t", "o"), ("o", "r"), ("i", "t"), ("i", "s"), ("▁", "s")]
+TINY_TOKENIZER_SIZE = 3 + 256 + len(TINY_CHARS) + len(TINY_MERGES)
+
+
+def write_tiny_tokenizer(out_dir: str, chat_template: str | None = None) -> None:
+    """A small LLaMA-layout tokenizer.json (byte fallback + a few merges) and
+    tokenizer_config.json, for tests and demos of random checkpoints."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(TINY_CHARS)
+    pieces += [a + b for a, b in TINY_MERGES]
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, c in enumerate(pieces[:3])],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": [f"{a} {b}" for a, b in TINY_MERGES]},
+    }
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(tok, f, ensure_ascii=False)
+    cfg = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=1)
+
+
 def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv_heads=None, experts=32,
                     moe_heads=4, moe_dim=8, topk=4, groups=2, decompose="vertical", tie=False, dtype="F32",
-                    shards=1, seed=0, calibrate_router=True, max_pos=512, std=0.15) -> dict:
+                    shards=1, seed=0, calibrate_router=True, max_pos=512, std=0.15, tokenizer=False,
+                    chat_template=None) -> dict:
     cfg = make_config(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads or heads,
                       experts=experts, moe_heads=moe_heads, moe_dim=moe_dim, topk=topk, groups=groups,
                       decompose=decompose, tie=tie, dtype=dtype, max_pos=max_pos)
@@ -123,6 +161,9 @@ def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    if tokenizer:
+        assert vocab >= TINY_TOKENIZER_SIZE, f"the tiny tokenizer needs vocab >= {TINY_TOKENIZER_SIZE}"
+        write_tiny_tokenizer(out_dir, chat_template)
 
     def stored(name, arr):
         if name.endswith(("running_mean", "running_var")):
@@ -159,6 +200,7 @@ def main() -> None:
     ap.add_argument("--decompose", choices=["vertical", "horizontal"])
     ap.add_argument("--dtype", choices=["F32", "BF16", "F16"], default="F32")
     ap.add_argument("--tie", action="store_true")
+    ap.add_argument("--tokenizer", action="store_true", help="also write a small tokenizer (vocab >= 300)")
     args = ap.parse_args()
     kw = dict(PRESETS[args.preset])
     for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "moe_heads", "moe_dim", "topk",
@@ -166,7 +208,7 @@ def main() -> None:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
-    make_checkpoint(args.out, dtype=args.dtype, tie=args.tie, **kw)
+    make_checkpoint(args.out, dtype=args.dtype, tie=args.tie, tokenizer=args.tokenizer, **kw)
     print(f"wrote {args.out}")
 
 

@@ -82,11 +82,14 @@ std::vector<int32_t> generate(const Model& model, KvCache& cache, const std::vec
                               GenerateStats* stats) {
   using clock = std::chrono::steady_clock;
   const int64_t V = model.config().vocab_size;
+  Sampler sampler(opts.sampling);  // validates the sampling options first
   if (prompt.empty()) fail("generate: the prompt has no tokens");
-  if (cache.length + int64_t(prompt.size()) + opts.max_tokens > model.config().max_position_embeddings)
-    fail("generate: ", cache.length, " cached + ", prompt.size(), " prompt + ", opts.max_tokens,
-         " new tokens exceed max_position_embeddings = ", model.config().max_position_embeddings);
-  Sampler sampler(opts.sampling);
+  const int64_t context = model.config().max_position_embeddings;
+  if (cache.length + int64_t(prompt.size()) > context)
+    fail("generate: ", cache.length, " cached + ", prompt.size(), " prompt tokens exceed max_position_embeddings = ",
+         context);
+  // Generation stops where the context ends.
+  const int64_t max_tokens = std::min(opts.max_tokens, context - cache.length - int64_t(prompt.size()));
   std::vector<int32_t> history = prompt, out;
   std::vector<float> logits;
   ForwardOptions fo;
@@ -95,13 +98,13 @@ std::vector<int32_t> generate(const Model& model, KvCache& cache, const std::vec
   auto t0 = clock::now();
   model.forward(cache, prompt.data(), int64_t(prompt.size()), logits, fo);
   auto t1 = clock::now();
-  for (int64_t step = 0; step < opts.max_tokens; step++) {
+  for (int64_t step = 0; step < max_tokens; step++) {
     const int32_t id = sampler.sample(logits.data(), V, history);
     if (std::find(opts.stop_ids.begin(), opts.stop_ids.end(), id) != opts.stop_ids.end()) break;
     out.push_back(id);
     history.push_back(id);
     if (!on_token(id)) break;
-    if (step + 1 < opts.max_tokens) model.forward(cache, &id, 1, logits, fo);
+    if (step + 1 < max_tokens) model.forward(cache, &id, 1, logits, fo);
   }
   auto t2 = clock::now();
   if (stats) {
@@ -109,6 +112,7 @@ std::vector<int32_t> generate(const Model& model, KvCache& cache, const std::vec
     stats->generated_tokens = int64_t(out.size());
     stats->prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
     stats->generate_seconds = std::chrono::duration<double>(t2 - t1).count();
+    stats->hit_context_end = max_tokens < opts.max_tokens && int64_t(out.size()) == max_tokens;
   }
   return out;
 }

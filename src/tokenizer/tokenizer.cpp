@@ -660,7 +660,10 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) 
 }
 
 std::string Tokenizer::token_bytes(int32_t id, bool first) const {
-  const std::string& p = piece(id);
+  // Models may have more embedding rows than the tokenizer has pieces
+  // (padded vocabularies); such ids decode to nothing, as in HF.
+  if (id < 0 || size_t(id) >= pieces_.size()) return "";
+  const std::string& p = pieces_[size_t(id)];
   const int b = byte_piece_value(p);
   if (b >= 0 && byte_ids_[b] == id && decode_bytes_) return std::string(1, char(b));
   if (kind_ == Kind::SentencePieceBpe && special_[size_t(id)]) return id == unk_id_ ? " \xe2\x81\x87 " : "";
