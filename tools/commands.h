@@ -8,3 +8,4 @@ void add_forward_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_experts_command(CLI::App& app);
+void add_chat_command(CLI::App& app);

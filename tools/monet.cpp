@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   add_tokenize_command(app);
   add_generate_command(app);
   add_experts_command(app);
+  add_chat_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

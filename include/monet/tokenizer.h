@@ -24,6 +24,10 @@ class Tokenizer {
   // Token ids of `text`; add_special adds BOS/EOS as the tokenizer config says
   // (HF `tokenizer(text).input_ids`).
   std::vector<int32_t> encode(std::string_view text, bool add_special = true) const;
+  // Like encode(text, false), but special-token strings in the text ("<s>",
+  // "</s>", control tokens) become their ids also with a SentencePiece model
+  // (tokenizer.json tokenizers do this anyway): for rendered chat prompts.
+  std::vector<int32_t> encode_with_specials(std::string_view text) const;
   // Text of `ids`; skip_special drops special tokens (BOS, EOS, ...).
   std::string decode(const std::vector<int32_t>& ids, bool skip_special = true) const;
 

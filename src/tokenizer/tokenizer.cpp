@@ -659,6 +659,31 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) 
   return out;
 }
 
+std::vector<int32_t> Tokenizer::encode_with_specials(std::string_view text) const {
+  if (kind_ == Kind::HfBpe) return encode(text, false);
+  std::vector<int32_t> out;
+  size_t start = 0;
+  for (size_t i = 0; i < text.size();) {
+    int32_t match = -1;
+    size_t len = 0;
+    for (size_t id = 0; id < special_.size(); id++)
+      if (special_[id] && int32_t(id) != unk_id_ && pieces_[id].size() > len && text.compare(i, pieces_[id].size(), pieces_[id]) == 0) {
+        match = int32_t(id);
+        len = pieces_[id].size();
+      }
+    if (match < 0) {
+      i++;
+      continue;
+    }
+    encode_segment(text.substr(start, i - start), start == 0, out);
+    out.push_back(match);
+    i += len;
+    start = i;
+  }
+  encode_segment(text.substr(start), start == 0, out);
+  return out;
+}
+
 std::string Tokenizer::token_bytes(int32_t id, bool first) const {
   // Models may have more embedding rows than the tokenizer has pieces
   // (padded vocabularies); such ids decode to nothing, as in HF.
