@@ -9,3 +9,5 @@ void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_experts_command(CLI::App& app);
 void add_chat_command(CLI::App& app);
+void add_eval_loss_command(CLI::App& app);
+void add_find_experts_command(CLI::App& app);

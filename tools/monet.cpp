@@ -14,6 +14,8 @@ int main(int argc, char** argv) {
   add_generate_command(app);
   add_experts_command(app);
   add_chat_command(app);
+  add_eval_loss_command(app);
+  add_find_experts_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -3,6 +3,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "monet/mask.h"
+#include "monet/model.h"
+
 namespace monet {
 
 struct ExpertActivation {
@@ -16,5 +19,22 @@ struct ExpertActivation {
 // components are visited (never E^2 values).
 std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
                                              float threshold);
+
+// Mean routing probability of every expert of every router group over a
+// token stream (windows as in evaluate_loss): mean[g][i*E + j].
+struct RoutingStats {
+  int64_t tokens = 0;
+  std::vector<std::vector<double>> sum;  // [groups][E*E]
+  double mean(size_t g, size_t id) const { return tokens ? sum[g][id] / double(tokens) : 0.0; }
+};
+
+RoutingStats routing_stats(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos);
+
+// The paper's domain statistic: expert e of group g belongs to domain d when
+// its mean routing probability on d is at least `ratio` times that on every
+// other domain (and at least `min_prob`, so that experts barely used anywhere
+// do not qualify by dividing noise). One mask per domain.
+std::vector<ExpertMask> domain_experts(const MonetConfig& c, const std::vector<RoutingStats>& domains, double ratio,
+                                       double min_prob);
 
 }  // namespace monet

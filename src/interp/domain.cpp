@@ -1,0 +1,59 @@
+#include <algorithm>
+
+#include "monet/error.h"
+#include "monet/interp.h"
+
+namespace monet {
+
+RoutingStats routing_stats(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos) {
+  const MonetConfig& c = model.config();
+  const int64_t H = c.moe_heads, E = c.moe_experts;
+  RoutingStats s;
+  s.sum.assign(size_t(c.num_router_layers()), std::vector<double>(size_t(E * E), 0.0));
+  const int64_t step = bos >= 0 ? context - 1 : context;
+  if (step < 1) fail("routing statistics: the context must hold at least 2 tokens");
+  std::vector<float> logits;
+  for (size_t start = 0; start < ids.size(); start += size_t(step)) {
+    std::vector<int32_t> window;
+    if (bos >= 0) window.push_back(bos);
+    window.insert(window.end(), ids.begin() + ptrdiff_t(start),
+                  ids.begin() + ptrdiff_t(std::min(ids.size(), start + size_t(step))));
+    RouterCapture cap;
+    ForwardOptions fo;
+    fo.capture = &cap;
+    fo.all_logits = false;
+    KvCache cache = model.new_cache(int64_t(window.size()));
+    model.forward(cache, window.data(), int64_t(window.size()), logits, fo);
+    // BOS is a fixed prefix, not text of the domain: leave it out.
+    for (size_t t = bos >= 0 ? 1 : 0; t < window.size(); t++) {
+      for (size_t g = 0; g < cap.g1.size(); g++)
+        for (const ExpertActivation& a : active_experts(cap.g1[g].data() + t * size_t(H * E),
+                                                        cap.g2[g].data() + t * size_t(H * E), H, E, 0.0f))
+          s.sum[g][size_t(a.id)] += a.prob;
+      s.tokens++;
+    }
+  }
+  return s;
+}
+
+std::vector<ExpertMask> domain_experts(const MonetConfig& c, const std::vector<RoutingStats>& domains, double ratio,
+                                       double min_prob) {
+  std::vector<ExpertMask> masks;
+  const size_t groups = size_t(c.num_router_layers()), n = size_t(c.moe_experts * c.moe_experts);
+  for (size_t d = 0; d < domains.size(); d++) {
+    ExpertMask m = ExpertMask::none(c);
+    for (size_t g = 0; g < groups; g++)
+      for (size_t id = 0; id < n; id++) {
+        const double p = domains[d].mean(g, id);
+        if (p < min_prob || p <= 0.0) continue;
+        bool dominant = true;
+        for (size_t o = 0; o < domains.size() && dominant; o++)
+          if (o != d && p < ratio * domains[o].mean(g, id)) dominant = false;
+        if (dominant) m.pairs[g].push_back(int64_t(id));
+      }
+    masks.push_back(std::move(m));
+  }
+  return masks;
+}
+
+}  // namespace monet
