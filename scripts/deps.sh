@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential cmake pkg-config git
-  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev
+  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev
   python3 python3-venv python3-numpy python3-pytest python3-torch
+  chromium chromium-driver
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

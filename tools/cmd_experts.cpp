@@ -51,7 +51,7 @@ void add_experts_command(CLI::App& app) {
     nlohmann::json out = {{"model", model_dir}, {"experts_per_group", E * E}, {"threshold", threshold},
                           {"tokens", nlohmann::json::array()}};
     for (size_t t = 0; t < ids.size(); t++) {
-      const std::string piece = tok ? tok->piece(ids[t]) : std::to_string(ids[t]);
+      const std::string piece = tok ? tok->token_text(ids[t]) : std::to_string(ids[t]);
       nlohmann::json jt = {{"position", t}, {"id", ids[t]}, {"piece", piece}, {"groups", nlohmann::json::array()}};
       if (!as_json) std::printf("%3zu  %-16s (id %d)\n", t, ("\"" + piece + "\"").c_str(), ids[t]);
       for (size_t g = 0; g < cap.g1.size(); g++) {

@@ -11,3 +11,5 @@ void add_experts_command(CLI::App& app);
 void add_chat_command(CLI::App& app);
 void add_eval_loss_command(CLI::App& app);
 void add_find_experts_command(CLI::App& app);
+void add_index_command(CLI::App& app);
+void add_serve_command(CLI::App& app);

@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   add_chat_command(app);
   add_eval_loss_command(app);
   add_find_experts_command(app);
+  add_index_command(app);
+  add_serve_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -44,6 +44,9 @@ class Tokenizer {
   // bytes; ids beyond the vocabulary: nothing); `first`: it is the first
   // token of the text (leading-space rules).
   std::string token_bytes(int32_t id, bool first = false) const;
+  // A token's text for display: spaces kept, invalid UTF-8 (a lone byte of a
+  // split character) as U+FFFD.
+  std::string token_text(int32_t id) const;
   bool strips_one_leading_space() const { return leading_ == Leading::StripOneSpace; }
 
  private:

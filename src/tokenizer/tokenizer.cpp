@@ -698,6 +698,8 @@ std::string Tokenizer::token_bytes(int32_t id, bool first) const {
   return s;
 }
 
+std::string Tokenizer::token_text(int32_t id) const { return sanitize_utf8(token_bytes(id, false)); }
+
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special) const {
   std::string raw;
   bool first = true;

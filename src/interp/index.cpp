@@ -1,0 +1,342 @@
+// Expert index in SQLite.
+//
+//   meta(key, value)                      model, E, groups, options, tokens indexed
+//   documents(doc, path, tokens)          the corpus files indexed so far
+//   experts(grp, expert, count, max_prob) how often each expert fired (prob > threshold)
+//   activations(grp, expert, prob, doc, pos, token, context, focus)
+//                                         its top_k positions; context: JSON array of
+//                                         token texts, focus: index of the firing token
+#include "monet/index.h"
+
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <queue>
+#include <sstream>
+#include <unordered_map>
+
+#include "monet/error.h"
+#include "monet/interp.h"
+
+namespace monet {
+
+namespace {
+
+class Db {
+ public:
+  Db(const std::string& path, int flags) : path_(path) {
+    if (sqlite3_open_v2(path.c_str(), &db_, flags, nullptr) != SQLITE_OK) {
+      std::string msg = db_ ? sqlite3_errmsg(db_) : "out of memory";
+      sqlite3_close(db_);
+      fail(path, ": cannot open the index database (", msg, ")");
+    }
+    sqlite3_busy_timeout(db_, 5000);
+  }
+  ~Db() { sqlite3_close(db_); }
+  sqlite3* get() const { return db_; }
+  void exec(const std::string& sql) const {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string msg = err ? err : "?";
+      sqlite3_free(err);
+      fail(path_, ": SQLite: ", msg);
+    }
+  }
+  sqlite3* release() {
+    sqlite3* d = db_;
+    db_ = nullptr;
+    return d;
+  }
+
+ private:
+  sqlite3* db_ = nullptr;
+  std::string path_;
+};
+
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const std::string& sql) {
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &s_, nullptr) != SQLITE_OK)
+      fail("SQLite: ", sqlite3_errmsg(db), " in: ", sql);
+  }
+  ~Stmt() { sqlite3_finalize(s_); }
+  Stmt& bind(int i, int64_t v) { sqlite3_bind_int64(s_, i, v); return *this; }
+  Stmt& bind(int i, double v) { sqlite3_bind_double(s_, i, v); return *this; }
+  Stmt& bind(int i, const std::string& v) { sqlite3_bind_text(s_, i, v.c_str(), int(v.size()), SQLITE_TRANSIENT); return *this; }
+  bool step() {
+    int rc = sqlite3_step(s_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc != SQLITE_DONE) fail("SQLite: ", sqlite3_errmsg(sqlite3_db_handle(s_)));
+    return false;
+  }
+  void run() {
+    step();
+    sqlite3_reset(s_);
+    sqlite3_clear_bindings(s_);
+  }
+  int64_t i64(int c) const { return sqlite3_column_int64(s_, c); }
+  double f64(int c) const { return sqlite3_column_double(s_, c); }
+  std::string text(int c) const {
+    const unsigned char* t = sqlite3_column_text(s_, c);
+    return t ? reinterpret_cast<const char*>(t) : "";
+  }
+
+ private:
+  sqlite3_stmt* s_ = nullptr;
+};
+
+struct Activation {
+  float prob;
+  int64_t doc, pos;
+  std::string token;    // text of the firing token
+  std::string context;  // JSON array of token texts
+  int64_t focus;
+  bool operator>(const Activation& o) const { return prob > o.prob; }
+};
+
+// Per expert: count, max and a min-heap of the top_k activations.
+struct ExpertState {
+  int64_t count = 0;
+  float max_prob = 0;
+  std::vector<Activation> top;  // heap ordered by std::greater: top.front() is the weakest
+};
+
+constexpr const char* kSchema = R"(
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS documents(doc INTEGER PRIMARY KEY, path TEXT UNIQUE, tokens INTEGER);
+CREATE TABLE IF NOT EXISTS experts(grp INTEGER, expert INTEGER, count INTEGER, max_prob REAL, PRIMARY KEY(grp, expert));
+CREATE TABLE IF NOT EXISTS activations(grp INTEGER, expert INTEGER, prob REAL, doc INTEGER, pos INTEGER,
+                                       token TEXT, context TEXT, focus INTEGER);
+CREATE INDEX IF NOT EXISTS act_expert ON activations(grp, expert, prob DESC);
+CREATE INDEX IF NOT EXISTS act_token ON activations(token);
+CREATE INDEX IF NOT EXISTS experts_by_count ON experts(grp, count DESC);
+CREATE INDEX IF NOT EXISTS experts_by_max ON experts(grp, max_prob DESC);
+)";
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(path, ": cannot open corpus file");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+void build_index(const Model& model, const Tokenizer& tok, const std::vector<std::string>& files,
+                 const std::string& db_path, const IndexOptions& opts,
+                 const std::function<void(const IndexProgress&)>& progress) {
+  namespace fs = std::filesystem;
+  const MonetConfig& c = model.config();
+  const int64_t H = c.moe_heads, E = c.moe_experts, groups = c.num_router_layers();
+  if (opts.top_k < 1) fail("index: --top-k must be at least 1");
+  if (opts.context < 2 || opts.context > c.max_position_embeddings)
+    fail("index: --context must be in [2, ", c.max_position_embeddings, "]");
+  if (!opts.resume && fs::exists(db_path))
+    fail(db_path, ": exists; pass --resume to continue it, or choose another path");
+  if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
+  for (const std::string& f : files)
+    if (!fs::is_regular_file(f)) fail(f, ": not a readable corpus file");
+
+  Db db(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+  db.exec("PRAGMA journal_mode=WAL;");
+  db.exec(kSchema);
+  const std::string settings = nlohmann::json({{"model", fs::absolute(model.dir()).string()},
+                                               {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
+                                               {"top_k", opts.top_k}, {"window", opts.window},
+                                               {"context", opts.context}, {"threshold", opts.threshold}}).dump();
+  std::vector<std::unordered_map<int64_t, ExpertState>> state(static_cast<size_t>(groups));
+  std::unordered_map<std::string, int64_t> done_docs;
+  int64_t tokens_indexed = 0, next_doc = 0;
+  if (opts.resume) {
+    Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
+    if (!m.step()) fail(db_path, ": not a monet index (no settings)");
+    if (m.text(0) != settings)
+      fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+    Stmt t(db.get(), "SELECT value FROM meta WHERE key = 'tokens'");
+    if (t.step()) tokens_indexed = std::stoll(t.text(0));
+    Stmt d(db.get(), "SELECT doc, path FROM documents");
+    while (d.step()) {
+      done_docs[d.text(1)] = d.i64(0);
+      next_doc = std::max(next_doc, d.i64(0) + 1);
+    }
+    Stmt e(db.get(), "SELECT grp, expert, count, max_prob FROM experts");
+    while (e.step()) {
+      ExpertState& s = state[size_t(e.i64(0))][e.i64(1)];
+      s.count = e.i64(2);
+      s.max_prob = float(e.f64(3));
+    }
+    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, token, context, focus FROM activations");
+    while (a.step())
+      state[size_t(a.i64(0))][a.i64(1)].top.push_back(
+          {float(a.f64(2)), a.i64(3), a.i64(4), a.text(5), a.text(6), a.i64(7)});
+    for (auto& g : state)
+      for (auto& [id, s] : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+  }
+
+  // Tokenise up front (the total drives the progress bar).
+  std::vector<std::pair<std::string, std::vector<int32_t>>> docs;
+  IndexProgress prog;
+  for (const std::string& f : files) {
+    const std::string key = fs::absolute(f).string();
+    if (done_docs.count(key)) continue;
+    docs.emplace_back(key, tok.encode(read_text(f), false));
+    prog.tokens_total += int64_t(docs.back().second.size());
+  }
+
+  auto commit = [&](const std::vector<std::pair<std::string, int64_t>>& new_docs) {
+    db.exec("BEGIN IMMEDIATE");
+    try {
+      db.exec("DELETE FROM experts; DELETE FROM activations;");
+      Stmt ins_e(db.get(), "INSERT INTO experts VALUES (?, ?, ?, ?)");
+      Stmt ins_a(db.get(), "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
+      for (int64_t g = 0; g < groups; g++)
+        for (const auto& [id, s] : state[size_t(g)]) {
+          ins_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
+          for (const Activation& a : s.top)
+            ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos).bind(6, a.token)
+                .bind(7, a.context).bind(8, a.focus).run();
+        }
+      Stmt ins_d(db.get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
+      for (const auto& [path, n] : new_docs) ins_d.bind(1, done_docs[path]).bind(2, path).bind(3, n).run();
+      Stmt ins_m(db.get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
+      ins_m.bind(1, std::string("settings")).bind(2, settings).run();
+      ins_m.bind(1, std::string("tokens")).bind(2, std::to_string(tokens_indexed)).run();
+      ins_m.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
+      db.exec("COMMIT");
+    } catch (...) {
+      sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
+      throw;
+    }
+  };
+
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::pair<std::string, int64_t>> pending_docs;
+  int64_t since_commit = 0;
+  std::vector<float> logits;
+  const int64_t step = opts.context - 1;
+  for (auto& [path, ids] : docs) {
+    const int64_t doc = next_doc++;
+    done_docs[path] = doc;
+    for (size_t start = 0; start < ids.size(); start += size_t(step)) {
+      const size_t end = std::min(ids.size(), start + size_t(step));
+      std::vector<int32_t> window = {tok.bos_id() >= 0 ? tok.bos_id() : ids[start]};
+      const size_t first = tok.bos_id() >= 0 ? 0 : 1;
+      window.insert(window.end(), ids.begin() + ptrdiff_t(start + first), ids.begin() + ptrdiff_t(end));
+      RouterCapture cap;
+      ForwardOptions fo;
+      fo.capture = &cap;
+      fo.all_logits = false;
+      KvCache cache = model.new_cache(int64_t(window.size()));
+      model.forward(cache, window.data(), int64_t(window.size()), logits, fo);
+      for (size_t t = 1; t < window.size(); t++) {
+        const int64_t pos = int64_t(start + t - 1 + first);
+        for (int64_t g = 0; g < groups; g++) {
+          const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
+                                          cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold);
+          for (const ExpertActivation& a : act) {
+            ExpertState& s = state[size_t(g)][a.id];
+            s.count++;
+            s.max_prob = std::max(s.max_prob, a.prob);
+            if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
+            // The context is built only for entries that make the top_k.
+            const int64_t lo = std::max<int64_t>(0, pos - opts.window);
+            const int64_t hi = std::min<int64_t>(int64_t(ids.size()), pos + opts.window + 1);
+            nlohmann::json ctx = nlohmann::json::array();
+            for (int64_t p = lo; p < hi; p++) ctx.push_back(tok.token_text(ids[size_t(p)]));
+            Activation entry{a.prob, doc, pos, tok.token_text(ids[size_t(pos)]), ctx.dump(), pos - lo};
+            if (int64_t(s.top.size()) == opts.top_k) {
+              std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+              s.top.back() = std::move(entry);
+            } else {
+              s.top.push_back(std::move(entry));
+            }
+            std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+          }
+        }
+        tokens_indexed++;
+        prog.tokens_done++;
+        since_commit++;
+      }
+      prog.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (progress) progress(prog);
+    }
+    pending_docs.emplace_back(path, int64_t(ids.size()));
+    if (since_commit >= opts.checkpoint_tokens) {
+      commit(pending_docs);
+      pending_docs.clear();
+      since_commit = 0;
+    }
+  }
+  commit(pending_docs);
+}
+
+// ---- reading --------------------------------------------------------------
+
+IndexReader::IndexReader(const std::string& db_path) : path_(db_path) {
+  if (!std::filesystem::exists(db_path)) fail(db_path, ": no such index");
+  Db db(db_path, SQLITE_OPEN_READONLY);
+  Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
+  if (!m.step()) fail(db_path, ": not a monet index");
+  db_ = db.release();
+}
+
+IndexReader::~IndexReader() { sqlite3_close(db_); }
+
+std::string IndexReader::meta(const std::string& key) const {
+  Stmt m(db_, "SELECT value FROM meta WHERE key = ?");
+  m.bind(1, key);
+  return m.step() ? m.text(0) : "";
+}
+
+std::string IndexReader::experts_json(int64_t group, const std::string& order, int64_t limit, int64_t offset) const {
+  const std::string by = order == "max" ? "max_prob DESC" : order == "id" ? "expert ASC" : "count DESC";
+  Stmt s(db_, "SELECT expert, count, max_prob FROM experts WHERE grp = ? ORDER BY " + by + " LIMIT ? OFFSET ?");
+  s.bind(1, group).bind(2, limit).bind(3, offset);
+  const double tokens = std::max(1.0, std::stod(meta("tokens").empty() ? "1" : meta("tokens")));
+  nlohmann::json out = nlohmann::json::array();
+  while (s.step())
+    out.push_back({{"expert", s.i64(0)}, {"count", s.i64(1)}, {"density", double(s.i64(1)) / tokens},
+                   {"max_prob", s.f64(2)}});
+  Stmt n(db_, "SELECT COUNT(*) FROM experts WHERE grp = ?");
+  n.bind(1, group);
+  n.step();
+  return nlohmann::json({{"group", group}, {"total", n.i64(0)}, {"experts", out}}).dump();
+}
+
+std::string IndexReader::expert_json(int64_t group, int64_t expert) const {
+  Stmt e(db_, "SELECT count, max_prob FROM experts WHERE grp = ? AND expert = ?");
+  e.bind(1, group).bind(2, expert);
+  const double tokens = std::max(1.0, std::stod(meta("tokens").empty() ? "1" : meta("tokens")));
+  nlohmann::json out = {{"group", group}, {"expert", expert}, {"count", 0}, {"density", 0.0}, {"max_prob", 0.0}};
+  if (e.step()) {
+    out["count"] = e.i64(0);
+    out["density"] = double(e.i64(0)) / tokens;
+    out["max_prob"] = e.f64(1);
+  }
+  Stmt a(db_, "SELECT prob, doc, pos, token, context, focus FROM activations WHERE grp = ? AND expert = ? "
+              "ORDER BY prob DESC");
+  a.bind(1, group).bind(2, expert);
+  nlohmann::json contexts = nlohmann::json::array();
+  while (a.step())
+    contexts.push_back({{"prob", a.f64(0)}, {"doc", a.i64(1)}, {"pos", a.i64(2)}, {"token", a.text(3)},
+                        {"context", nlohmann::json::parse(a.text(4))}, {"focus", a.i64(5)}});
+  out["contexts"] = contexts;
+  return out.dump();
+}
+
+std::string IndexReader::search_json(const std::string& token, int64_t limit) const {
+  // Experts whose top contexts fire on this token (trimmed), most often first.
+  Stmt s(db_, "SELECT grp, expert, COUNT(*) AS n, MAX(prob) FROM activations WHERE trim(token) = trim(?) "
+              "GROUP BY grp, expert ORDER BY n DESC, MAX(prob) DESC LIMIT ?");
+  s.bind(1, token).bind(2, limit);
+  nlohmann::json out = nlohmann::json::array();
+  while (s.step()) out.push_back({{"group", s.i64(0)}, {"expert", s.i64(1)}, {"contexts", s.i64(2)}, {"max_prob", s.f64(3)}});
+  return nlohmann::json({{"token", token}, {"experts", out}}).dump();
+}
+
+}  // namespace monet

@@ -1,0 +1,47 @@
+// monet index --model DIR --corpus FILES... --out INDEX.db [--top-k 32] [--resume]
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "commands.h"
+#include "monet/index.h"
+#include "monet/model.h"
+#include "monet/tokenizer.h"
+
+void add_index_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("index", "Index a corpus: each expert's top activating contexts and density");
+  static std::string model_dir, out_path;
+  static std::vector<std::string> corpus;
+  static monet::IndexOptions o;
+  static int threads = 0;
+  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  cmd->add_option("--corpus", corpus, "text files (each one document)")->required();
+  cmd->add_option("--out", out_path, "SQLite index file")->required();
+  cmd->add_option("--top-k", o.top_k, "contexts kept per expert (default 32)");
+  cmd->add_option("--window", o.window, "tokens of context on each side (default 8)");
+  cmd->add_option("--context", o.context, "tokens per forward window (default 256)");
+  cmd->add_option("--threshold", o.threshold, "count an expert as firing above this probability (default 0.01)");
+  cmd->add_option("--threads", threads, "CPU threads");
+  cmd->add_flag("--resume", o.resume, "continue an existing index, skipping the documents it has");
+  cmd->callback([] {
+    auto model = monet::Model::load(model_dir, {threads});
+    auto tok = monet::Tokenizer::load_dir(model_dir);
+    const bool tty = isatty(STDERR_FILENO);
+    double last = -1;
+    monet::IndexProgress final_progress;
+    monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
+      final_progress = p;
+      if (p.seconds - last < (tty ? 0.2 : 5.0) && p.tokens_done < p.tokens_total) return;
+      last = p.seconds;
+      const double frac = p.tokens_total ? double(p.tokens_done) / double(p.tokens_total) : 1.0;
+      const int width = 30, filled = int(frac * width);
+      std::fprintf(stderr, "%s[%.*s%*s] %3.0f%% %lld/%lld tokens, %.0f tokens/s%s", tty ? "\r" : "", filled,
+                   "##############################", width - filled, "", 100 * frac, (long long)p.tokens_done,
+                   (long long)p.tokens_total, p.tokens_done / std::max(p.seconds, 1e-9), tty ? "" : "\n");
+    });
+    if (tty) std::fprintf(stderr, "\n");
+    std::printf("indexed %lld tokens in %.1f s (%.0f tokens/s) into %s\n", (long long)final_progress.tokens_done,
+                final_progress.seconds, final_progress.tokens_done / std::max(final_progress.seconds, 1e-9),
+                out_path.c_str());
+  });
+}
