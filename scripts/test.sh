@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/deps.sh
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j"$(nproc)")
-MONET_BIN="$PWD/build/monet" .venv/bin/python -m pytest -q tests/python "$@"
+MONET_BIN="$PWD/build/monet" .venv/bin/python -W ignore::DeprecationWarning -m pytest -q tests/python "$@"
