@@ -15,16 +15,15 @@
 #include "monet/generate.h"
 #include "monet/mask.h"
 #include "monet/model.h"
+#include "monet/safetensors.h"
 #include "monet/tokenizer.h"
 
 namespace {
 
 std::vector<monet::ChatMessage> read_conversation(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) monet::fail(path, ": cannot open");
   nlohmann::json j;
   try {
-    f >> j;
+    j = nlohmann::json::parse(monet::read_file(path));
   } catch (const nlohmann::json::exception& e) {
     monet::fail(path, ": not valid JSON (", e.what(), ")");
   }

@@ -10,6 +10,7 @@
 #include "monet/evaluate.h"
 #include "monet/mask.h"
 #include "monet/model.h"
+#include "monet/safetensors.h"
 #include "monet/tokenizer.h"
 
 void add_eval_loss_command(CLI::App& app) {
@@ -25,10 +26,7 @@ void add_eval_loss_command(CLI::App& app) {
   cmd->add_option("--threads", threads, "CPU threads");
   cmd->add_flag("--json", as_json, "print one JSON object");
   cmd->callback([] {
-    std::ifstream in(data_path, std::ios::binary);
-    if (!in) monet::fail(data_path, ": cannot open");
-    std::stringstream ss;
-    ss << in.rdbuf();
+    const std::string text = monet::read_file(data_path);
     auto model = monet::Model::load(model_dir, {threads});
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const monet::MonetConfig& c = model->config();
@@ -36,7 +34,7 @@ void add_eval_loss_command(CLI::App& app) {
       monet::fail("--context ", context, " exceeds max_position_embeddings = ", c.max_position_embeddings);
     monet::ExpertMask mask = monet::ExpertMask::none(c);
     if (!mask_path.empty()) mask = monet::ExpertMask::load_json(mask_path, c);
-    const std::vector<int32_t> ids = tok->encode(ss.str(), false);
+    const std::vector<int32_t> ids = tok->encode(text, false);
     if (ids.empty()) monet::fail(data_path, ": no tokens to evaluate");
     const monet::LossResult r = monet::evaluate_loss(*model, ids, context, tok->bos_id(), &mask);
     if (as_json)

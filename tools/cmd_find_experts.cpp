@@ -46,11 +46,7 @@ void add_find_experts_command(CLI::App& app) {
       const size_t eq = arg.find('=');
       if (eq == std::string::npos || eq == 0) monet::fail("--domain ", arg, ": expected NAME=FILE");
       names.push_back(arg.substr(0, eq));
-      std::ifstream in(arg.substr(eq + 1), std::ios::binary);
-      if (!in) monet::fail(arg.substr(eq + 1), ": cannot open");
-      std::stringstream ss;
-      ss << in.rdbuf();
-      texts.push_back(tok->encode(ss.str(), false));
+      texts.push_back(tok->encode(monet::read_file(arg.substr(eq + 1)), false));
       if (texts.back().empty()) monet::fail(arg.substr(eq + 1), ": no tokens");
     }
     std::vector<monet::RoutingStats> stats;

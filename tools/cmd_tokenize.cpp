@@ -6,6 +6,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "monet/error.h"
+#include "monet/safetensors.h"
 #include "monet/tokenizer.h"
 
 void add_tokenize_command(CLI::App& app) {
@@ -27,11 +28,7 @@ void add_tokenize_command(CLI::App& app) {
     auto tok = monet::Tokenizer::load_dir(model_dir);
     if (!decode_ids.empty()) {
       if (decode_ids[0] == '@') {
-        std::ifstream in(decode_ids.substr(1), std::ios::binary);
-        if (!in) monet::fail(decode_ids.substr(1), ": cannot open");
-        std::stringstream ss;
-        ss << in.rdbuf();
-        decode_ids = ss.str();
+        decode_ids = monet::read_file(decode_ids.substr(1));
         while (!decode_ids.empty() && (decode_ids.back() == '\n' || decode_ids.back() == ' ')) decode_ids.pop_back();
       }
       const std::string out = tok->decode(parse_id_list(decode_ids), !no_special);
@@ -39,11 +36,7 @@ void add_tokenize_command(CLI::App& app) {
       return;
     }
     if (!file.empty()) {
-      std::ifstream in(file, std::ios::binary);
-      if (!in) monet::fail(file, ": cannot open");
-      std::stringstream ss;
-      ss << in.rdbuf();
-      text = ss.str();
+      text = monet::read_file(file);
     }
     const std::vector<int32_t> ids = tok->encode(text, !no_special);
     for (size_t i = 0; i < ids.size(); i++) std::printf("%s%d", i ? "," : "", ids[i]);

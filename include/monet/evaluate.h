@@ -1,6 +1,7 @@
 // Language-model loss of a checkpoint on a token stream.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "monet/model.h"
@@ -12,6 +13,15 @@ struct LossResult {
   double total_nll = 0;    // sum of -log p(token)
   double mean() const { return tokens ? total_nll / double(tokens) : 0.0; }
 };
+
+// Runs the model over a token stream in windows of at most `context` tokens,
+// each starting with `bos` (when >= 0) followed by the next tokens of the
+// stream. fn(window, first, logits, routing) is called per window; window[t]
+// for t >= first is stream token start + t - first, where start is passed too.
+using WindowFn = std::function<void(const std::vector<int32_t>& window, size_t first, size_t start,
+                                    const std::vector<float>& logits, const RouterCapture& routing)>;
+void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
+                     const ForwardOptions& opts, const WindowFn& fn);
 
 // Splits `ids` into windows of at most `context` tokens, each starting with
 // `bos` (when >= 0) followed by the next context-1 tokens of the stream, and

@@ -85,4 +85,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
 // Atomic write of a text/binary blob with the same temp+rename discipline.
 void write_file_atomic(const std::string& path, const std::string& contents);
 
+// The whole contents of a file; monet::Error "<path>: cannot open (reason)".
+std::string read_file(const std::string& path);
+
 }  // namespace monet

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "monet/error.h"
+#include "monet/evaluate.h"
 #include "monet/interp.h"
 
 namespace monet {
@@ -10,29 +11,19 @@ RoutingStats routing_stats(const Model& model, const std::vector<int32_t>& ids, 
   const int64_t H = c.moe_heads, E = c.moe_experts;
   RoutingStats s;
   s.sum.assign(size_t(c.num_router_layers()), std::vector<double>(size_t(E * E), 0.0));
-  const int64_t step = bos >= 0 ? context - 1 : context;
-  if (step < 1) fail("routing statistics: the context must hold at least 2 tokens");
-  std::vector<float> logits;
-  for (size_t start = 0; start < ids.size(); start += size_t(step)) {
-    std::vector<int32_t> window;
-    if (bos >= 0) window.push_back(bos);
-    window.insert(window.end(), ids.begin() + ptrdiff_t(start),
-                  ids.begin() + ptrdiff_t(std::min(ids.size(), start + size_t(step))));
-    RouterCapture cap;
-    ForwardOptions fo;
-    fo.capture = &cap;
-    fo.all_logits = false;
-    KvCache cache = model.new_cache(int64_t(window.size()));
-    model.forward(cache, window.data(), int64_t(window.size()), logits, fo);
+  ForwardOptions fo;
+  fo.all_logits = false;
+  for_each_window(model, ids, context, bos, fo, [&](const std::vector<int32_t>& window, size_t first, size_t,
+                                                    const std::vector<float>&, const RouterCapture& cap) {
     // BOS is a fixed prefix, not text of the domain: leave it out.
-    for (size_t t = bos >= 0 ? 1 : 0; t < window.size(); t++) {
+    for (size_t t = first; t < window.size(); t++) {
       for (size_t g = 0; g < cap.g1.size(); g++)
         for (const ExpertActivation& a : active_experts(cap.g1[g].data() + t * size_t(H * E),
                                                         cap.g2[g].data() + t * size_t(H * E), H, E, 0.0f))
           s.sum[g][size_t(a.id)] += a.prob;
       s.tokens++;
     }
-  }
+  });
   return s;
 }
 

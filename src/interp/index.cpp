@@ -20,7 +20,9 @@
 #include <unordered_map>
 
 #include "monet/error.h"
+#include "monet/evaluate.h"
 #include "monet/interp.h"
+#include "monet/safetensors.h"
 
 namespace monet {
 
@@ -117,14 +119,6 @@ CREATE INDEX IF NOT EXISTS experts_by_count ON experts(grp, count DESC);
 CREATE INDEX IF NOT EXISTS experts_by_max ON experts(grp, max_prob DESC);
 )";
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open corpus file");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
 
 void build_index(const Model& model, const Tokenizer& tok, const std::vector<std::string>& files,
@@ -184,7 +178,7 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
   for (const std::string& f : files) {
     const std::string key = fs::absolute(f).string();
     if (done_docs.count(key)) continue;
-    docs.emplace_back(key, tok.encode(read_text(f), false));
+    docs.emplace_back(key, tok.encode(read_file(f), false));
     prog.tokens_total += int64_t(docs.back().second.size());
   }
 
@@ -217,24 +211,16 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::pair<std::string, int64_t>> pending_docs;
   int64_t since_commit = 0;
-  std::vector<float> logits;
-  const int64_t step = opts.context - 1;
+  ForwardOptions fo;
+  fo.all_logits = false;
   for (auto& [path, ids] : docs) {
     const int64_t doc = next_doc++;
     done_docs[path] = doc;
-    for (size_t start = 0; start < ids.size(); start += size_t(step)) {
-      const size_t end = std::min(ids.size(), start + size_t(step));
-      std::vector<int32_t> window = {tok.bos_id() >= 0 ? tok.bos_id() : ids[start]};
-      const size_t first = tok.bos_id() >= 0 ? 0 : 1;
-      window.insert(window.end(), ids.begin() + ptrdiff_t(start + first), ids.begin() + ptrdiff_t(end));
-      RouterCapture cap;
-      ForwardOptions fo;
-      fo.capture = &cap;
-      fo.all_logits = false;
-      KvCache cache = model.new_cache(int64_t(window.size()));
-      model.forward(cache, window.data(), int64_t(window.size()), logits, fo);
-      for (size_t t = 1; t < window.size(); t++) {
-        const int64_t pos = int64_t(start + t - 1 + first);
+    for_each_window(model, ids, opts.context, tok.bos_id(), fo, [&](const std::vector<int32_t>& window, size_t first,
+                                                                    size_t start, const std::vector<float>&,
+                                                                    const RouterCapture& cap) {
+      for (size_t t = first; t < window.size(); t++) {
+        const int64_t pos = int64_t(start + t - first);
         for (int64_t g = 0; g < groups; g++) {
           const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
                                           cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold);
@@ -264,7 +250,7 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
       }
       prog.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (progress) progress(prog);
-    }
+    });
     pending_docs.emplace_back(path, int64_t(ids.size()));
     if (since_commit >= opts.checkpoint_tokens) {
       commit(pending_docs);

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "monet/error.h"
+#include "monet/safetensors.h"
 
 namespace monet {
 
@@ -138,11 +139,7 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
 }
 
 MonetConfig load_config(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open (", std::strerror(errno), ")");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse_config(ss.str(), path);
+  return parse_config(read_file(path), path);
 }
 
 std::string config_to_json(const MonetConfig& c) {

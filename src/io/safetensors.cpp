@@ -34,17 +34,14 @@ std::string TensorInfo::shape_str() const {
   return s + "]";
 }
 
-namespace {
-
-std::string read_text_file(const std::string& path) {
+std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) fail(path, ": cannot open (", std::strerror(errno), ")");
   std::stringstream ss;
   ss << f.rdbuf();
+  if (f.bad()) fail(path, ": read failed");
   return ss.str();
 }
-
-}  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -177,7 +174,7 @@ std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
   }
   json index;
   try {
-    index = json::parse(read_text_file(index_path.string()));
+    index = json::parse(read_file(index_path.string()));
   } catch (const json::exception& e) {
     fail(index_path.string(), ": not valid JSON (", e.what(), ")");
   }

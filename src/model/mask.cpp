@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "monet/error.h"
+#include "monet/safetensors.h"
 
 namespace monet {
 
@@ -20,11 +21,7 @@ ExpertMask ExpertMask::none(const MonetConfig& c) {
 }
 
 ExpertMask ExpertMask::load_json(const std::string& path, const MonetConfig& c) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open mask file");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse_json(ss.str(), path, c);
+  return parse_json(read_file(path), path, c);
 }
 
 ExpertMask ExpertMask::parse_json(const std::string& text, const std::string& source, const MonetConfig& c) {

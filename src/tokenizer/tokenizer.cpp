@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "monet/error.h"
+#include "monet/safetensors.h"
 
 namespace monet {
 
@@ -19,14 +20,6 @@ namespace {
 
 const std::string kSpaceMark = "\xe2\x96\x81";  // ▁ U+2581
 const std::string kReplacementChar = "\xef\xbf\xbd";
-
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // Length of the UTF-8 sequence starting with byte c (1 for invalid lead bytes).
 size_t utf8_len(unsigned char c) {
