@@ -98,8 +98,9 @@ void add_generate_command(CLI::App& app) {
     if (!tok && !a.print_ids) {
       try {
         tok = monet::Tokenizer::load_dir(a.model_dir);
-      } catch (const monet::Error&) {
-        // no tokenizer files: ids only
+      } catch (const monet::Error& e) {
+        std::fprintf(stderr, "no tokenizer (%s): printing token ids\n", e.what());
+        a.print_ids = true;
       }
     }
     monet::ExpertMask mask = monet::ExpertMask::none(c);

@@ -7,6 +7,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <type_traits>
 
 #include "monet/error.h"
 #include "monet/safetensors.h"
@@ -17,28 +18,25 @@ using json = nlohmann::json;
 
 namespace {
 
-int64_t get_int(const json& j, const char* key, int64_t fallback, const std::string& src) {
+// A field of the config, or `fallback` when absent or null; a value of the
+// wrong JSON type is an error naming the field.
+template <class T>
+T get_field(const json& j, const char* key, T fallback, const std::string& src) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_number_integer()) fail(src, ": field \"", key, "\" must be an integer, found ", j[key].dump());
-  return j[key].get<int64_t>();
-}
-
-double get_double(const json& j, const char* key, double fallback, const std::string& src) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_number()) fail(src, ": field \"", key, "\" must be a number, found ", j[key].dump());
-  return j[key].get<double>();
-}
-
-bool get_bool(const json& j, const char* key, bool fallback, const std::string& src) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_boolean()) fail(src, ": field \"", key, "\" must be true or false, found ", j[key].dump());
-  return j[key].get<bool>();
-}
-
-std::string get_string(const json& j, const char* key, const std::string& fallback, const std::string& src) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_string()) fail(src, ": field \"", key, "\" must be a string, found ", j[key].dump());
-  return j[key].get<std::string>();
+  const json& v = j[key];
+  bool ok;
+  const char* expected;
+  if constexpr (std::is_same_v<T, bool>) {
+    ok = v.is_boolean(), expected = "true or false";
+  } else if constexpr (std::is_integral_v<T>) {
+    ok = v.is_number_integer(), expected = "an integer";
+  } else if constexpr (std::is_floating_point_v<T>) {
+    ok = v.is_number(), expected = "a number";
+  } else {
+    ok = v.is_string(), expected = "a string";
+  }
+  if (!ok) fail(src, ": field \"", key, "\" must be ", expected, ", found ", v.dump());
+  return v.get<T>();
 }
 
 }  // namespace
@@ -60,18 +58,18 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   }
   if (!j.is_object()) fail(src, ": must be a JSON object");
   MonetConfig c;
-  c.vocab_size = get_int(j, "vocab_size", c.vocab_size, src);
-  c.hidden_size = get_int(j, "hidden_size", c.hidden_size, src);
-  c.num_hidden_layers = get_int(j, "num_hidden_layers", c.num_hidden_layers, src);
-  c.num_attention_heads = get_int(j, "num_attention_heads", c.num_attention_heads, src);
-  c.num_key_value_heads = get_int(j, "num_key_value_heads", c.num_attention_heads, src);
-  c.max_position_embeddings = get_int(j, "max_position_embeddings", c.max_position_embeddings, src);
-  c.rms_norm_eps = get_double(j, "rms_norm_eps", c.rms_norm_eps, src);
-  c.rope_theta = get_double(j, "rope_theta", c.rope_theta, src);
-  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", c.tie_word_embeddings, src);
-  c.hidden_act = get_string(j, "hidden_act", c.hidden_act, src);
+  c.vocab_size = get_field<int64_t>(j, "vocab_size", c.vocab_size, src);
+  c.hidden_size = get_field<int64_t>(j, "hidden_size", c.hidden_size, src);
+  c.num_hidden_layers = get_field<int64_t>(j, "num_hidden_layers", c.num_hidden_layers, src);
+  c.num_attention_heads = get_field<int64_t>(j, "num_attention_heads", c.num_attention_heads, src);
+  c.num_key_value_heads = get_field<int64_t>(j, "num_key_value_heads", c.num_attention_heads, src);
+  c.max_position_embeddings = get_field<int64_t>(j, "max_position_embeddings", c.max_position_embeddings, src);
+  c.rms_norm_eps = get_field<double>(j, "rms_norm_eps", c.rms_norm_eps, src);
+  c.rope_theta = get_field<double>(j, "rope_theta", c.rope_theta, src);
+  c.tie_word_embeddings = get_field<bool>(j, "tie_word_embeddings", c.tie_word_embeddings, src);
+  c.hidden_act = get_field<std::string>(j, "hidden_act", c.hidden_act, src);
   // bos_token_id: absent -> HF default 1; null -> none (-1)
-  c.bos_token_id = !j.contains("bos_token_id") ? 1 : get_int(j, "bos_token_id", -1, src);
+  c.bos_token_id = !j.contains("bos_token_id") ? 1 : get_field<int64_t>(j, "bos_token_id", -1, src);
   if (j.contains("eos_token_id")) {
     const json& e = j["eos_token_id"];
     c.eos_token_ids.clear();
@@ -86,14 +84,14 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
       fail(src, ": field \"eos_token_id\" must be an integer or a list of integers, found ", e.dump());
     }
   }
-  c.pad_token_id = get_int(j, "pad_token_id", -1, src);
-  c.torch_dtype = get_string(j, "torch_dtype", c.torch_dtype, src);
-  c.moe_dim = get_int(j, "moe_dim", c.moe_dim, src);
-  c.moe_heads = get_int(j, "moe_heads", c.moe_heads, src);
-  c.moe_experts = get_int(j, "moe_experts", c.moe_experts, src);
-  c.moe_topk = get_int(j, "moe_topk", c.moe_topk, src);
-  c.moe_groups = get_int(j, "moe_groups", c.moe_groups, src);
-  const std::string decompose = get_string(j, "moe_decompose", "vertical", src);
+  c.pad_token_id = get_field<int64_t>(j, "pad_token_id", -1, src);
+  c.torch_dtype = get_field<std::string>(j, "torch_dtype", c.torch_dtype, src);
+  c.moe_dim = get_field<int64_t>(j, "moe_dim", c.moe_dim, src);
+  c.moe_heads = get_field<int64_t>(j, "moe_heads", c.moe_heads, src);
+  c.moe_experts = get_field<int64_t>(j, "moe_experts", c.moe_experts, src);
+  c.moe_topk = get_field<int64_t>(j, "moe_topk", c.moe_topk, src);
+  c.moe_groups = get_field<int64_t>(j, "moe_groups", c.moe_groups, src);
+  const std::string decompose = get_field<std::string>(j, "moe_decompose", "vertical", src);
   if (decompose == "vertical")
     c.moe_decompose = Decompose::Vertical;
   else if (decompose == "horizontal")
@@ -104,7 +102,7 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
     fail(src, ": field \"rope_scaling\" = ", j["rope_scaling"].dump(),
          " is not supported (released Monet models use null)");
-  if (get_bool(j, "attention_bias", false, src))
+  if (get_field<bool>(j, "attention_bias", false, src))
     fail(src, ": field \"attention_bias\" = true is not supported (Monet attention has no biases)");
   if (c.hidden_act != "relu2")
     fail(src, ": field \"hidden_act\" is \"", c.hidden_act, "\"; Monet experts use \"relu2\" (relu(x)^2)");
