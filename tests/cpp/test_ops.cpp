@@ -142,9 +142,13 @@ TEST(Ops, RopeRotatesHalfPairs) {
   }
 }
 
-TEST(Ops, AttentionCausalGqa) {
+class AttentionTest : public ::testing::TestWithParam<std::tuple<int64_t, int64_t>> {};
+
+// Decode-sized batches take the per-query loop, prefill-sized ones the GEMM path.
+TEST_P(AttentionTest, CausalGqa) {
   std::mt19937 rng(4);
-  const int64_t nh = 4, nkv = 2, hd = 6, pos0 = 3, T = 4, P = pos0 + T;
+  auto [pos0, T] = GetParam();
+  const int64_t nh = 4, nkv = 2, hd = 6, P = pos0 + T;
   std::vector<float> q = random_vec(size_t(T * nh * hd), rng), k = random_vec(size_t(P * nkv * hd), rng),
                      v = random_vec(size_t(P * nkv * hd), rng), out(size_t(T * nh * hd));
   monet::cpu::attention(q.data(), k.data(), v.data(), pos0, T, nh, nkv, hd, out.data());
@@ -169,6 +173,10 @@ TEST(Ops, AttentionCausalGqa) {
     }
   EXPECT_LT(max_rel_err(out, want), 1e-5);
 }
+
+INSTANTIATE_TEST_SUITE_P(Ops, AttentionTest,
+                         ::testing::Values(std::make_tuple(3, 4), std::make_tuple(0, 1), std::make_tuple(0, 20),
+                                           std::make_tuple(5, 13)));
 
 TEST(Ops, RouterSelectKeepsEntriesAboveThreshold) {
   std::mt19937 rng(5);

@@ -149,6 +149,7 @@ void rmsnorm(const float* x, const float* w, int64_t T, int64_t d, double eps, f
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * d;
     float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < d; i++) ss += xt[i] * xt[i];
     float inv = 1.0f / std::sqrt(ss / float(d) + float(eps));
     for (int64_t i = 0; i < d; i++) y[t * d + i] = w[i] * (xt[i] * inv);
@@ -180,11 +181,36 @@ void rope(float* x, int64_t T, int64_t n_heads, int64_t hd, int64_t pos0, double
 void attention(const float* q, const float* k, const float* v, int64_t pos0, int64_t T,
                int64_t nh, int64_t nkv, int64_t hd, float* out) {
   const int64_t group = nh / nkv;
-  const int64_t kv_stride = nkv * hd;
+  const int64_t kv_stride = nkv * hd, q_stride = nh * hd, P = pos0 + T;
   const float scale = 1.0f / std::sqrt(float(hd));
+  if (T >= kGemvMaxRows) {
+    // Prefill: per head, S = Q K^T (GEMM), causal softmax by rows, O = S V (GEMM).
+    std::vector<float> scores(size_t(nh * T * P));
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t h = 0; h < nh; h++) {
+      const int64_t kvh = h / group;
+      float* S = scores.data() + h * T * P;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(P), int(hd), scale, q + h * hd, int(q_stride),
+                  k + kvh * hd, int(kv_stride), 0.0f, S, int(P));
+      for (int64_t t = 0; t < T; t++) {
+        float* row = S + t * P;
+        const int64_t n_pos = pos0 + t + 1;
+        float max_s = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < n_pos; p++) max_s = std::max(max_s, row[p]);
+        float sum = 0.0f;
+        for (int64_t p = 0; p < n_pos; p++) sum += (row[p] = std::exp(row[p] - max_s));
+        const float inv_sum = 1.0f / sum;
+        for (int64_t p = 0; p < n_pos; p++) row[p] *= inv_sum;
+        std::fill(row + n_pos, row + P, 0.0f);  // causal: later positions get no weight
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(hd), int(P), 1.0f, S, int(P),
+                  v + kvh * hd, int(kv_stride), 0.0f, out + h * hd, int(q_stride));
+    }
+    return;
+  }
 #pragma omp parallel
   {
-    std::vector<float> scores(size_t(pos0 + T));
+    std::vector<float> scores(static_cast<size_t>(P));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++) {
       for (int64_t h = 0; h < nh; h++) {
@@ -195,22 +221,24 @@ void attention(const float* q, const float* k, const float* v, int64_t pos0, int
         for (int64_t p = 0; p < n_pos; p++) {
           const float* kp = k + p * kv_stride + kvh * hd;
           float s = 0.0f;
+#pragma omp simd reduction(+ : s)
           for (int64_t i = 0; i < hd; i++) s += qv[i] * kp[i];
           s *= scale;
-          scores[p] = s;
+          scores[size_t(p)] = s;
           max_s = std::max(max_s, s);
         }
         float sum = 0.0f;
         for (int64_t p = 0; p < n_pos; p++) {
-          scores[p] = std::exp(scores[p] - max_s);
-          sum += scores[p];
+          scores[size_t(p)] = std::exp(scores[size_t(p)] - max_s);
+          sum += scores[size_t(p)];
         }
         float* o = out + (t * nh + h) * hd;
         std::fill(o, o + hd, 0.0f);
         const float inv_sum = 1.0f / sum;
         for (int64_t p = 0; p < n_pos; p++) {
           const float* vp = v + p * kv_stride + kvh * hd;
-          const float a = scores[p] * inv_sum;
+          const float a = scores[size_t(p)] * inv_sum;
+#pragma omp simd
           for (int64_t i = 0; i < hd; i++) o[i] += a * vp[i];
         }
       }
