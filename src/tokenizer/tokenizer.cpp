@@ -522,9 +522,6 @@ void Tokenizer::bpe(std::string_view word, std::vector<int32_t>& out) const {
   auto consider = [&](int l, int r) {
     if (l < 0 || r < 0) return;
     if (kind_ == Kind::HfBpe) {
-      if (sym[size_t(l)].id == unk_id_ || sym[size_t(r)].id == unk_id_) {
-        if (merges_.empty()) return;
-      }
       const uint64_t key = (uint64_t(uint32_t(sym[size_t(l)].id)) << 32) | uint32_t(sym[size_t(r)].id);
       auto it = merges_.find(key);
       if (it == merges_.end()) return;
