@@ -31,13 +31,13 @@ void add_index_command(CLI::App& app) {
     monet::IndexProgress final_progress;
     monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
       final_progress = p;
-      if (p.seconds - last < (tty ? 0.2 : 5.0) && p.tokens_done < p.tokens_total) return;
+      if (p.seconds - last < (tty ? 0.2 : 5.0) && p.bytes_done < p.bytes_total) return;
       last = p.seconds;
-      const double frac = p.tokens_total ? double(p.tokens_done) / double(p.tokens_total) : 1.0;
+      const double frac = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 1.0;
       const int width = 30, filled = int(frac * width);
-      std::fprintf(stderr, "%s[%.*s%*s] %3.0f%% %lld/%lld tokens, %.0f tokens/s%s", tty ? "\r" : "", filled,
-                   "##############################", width - filled, "", 100 * frac, (long long)p.tokens_done,
-                   (long long)p.tokens_total, p.tokens_done / std::max(p.seconds, 1e-9), tty ? "" : "\n");
+      std::fprintf(stderr, "%s[%.*s%*s] %3.0f%% of %.1f MB, %lld tokens, %.0f tokens/s%s", tty ? "\r" : "", filled,
+                   "##############################", width - filled, "", 100 * frac, p.bytes_total / 1e6,
+                   (long long)p.tokens_done, p.tokens_done / std::max(p.seconds, 1e-9), tty ? "" : "\n");
     });
     if (tty) std::fprintf(stderr, "\n");
     std::printf("indexed %lld tokens in %.1f s (%.0f tokens/s) into %s\n", (long long)final_progress.tokens_done,

@@ -24,7 +24,8 @@ struct IndexOptions {
 };
 
 struct IndexProgress {
-  int64_t tokens_done = 0, tokens_total = 0;
+  int64_t tokens_done = 0;
+  int64_t bytes_done = 0, bytes_total = 0;  // of corpus text (files are tokenised one at a time)
   double seconds = 0;
 };
 

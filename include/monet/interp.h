@@ -18,7 +18,7 @@ struct ExpertActivation {
 // `threshold`, most probable first. g1, g2: [H, E]. Only pairs of kept
 // components are visited (never E^2 values).
 std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
-                                             float threshold);
+                                             float threshold, bool sorted = true);
 
 // Mean routing probability of every expert of every router group over a
 // token stream (windows as in evaluate_loss): mean[g][i*E + j].

@@ -91,12 +91,15 @@ class Stmt {
   sqlite3_stmt* s_ = nullptr;
 };
 
+// One of an expert's top activations. Its texts are rendered when it is
+// written out (most entries are displaced before that); entries read back
+// from the database on --resume arrive rendered.
 struct Activation {
   float prob;
   int64_t doc, pos;
-  std::string token;    // text of the firing token
-  std::string context;  // JSON array of token texts
-  int64_t focus;
+  int64_t focus;                 // index of the firing token in the context
+  std::vector<int32_t> context;  // token ids around it
+  std::string token_text, context_json;
   bool operator>(const Activation& o) const { return prob > o.prob; }
 };
 
@@ -143,7 +146,8 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
                                                {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
                                                {"top_k", opts.top_k}, {"window", opts.window},
                                                {"context", opts.context}, {"threshold", opts.threshold}}).dump();
-  std::vector<std::unordered_map<int64_t, ExpertState>> state(static_cast<size_t>(groups));
+  // Dense per group (E^2 entries): the per-token bookkeeping is array indexing.
+  std::vector<std::vector<ExpertState>> state(static_cast<size_t>(groups), std::vector<ExpertState>(size_t(E * E)));
   std::unordered_map<std::string, int64_t> done_docs;
   int64_t tokens_indexed = 0, next_doc = 0;
   if (opts.resume) {
@@ -160,27 +164,34 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
     }
     Stmt e(db.get(), "SELECT grp, expert, count, max_prob FROM experts");
     while (e.step()) {
-      ExpertState& s = state[size_t(e.i64(0))][e.i64(1)];
+      ExpertState& s = state[size_t(e.i64(0))][size_t(e.i64(1))];
       s.count = e.i64(2);
       s.max_prob = float(e.f64(3));
     }
     Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, token, context, focus FROM activations");
     while (a.step())
-      state[size_t(a.i64(0))][a.i64(1)].top.push_back(
-          {float(a.f64(2)), a.i64(3), a.i64(4), a.text(5), a.text(6), a.i64(7)});
+      state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back(
+          {float(a.f64(2)), a.i64(3), a.i64(4), a.i64(7), {}, a.text(5), a.text(6)});
     for (auto& g : state)
-      for (auto& [id, s] : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+      for (ExpertState& s : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
   }
 
-  // Tokenise up front (the total drives the progress bar).
-  std::vector<std::pair<std::string, std::vector<int32_t>>> docs;
+  // Files are read and tokenised one at a time: memory does not grow with the corpus.
+  std::vector<std::string> todo;
   IndexProgress prog;
   for (const std::string& f : files) {
     const std::string key = fs::absolute(f).string();
-    if (done_docs.count(key)) continue;
-    docs.emplace_back(key, tok.encode(read_file(f), false));
-    prog.tokens_total += int64_t(docs.back().second.size());
+    if (done_docs.count(key) || std::find(todo.begin(), todo.end(), key) != todo.end()) continue;
+    todo.push_back(key);
+    prog.bytes_total += int64_t(fs::file_size(f));
   }
+  auto render = [&](Activation& a) {
+    if (!a.context_json.empty()) return;
+    nlohmann::json ctx = nlohmann::json::array();
+    for (int32_t id : a.context) ctx.push_back(tok.token_text(id));
+    a.context_json = ctx.dump();
+    a.token_text = tok.token_text(a.context[size_t(a.focus)]);
+  };
 
   auto commit = [&](const std::vector<std::pair<std::string, int64_t>>& new_docs) {
     db.exec("BEGIN IMMEDIATE");
@@ -189,11 +200,15 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
       Stmt ins_e(db.get(), "INSERT INTO experts VALUES (?, ?, ?, ?)");
       Stmt ins_a(db.get(), "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
       for (int64_t g = 0; g < groups; g++)
-        for (const auto& [id, s] : state[size_t(g)]) {
+        for (int64_t id = 0; id < E * E; id++) {
+          ExpertState& s = state[size_t(g)][size_t(id)];
+          if (s.count == 0 && s.top.empty()) continue;
           ins_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
-          for (const Activation& a : s.top)
-            ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos).bind(6, a.token)
-                .bind(7, a.context).bind(8, a.focus).run();
+          for (Activation& a : s.top) {
+            render(a);
+            ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos).bind(6, a.token_text)
+                .bind(7, a.context_json).bind(8, a.focus).run();
+          }
         }
       Stmt ins_d(db.get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
       for (const auto& [path, n] : new_docs) ins_d.bind(1, done_docs[path]).bind(2, path).bind(3, n).run();
@@ -213,28 +228,33 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
   int64_t since_commit = 0;
   ForwardOptions fo;
   fo.all_logits = false;
-  for (auto& [path, ids] : docs) {
+  int64_t bytes_before = 0;
+  for (const std::string& path : todo) {
+    const int64_t doc_bytes = int64_t(fs::file_size(path));
+    const std::vector<int32_t> ids = tok.encode(read_file(path), false);
     const int64_t doc = next_doc++;
     done_docs[path] = doc;
     for_each_window(model, ids, opts.context, tok.bos_id(), fo, [&](const std::vector<int32_t>& window, size_t first,
                                                                     size_t start, const std::vector<float>&,
                                                                     const RouterCapture& cap) {
-      for (size_t t = first; t < window.size(); t++) {
-        const int64_t pos = int64_t(start + t - first);
-        for (int64_t g = 0; g < groups; g++) {
+      // Router groups keep separate state: one thread each.
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t g = 0; g < groups; g++) {
+        for (size_t t = first; t < window.size(); t++) {
+          const int64_t pos = int64_t(start + t - first);
           const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
-                                          cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold);
+                                          cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold,
+                                          /*sorted=*/false);
           for (const ExpertActivation& a : act) {
-            ExpertState& s = state[size_t(g)][a.id];
+            ExpertState& s = state[size_t(g)][size_t(a.id)];
             s.count++;
             s.max_prob = std::max(s.max_prob, a.prob);
             if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
-            // The context is built only for entries that make the top_k.
+            // The context is copied only for entries that make the top_k.
             const int64_t lo = std::max<int64_t>(0, pos - opts.window);
             const int64_t hi = std::min<int64_t>(int64_t(ids.size()), pos + opts.window + 1);
-            nlohmann::json ctx = nlohmann::json::array();
-            for (int64_t p = lo; p < hi; p++) ctx.push_back(tok.token_text(ids[size_t(p)]));
-            Activation entry{a.prob, doc, pos, tok.token_text(ids[size_t(pos)]), ctx.dump(), pos - lo};
+            Activation entry{a.prob, doc, pos, pos - lo,
+                             std::vector<int32_t>(ids.begin() + ptrdiff_t(lo), ids.begin() + ptrdiff_t(hi)), {}, {}};
             if (int64_t(s.top.size()) == opts.top_k) {
               std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
               s.top.back() = std::move(entry);
@@ -244,13 +264,18 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
             std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
           }
         }
-        tokens_indexed++;
-        prog.tokens_done++;
-        since_commit++;
       }
+      const int64_t n = int64_t(window.size() - first);
+      tokens_indexed += n;
+      prog.tokens_done += n;
+      since_commit += n;
+      prog.bytes_done = bytes_before + int64_t(double(doc_bytes) * double(start + size_t(n)) / double(ids.size()));
       prog.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (progress) progress(prog);
     });
+    bytes_before += doc_bytes;
+    prog.bytes_done = bytes_before;
+    if (progress) progress(prog);
     pending_docs.emplace_back(path, int64_t(ids.size()));
     if (since_commit >= opts.checkpoint_tokens) {
       commit(pending_docs);

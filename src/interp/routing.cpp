@@ -5,7 +5,7 @@
 namespace monet {
 
 std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
-                                             float threshold) {
+                                             float threshold, bool sorted) {
   std::vector<int32_t> s1, s2;
   for (int64_t i = 0; i < E; i++) {
     bool on1 = false, on2 = false;
@@ -23,7 +23,8 @@ std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, i
       for (int64_t h = 0; h < H; h++) p += g1[h * E + i] * g2[h * E + j];
       if (p > threshold) out.push_back({int64_t(i) * E + j, i, j, p});
     }
-  std::sort(out.begin(), out.end(), [](const ExpertActivation& a, const ExpertActivation& b) {
+  if (sorted)
+    std::sort(out.begin(), out.end(), [](const ExpertActivation& a, const ExpertActivation& b) {
     return a.prob > b.prob || (a.prob == b.prob && a.id < b.id);
   });
   return out;
