@@ -556,9 +556,14 @@ void Tokenizer::bpe(std::string_view word, std::vector<int32_t>& out) const {
     auto it = ids_.find(std::string(word.substr(s.start, s.len)));
     if (it != ids_.end()) {
       out.push_back(it->second);
-    } else if (byte_fallback_) {
+      continue;
+    }
+    bool bytes_ok = byte_fallback_;
+    for (size_t k = 0; k < s.len && bytes_ok; k++) bytes_ok = byte_ids_[static_cast<unsigned char>(word[s.start + k])] >= 0;
+    if (bytes_ok) {
       for (size_t k = 0; k < s.len; k++) out.push_back(byte_ids_[static_cast<unsigned char>(word[s.start + k])]);
     } else {
+      if (unk_id_ < 0) fail(source_, ": cannot encode a character and the model has no unknown piece");
       if (!out.empty() && out.back() == unk_id_) continue;  // SentencePiece merges unknowns
       out.push_back(unk_id_);
     }

@@ -212,3 +212,31 @@ def test_info(monet_bin, checkpoints):
     params = sum(v.size for k, v in model.w.items() if "running_" not in k and "num_batches" not in k)
     assert f"parameters       {params} " in proc.stdout
     assert "vertical" in proc.stdout
+
+
+def test_mutated_headers_never_crash(monet_bin, checkpoints, tmp_path):
+    """Random byte changes in the safetensors header: a clear error or a clean
+    load, never a crash (signal) and never an output file on failure."""
+    import random
+    src = os.path.join(checkpoints["vd"][0], "model.safetensors")
+    data = open(src, "rb").read()
+    header_len = int.from_bytes(data[:8], "little")
+    rng = random.Random(1234)
+    d = copy_checkpoint(checkpoints["vd"][0], tmp_path / "ck")
+    outcomes = set()
+    for trial in range(60):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(0, 8 + header_len)
+            mutated[pos] = rng.randrange(256)
+        with open(os.path.join(d, "model.safetensors"), "wb") as f:
+            f.write(bytes(mutated))
+        out = tmp_path / "out.safetensors"
+        proc = subprocess.run([monet_bin, "forward", "--model", d, "--ids", "1,2,3", "--out", str(out)],
+                              capture_output=True, text=True, errors="replace", timeout=60)
+        assert proc.returncode in (0, 1), (trial, proc.returncode, proc.stderr)
+        if proc.returncode == 1:
+            assert proc.stderr.startswith("monet: error: ") and not out.exists()
+        out.unlink(missing_ok=True)
+        outcomes.add(proc.returncode)
+    assert 1 in outcomes
