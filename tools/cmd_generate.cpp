@@ -83,6 +83,8 @@ void add_generate_command(CLI::App& app) {
   cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids, comma-separated, on one line");
   cmd->callback([] {
     if (a.prompt.empty() && a.ids_text.empty()) monet::fail("generate: give a prompt with -p TEXT or --ids 1,5,9");
+    for (const std::string& s : a.stops)
+      if (s.empty()) monet::fail("--stop: a stop string cannot be empty");
     monet::LoadOptions lo;
     lo.threads = a.threads;
     auto model = monet::Model::load(a.model_dir, lo);
