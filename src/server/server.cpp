@@ -79,6 +79,7 @@ json top_output_tokens(const Model& model, const Tokenizer& tok, int64_t group, 
 
 void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, const ServeOptions& opts) {
   httplib::Server server;
+  server.set_payload_max_length(1 << 20);  // probe texts are small; refuse huge bodies early
   std::mutex model_mutex;  // the forward pass uses the shared OpenMP pool: one at a time
   const MonetConfig& c = model.config();
 

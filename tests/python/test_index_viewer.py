@@ -148,6 +148,10 @@ def test_api(server):
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(url + bad)
         assert exc.value.code == 400 and "error" in json.loads(exc.value.read())
+    big = urllib.request.Request(url + "/api/probe", data=json.dumps({"text": "a" * 2_000_000}).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(big)
+    assert exc.value.code == 413
     assert get(url + "/api/info")["groups"] == 2  # still serving after bad requests
 
 
