@@ -68,12 +68,17 @@ uint16_t f32_to_f16(float f) {
   if (abs > 0x7f800000u) return sign | 0x7e00u;          // nan
   if (abs >= 0x477ff000u) return sign | 0x7c00u;         // overflows to inf (>= 65520)
   if (abs < 0x38800000u) {                               // below the smallest normal 2^-14
-    // subnormal or zero: round(abs_value * 2^24) to nearest even
-    float a;
-    std::memcpy(&a, &abs, 4);
-    float scaled = a * 16777216.0f;  // exact: power of two
-    float r = std::nearbyint(scaled);  // default rounding mode: to nearest even
-    return sign | uint16_t(r);
+    // Half subnormal (or zero): the result is round(|f| * 2^24) to nearest
+    // even. |f| = mant24 * 2^(exp - 150), so |f| * 2^24 = mant24 >> (126 - exp).
+    // Integer arithmetic keeps this independent of the FPU rounding mode.
+    const uint32_t exp = abs >> 23;
+    if (exp < 102) return sign;  // |f| < 2^-25: rounds to zero (2^-25 itself ties to even 0)
+    const uint32_t mant24 = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - exp;  // 14..24
+    uint32_t r = mant24 >> shift;
+    const uint32_t rem = mant24 & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) r++;  // may carry into 0x400, the smallest normal: correct
+    return uint16_t(sign | r);
   }
   // normal: rebias exponent, round mantissa to 10 bits (nearest even)
   uint32_t m = abs + 0xfffu + ((abs >> 13) & 1u);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <numbers>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <type_traits>
@@ -85,7 +86,8 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
     }
   }
   c.pad_token_id = get_field<int64_t>(j, "pad_token_id", -1, src);
-  c.torch_dtype = get_field<std::string>(j, "torch_dtype", c.torch_dtype, src);
+  // transformers >= 4.56 writes "dtype" in place of "torch_dtype".
+  c.torch_dtype = get_field<std::string>(j, "torch_dtype", get_field<std::string>(j, "dtype", c.torch_dtype, src), src);
   c.moe_dim = get_field<int64_t>(j, "moe_dim", c.moe_dim, src);
   c.moe_heads = get_field<int64_t>(j, "moe_heads", c.moe_heads, src);
   c.moe_experts = get_field<int64_t>(j, "moe_experts", c.moe_experts, src);
@@ -102,6 +104,15 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
     fail(src, ": field \"rope_scaling\" = ", j["rope_scaling"].dump(),
          " is not supported (released Monet models use null)");
+  // transformers v5 moves rope_theta into rope_parameters; only plain RoPE is supported.
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    const json& rp = j["rope_parameters"];
+    if (!rp.is_object()) fail(src, ": field \"rope_parameters\" must be an object, found ", rp.dump());
+    const std::string type = get_field<std::string>(rp, "rope_type", get_field<std::string>(rp, "type", "default", src), src);
+    if (type != "default")
+      fail(src, ": field \"rope_parameters\" = ", rp.dump(), " is not supported (only rope_type \"default\")");
+    c.rope_theta = get_field<double>(rp, "rope_theta", c.rope_theta, src);
+  }
   if (get_field<bool>(j, "attention_bias", false, src))
     fail(src, ": field \"attention_bias\" = true is not supported (Monet attention has no biases)");
   if (c.hidden_act != "relu2")
@@ -123,6 +134,10 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     fail(src, ": num_attention_heads ", c.num_attention_heads, " is not divisible by num_key_value_heads ",
          c.num_key_value_heads);
+  // Llama configs may carry head_dim; Monet's attention assumes d / nh.
+  if (const int64_t hd = get_field<int64_t>(j, "head_dim", c.head_dim(), src); hd != c.head_dim())
+    fail(src, ": field \"head_dim\" is ", hd, " but hidden_size / num_attention_heads = ", c.head_dim(),
+         "; a separate head_dim is not supported");
   if (c.head_dim() % 2 != 0) fail(src, ": head_dim = hidden_size / num_attention_heads = ", c.head_dim(), " must be even for RoPE");
   if (c.moe_decompose == Decompose::Vertical) {
     if (c.hidden_size % 2 != 0) fail(src, ": hidden_size ", c.hidden_size, " must be even for moe_decompose \"vertical\"");
@@ -180,6 +195,10 @@ double normal_quantile(double p) {
     if (p == 1.0) return std::numeric_limits<double>::infinity();
     return std::numeric_limits<double>::quiet_NaN();
   }
+  // Work in the lower half, where Phi(x) = erfc(-x/sqrt2)/2 keeps full relative
+  // precision: refining Phi(x) - p near p = 1 would cancel away ~1e-9 of
+  // accuracy. For p > 0.5, 1 - p is exact (Sterbenz).
+  if (p > 0.5) return -normal_quantile(1.0 - p);
   // Acklam's rational approximation (relative error < 1.2e-9) ...
   static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
                              1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
@@ -189,25 +208,24 @@ double normal_quantile(double p) {
                               -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
   static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
                              3.754408661907416e+00};
-  const double p_low = 0.02425, p_high = 1 - p_low;
+  const double p_low = 0.02425;
   double x;
   if (p < p_low) {
     const double q = std::sqrt(-2 * std::log(p));
     x = (((((cc[0] * q + cc[1]) * q + cc[2]) * q + cc[3]) * q + cc[4]) * q + cc[5]) /
         ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
-  } else if (p <= p_high) {
+  } else {
     const double q = p - 0.5, r = q * q;
     x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
         (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
-  } else {
-    const double q = std::sqrt(-2 * std::log(1 - p));
-    x = -(((((cc[0] * q + cc[1]) * q + cc[2]) * q + cc[3]) * q + cc[4]) * q + cc[5]) /
-        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
   }
-  // ... refined by Halley steps on Phi(x) - p, with Phi from erfc (full double precision).
+  // ... refined by Halley steps on Phi(x) - p (cubic convergence: one step
+  // already reaches double precision; the second is cheap insurance).
+  const double sqrt_2pi = std::sqrt(2 * std::numbers::pi);
   for (int it = 0; it < 2; it++) {
-    const double e = 0.5 * std::erfc(-x / std::sqrt(2.0)) - p;
-    const double u = e * std::sqrt(2 * M_PI) * std::exp(x * x / 2);
+    const double e = 0.5 * std::erfc(-x / std::numbers::sqrt2) - p;
+    const double u = e * sqrt_2pi * std::exp(x * x / 2);  // e / pdf(x)
+    if (!std::isfinite(u)) break;  // p deep in the subnormals: exp overflows; keep Acklam's 1e-9
     x = x - u / (1 + x * u / 2);
   }
   return x;

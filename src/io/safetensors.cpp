@@ -35,6 +35,9 @@ std::string TensorInfo::shape_str() const {
 }
 
 std::string read_file(const std::string& path) {
+  // A directory opens fine as a stream and then reads as empty; say what it is.
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail(path, ": cannot open (is a directory)");
   std::ifstream f(path, std::ios::binary);
   if (!f) fail(path, ": cannot open (", std::strerror(errno), ")");
   std::stringstream ss;
@@ -50,6 +53,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (::fstat(fd, &st) != 0) {
     ::close(fd);
     fail(path, ": cannot stat (", std::strerror(errno), ")");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path, ": not a regular file");
   }
   map_size_ = size_t(st.st_size);
   if (map_size_ < 8) {
@@ -128,10 +135,13 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       t.nbytes = size_t(end - begin);
       tensors_.push_back(std::move(t));
     }
-    // Tensors may not share bytes.
+    // Tensors may not share bytes. Ties on the start put empty tensors first:
+    // writers give an empty tensor the same offset as the next one.
     std::vector<const TensorInfo*> by_offset;
     for (const auto& t : tensors_) by_offset.push_back(&t);
-    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->data < b->data; });
+    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
+      return a->data != b->data ? a->data < b->data : a->nbytes < b->nbytes;
+    });
     for (size_t i = 1; i < by_offset.size(); i++) {
       const TensorInfo* prev = by_offset[i - 1];
       if (prev->data + prev->nbytes > by_offset[i]->data)
@@ -163,11 +173,15 @@ std::unique_ptr<TensorStore> TensorStore::open_file(const std::string& path) {
 }
 
 std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
-  if (!fs::is_directory(dir)) fail(dir, ": no such checkpoint directory");
+  // error_code overloads: a permission problem must become monet::Error too.
+  std::error_code ec;
+  const fs::file_status dir_status = fs::status(dir, ec);
+  if (!fs::exists(dir_status)) fail(dir, ": no such checkpoint directory");
+  if (!fs::is_directory(dir_status)) fail(dir, ": not a directory (expected a checkpoint directory)");
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   const fs::path single_path = fs::path(dir) / "model.safetensors";
-  if (!fs::exists(index_path)) {
-    if (!fs::exists(single_path)) fail(dir, ": no model.safetensors or model.safetensors.index.json");
+  if (!fs::exists(index_path, ec)) {
+    if (!fs::exists(single_path, ec)) fail(dir, ": no model.safetensors or model.safetensors.index.json");
     auto store = open_file(single_path.string());
     store->source_ = dir;
     return store;
@@ -190,7 +204,7 @@ std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
       fail(index_path.string(), ": weight_map[\"", name, "\"] = \"", shard, "\" must name a file in the directory");
     if (!shards.count(shard)) {
       const fs::path shard_path = fs::path(dir) / shard;
-      if (!fs::exists(shard_path))
+      if (!fs::exists(shard_path, ec))
         fail(index_path.string(), ": shard ", shard, " (holding ", name, ") does not exist");
       store->files_.push_back(std::make_unique<SafetensorsFile>(shard_path.string()));
       shards[shard] = store->files_.back().get();
@@ -225,11 +239,35 @@ std::vector<std::string> TensorStore::names() const {
 
 namespace {
 
+// Product of the dims times the element size; monet::Error on a negative dim
+// or when the byte count does not fit in 64 bits.
+uint64_t tensor_bytes(const std::string& path, const TensorToWrite& t) {
+  uint64_t bytes = dtype_size(t.dtype);
+  for (int64_t d : t.shape) {
+    if (d < 0) fail(path, ": tensor ", t.name, " has a negative dimension");
+    if (d != 0 && bytes > std::numeric_limits<uint64_t>::max() / uint64_t(d))
+      fail(path, ": tensor ", t.name, ": shape is too large");
+    bytes *= uint64_t(d);
+  }
+  return bytes;
+}
+
+// fsync of the directory makes the rename itself durable. Best effort: the
+// new file is already in place, so a failure here is not reported.
+void sync_parent_dir(const std::string& path) {
+  fs::path parent = fs::path(path).parent_path();
+  if (parent.empty()) parent = ".";
+  const int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return;
+  ::fsync(dfd);
+  ::close(dfd);
+}
+
 // Writes `fill` output to path via a temp file + fsync + rename.
 template <class Fill>
 void write_atomic(const std::string& path, Fill fill) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail(path, ": cannot create (", std::strerror(errno), ")");
   auto write_all = [&](const void* p, size_t n) {
     const char* c = static_cast<const char*>(p);
@@ -246,12 +284,11 @@ void write_atomic(const std::string& path, Fill fill) {
   try {
     fill(write_all);
     if (::fsync(fd) != 0) fail(path, ": fsync failed (", std::strerror(errno), ")");
-    if (::close(fd) != 0) {
-      ::unlink(tmp.c_str());
-      fail(path, ": close failed (", std::strerror(errno), ")");
-    }
+    const int rc = ::close(fd);
+    fd = -1;  // closed even when close() reports an error: never close it twice
+    if (rc != 0) fail(path, ": close failed (", std::strerror(errno), ")");
   } catch (...) {
-    ::close(fd);
+    if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());
     throw;
   }
@@ -260,6 +297,7 @@ void write_atomic(const std::string& path, Fill fill) {
     ::unlink(tmp.c_str());
     fail(path, ": rename failed (", std::strerror(err), ")");
   }
+  sync_parent_dir(path);
 }
 
 }  // namespace
@@ -273,27 +311,26 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   for (const auto& t : tensors) {
     if (!names.insert(t.name).second) fail(path, ": tensor ", t.name, " given twice");
     if (t.name == "__metadata__") fail(path, ": \"__metadata__\" is not a tensor name");
-    uint64_t numel = 1;
-    for (int64_t d : t.shape) {
-      if (d < 0) fail(path, ": tensor ", t.name, " has a negative dimension");
-      numel *= uint64_t(d);
-    }
-    const uint64_t bytes = numel * dtype_size(t.dtype);
+    const uint64_t bytes = tensor_bytes(path, t);
+    if (bytes > std::numeric_limits<uint64_t>::max() - offset) fail(path, ": total tensor size is too large");
     if (bytes > 0 && !t.data) fail(path, ": tensor ", t.name, " has no data");
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
-  std::string head = header.dump();
+  std::string head;
+  try {
+    head = header.dump();
+  } catch (const json::exception& e) {  // names or metadata that are not UTF-8
+    fail(path, ": cannot encode the header (", e.what(), ")");
+  }
   head.append((8 - head.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  if (head.size() > SafetensorsFile::kMaxHeaderBytes)
+    fail(path, ": header of ", head.size(), " bytes exceeds the limit of ", SafetensorsFile::kMaxHeaderBytes, " bytes");
   write_atomic(path, [&](auto write_all) {
     const uint64_t n = head.size();
     write_all(&n, 8);
     write_all(head.data(), head.size());
-    for (const auto& t : tensors) {
-      uint64_t numel = 1;
-      for (int64_t d : t.shape) numel *= uint64_t(d);
-      write_all(t.data, numel * dtype_size(t.dtype));
-    }
+    for (const auto& t : tensors) write_all(t.data, tensor_bytes(path, t));
   });
 }
 
