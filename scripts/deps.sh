@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential cmake pkg-config git
-  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev
+  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
   python3 python3-venv python3-numpy python3-pytest python3-torch
   chromium chromium-driver
 )
@@ -26,6 +26,3 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r python/requirements.txt
-# Only for the real SentencePiece models it ships (tokenizer parity tests);
-# its own dependencies are not needed for that.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps mistral-common==1.13.1

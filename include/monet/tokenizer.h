@@ -1,7 +1,20 @@
 // Tokenizers of LLaMA-family checkpoints: HF tokenizer.json (BPE with byte
-// fallback) and SentencePiece tokenizer.model (BPE), encoded exactly as the
-// reference libraries (HF `tokenizers`, `sentencepiece`) do.
+// fallback) and SentencePiece tokenizer.model (BPE), encoded as Hugging Face
+// `transformers` does (AutoTokenizer(dir)(text).input_ids), with the merges
+// computed exactly as the reference libraries do (HF `tokenizers`: merge
+// ranks; `sentencepiece`: piece scores).
+//
+// Supported: tokenizer.json with model BPE (byte_fallback, unk, fuse_unk,
+// ignore_merges; merges as "a b" or [a, b]), normalizers Prepend/Replace (and
+// a Sequence of them), pre-tokenizer Metaspace (prepend_scheme always/first/
+// never, split or not), decoders Replace/ByteFallback/Fuse/Strip/Metaspace,
+// post-processor TemplateProcessing, added tokens with lstrip/rstrip/
+// single_word/normalized/special. tokenizer.model: SentencePiece BPE with the
+// identity normalizer and remove_extra_whitespaces off (as LLaMA). Anything
+// else (WordPiece, Unigram, byte-level BPE, NFKC...) is refused at load with
+// a monet::Error naming the file and the unsupported part.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -15,20 +28,21 @@ class Tokenizer {
  public:
   // A checkpoint directory: tokenizer.json when present (as HF prefers it),
   // else tokenizer.model; tokenizer_config.json sets add_bos_token /
-  // add_eos_token, bos/eos tokens and the chat template.
+  // add_eos_token, bos/eos tokens, legacy and the chat template.
   static std::unique_ptr<Tokenizer> load_dir(const std::string& dir);
   static std::unique_ptr<Tokenizer> load_hf_json(const std::string& path);
   static std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
   ~Tokenizer();
 
-  // Token ids of `text`; add_special adds BOS/EOS as the tokenizer config says
-  // (HF `tokenizer(text).input_ids`).
+  // Token ids of `text` (HF `tokenizer(text).input_ids`): added and special
+  // tokens written in the text ("<s>", "[INST]") become their ids, as HF
+  // does; add_special adds BOS/EOS as the tokenizer config says.
   std::vector<int32_t> encode(std::string_view text, bool add_special = true) const;
-  // Like encode(text, false), but special-token strings in the text ("<s>",
-  // "</s>", control tokens) become their ids also with a SentencePiece model
-  // (tokenizer.json tokenizers do this anyway): for rendered chat prompts.
-  std::vector<int32_t> encode_with_specials(std::string_view text) const;
+  // encode(text, false); kept for rendered chat prompts.
+  std::vector<int32_t> encode_with_specials(std::string_view text) const { return encode(text, false); }
   // Text of `ids`; skip_special drops special tokens (BOS, EOS, ...).
+  // tokenizer.json: as HF `tokenizers` decode; tokenizer.model: as
+  // `sentencepiece` decode (but unk is special, so skipped as HF skips it).
   std::string decode(const std::vector<int32_t>& ids, bool skip_special = true) const;
 
   const std::string& piece(int32_t id) const;  // the vocabulary entry ("▁Hello", "<0x0A>")
@@ -47,36 +61,58 @@ class Tokenizer {
   // A token's text for display: spaces kept, invalid UTF-8 (a lone byte of a
   // split character) as U+FFFD.
   std::string token_text(int32_t id) const;
-  bool strips_one_leading_space() const { return leading_ == Leading::StripOneSpace; }
 
  private:
   friend class TokenizerBuilder;
+  friend class StreamDecoder;
   Tokenizer() = default;
-  struct Symbol;
+
+  struct AddedToken {
+    std::string pattern;  // what is matched (for normalized tokens: the normalized content)
+    int32_t id;
+    bool lstrip, rstrip, single_word;
+  };
+  // Added tokens found in text leftmost-longest (as HF's Aho-Corasick), indexed by first byte.
+  struct AddedSet {
+    std::vector<AddedToken> tokens;
+    std::array<std::vector<uint32_t>, 256> by_first_byte;  // longest first
+    void index();
+    bool empty() const { return tokens.empty(); }
+  };
+  // Calls on_text(segment, offset in text) for the text between matches and
+  // on_token(id) for each match, in order.
+  template <class OnText, class OnToken>
+  static void split_added(const AddedSet& set, std::string_view text, OnText&& on_text, OnToken&& on_token);
+
+  std::string normalize(std::string_view raw) const;
+  void encode_raw_segment(std::string_view raw, bool at_start, std::vector<int32_t>& out) const;
+  void pre_tokenize(std::string_view normalized, bool at_start, std::vector<int32_t>& out) const;
   void bpe(std::string_view word, std::vector<int32_t>& out) const;
-  void encode_segment(std::string_view text, bool first_segment, std::vector<int32_t>& out) const;
+  int byte_value(int32_t id) const;  // the byte of a byte-fallback token, else -1
+  bool sp_control(int32_t id) const;
 
   enum class Kind { HfBpe, SentencePieceBpe };
   Kind kind_ = Kind::HfBpe;
   std::string source_;
   std::vector<std::string> pieces_;
   std::vector<uint8_t> special_;                       // [vocab] special (skipped in decode)
-  std::unordered_map<std::string, int32_t> ids_;       // every piece
+  std::vector<int16_t> byte_values_;                   // [vocab] byte of "<0xNN>" tokens, else -1
+  std::unordered_map<std::string, int32_t> ids_;       // every piece, added tokens included
+  std::unordered_map<std::string, int32_t> vocab_;     // the BPE model's own pieces
   std::unordered_map<std::string, int32_t> mergeable_; // SentencePiece: pieces BPE may form
   std::vector<float> scores_;                          // SentencePiece scores
+  std::vector<uint8_t> unused_;                        // SentencePiece UNUSED pieces (resegmented)
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // HF: (a,b) -> (rank, id)
-  int32_t byte_ids_[256];
+  int32_t byte_ids_[256];                              // byte-fallback token of each byte, or -1
   bool byte_fallback_ = true;
   bool ignore_merges_ = false;
   int32_t unk_id_ = -1;
   bool fuse_unk_ = true;
 
-  struct AddedToken {
-    std::string content;
-    int32_t id;
-    bool lstrip, rstrip;
-  };
-  std::vector<AddedToken> added_;  // matched in the raw text before anything else
+  // HF: added tokens with normalized=false are found in the raw text, the
+  // others in each normalised segment; SentencePiece checkpoints as HF's
+  // conversion: control, unknown and user-defined pieces in the raw text.
+  AddedSet raw_added_, normalized_added_;
 
   // Normalisation of each text segment (HF normalizer + Metaspace pre-tokenizer;
   // SentencePiece: dummy prefix + whitespace escape).
@@ -90,10 +126,11 @@ class Tokenizer {
   // Decoding
   std::vector<std::pair<std::string, std::string>> decode_replacements_;
   bool decode_bytes_ = true;  // <0xNN> tokens decode to their byte (HF: a ByteFallback decoder)
-  // What happens at the start of decoded text: HF's Strip decoder and
-  // SentencePiece drop one leading space; HF's Metaspace decoder drops every
-  // metaspace character of the first token.
-  enum class Leading { Keep, StripOneSpace, DropFirstTokenMarks } leading_ = Leading::Keep;
+  // What happens at the start of decoded text: HF's Strip decoder drops one
+  // leading space of the whole text; HF's Metaspace decoder drops every
+  // metaspace character of the first token; SentencePiece drops the dummy
+  // prefix "▁" of the first piece when it is a normal piece.
+  enum class Leading { Keep, StripOneSpace, DropFirstTokenMarks, SentencePiecePrefix } leading_ = Leading::Keep;
 
   std::vector<int32_t> prefix_ids_, suffix_ids_;  // added by encode(add_special)
   int32_t bos_id_ = -1, eos_id_ = -1;
@@ -101,20 +138,26 @@ class Tokenizer {
 };
 
 // Incremental detokenizer: feed ids one at a time, get text as soon as it is
-// complete UTF-8 (a character split over byte-fallback tokens is held back).
-// The concatenated output equals Tokenizer::decode of all ids fed.
+// final: a character split over byte-fallback tokens is held back until
+// complete (with tokenizer.json, a run of byte tokens until it ends, since HF
+// turns a whole run with an invalid byte into U+FFFDs). The concatenated
+// output of feed() and flush() equals Tokenizer::decode of all ids fed.
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& tok, bool skip_special = true) : tok_(tok), skip_special_(skip_special) {}
   std::string feed(int32_t id);
-  std::string flush();  // whatever is held back, invalid bytes as U+FFFD
+  std::string flush();  // whatever is held back (at the end of the ids)
 
  private:
+  std::string emit(std::string bytes);  // appends to pending_, returns the complete characters
+  std::string end_byte_run();
+
   const Tokenizer& tok_;
   bool skip_special_;
   bool first_token_ = true;  // the next token is the text's first
-  bool stripped_ = false;    // the leading-space rule has been applied
-  std::string pending_;
+  bool started_ = false;     // some text has been produced (the Strip rule is applied)
+  std::string byte_run_;     // HF: bytes of consecutive byte tokens, not yet resolved
+  std::string pending_;      // an incomplete UTF-8 character
 };
 
 }  // namespace monet
