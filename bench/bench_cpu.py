@@ -1,18 +1,25 @@
 """CPU benchmark: monet vs the PyTorch peer (the reference modules on torch),
 same checkpoint, same threads, same machine, same run.
 
-    python3 bench/bench_cpu.py [--threads 2] [--dtypes bf16,f32] [--small]
+    /usr/bin/python3 bench/bench_cpu.py [--threads 2] [--dtype bf16,f32] [--small] [--skip-build]
 
-Builds (once, cached in bench/out/) a random checkpoint of the Monet-VD-1.4B
-shape with calibrated routers, then measures batch-1 greedy decode tokens/s
-after a 64-token prompt and prefill tokens/s of a 128-token prompt, for
-monet (build/monet_bench) and for the peer in bf16 and f32, plus the
-memory-bandwidth limit: measured copy bandwidth over the bytes a decode step
-must read (dense: every weight; monet: what its sparse decode reads).
+Builds build/monet_bench (unless --skip-build) and, once (cached in
+bench/out/, gitignored), a random checkpoint of the Monet-VD-1.4B shape with
+calibrated routers per dtype. Then measures batch-1 greedy decode tokens/s
+after a --prompt-token prompt and prefill tokens/s of a --prefill-token
+prompt, for monet (build/monet_bench) and for the peer
+(python/monet_ref/torch_model.py, torch.inference_mode, torch.set_num_threads)
+in each dtype, plus the memory-bandwidth limit of decode: measured copy
+bandwidth (bytes read + written) over the bytes one decode step must read
+(dense, as the peer: every weight but the embedding table; monet: attention,
+routers, lm_head and only the expert slices the routers kept). Needs a python
+with torch (Debian's /usr/bin/python3). --small tries everything at a small
+shape in seconds.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,121 +29,196 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "python"))
+BINARY = os.path.join(REPO, "build", "monet_bench")
+
+
+def build(threads: int) -> None:
+    subprocess.run(["cmake", "-S", REPO, "-B", os.path.join(REPO, "build"), "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", os.path.join(REPO, "build"), "--target", "monet_bench", f"-j{threads}"],
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 def ensure_checkpoint(dtype: str, small: bool) -> str:
     path = os.path.join(HERE, "out", f"{'small' if small else 'vd-1.4b'}-{dtype}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"making {path} ...", flush=True)
+    if not os.path.exists(os.path.join(path, "config.json")):  # config.json is written last
+        print(f"making {path} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, os.path.join(HERE, "make_big_checkpoint.py"), path, "--dtype", dtype.upper()]
-        subprocess.run(cmd + (["--small"] if small else []), check=True)
+        subprocess.run(cmd + (["--small"] if small else []), check=True, stdout=sys.stderr)
     return path
 
 
-def run_ours(path: str, threads: int, prompt: int, decode: int) -> dict:
-    binary = os.path.join(REPO, "build", "monet_bench")
-    out = {}
-    dec = subprocess.run([binary, "--model", path, "--threads", str(threads), "--prompt", str(prompt),
-                          "--decode", str(decode)], capture_output=True, text=True, check=True)
-    out.update(json.loads(dec.stdout))
-    pre = subprocess.run([binary, "--model", path, "--threads", str(threads), "--prompt", "128", "--decode", "1"],
-                         capture_output=True, text=True, check=True)
-    out["prefill128_tok_s"] = json.loads(pre.stdout)["prefill_tok_s"]
-    return out
+def monet_bench(path: str, threads: int, prompt: int, decode: int) -> dict:
+    r = subprocess.run([BINARY, "--model", path, "--threads", str(threads), "--prompt", str(prompt),
+                        "--decode", str(decode)], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"monet_bench failed ({r.returncode}): {r.stderr.strip()}")
+    return json.loads(r.stdout)
 
 
-def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int) -> dict:
+def run_ours(path: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int) -> dict:
+    """Best of `repeat` runs of each measurement (one process each)."""
+    dec = max((monet_bench(path, threads, prompt, decode) for _ in range(repeat)), key=lambda r: r["decode_tok_s"])
+    pre = max((monet_bench(path, threads, prefill, 1) for _ in range(repeat)), key=lambda r: r["prefill_tok_s"])
+    return {"decode_tok_s": dec["decode_tok_s"], "prefill_tok_s": pre["prefill_tok_s"],
+            "expert_fraction": dec["expert_fraction"], "decode_run": dec, "prefill_run": pre}
+
+
+def prompt_ids(n: int, vocab: int) -> list:
+    return [(i * 7919 + 13) % vocab for i in range(n)]  # the same ids monet_bench uses
+
+
+def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int) -> dict:
+    """Loads once; best of `repeat` runs of each measurement."""
     import torch
 
     from monet_ref.torch_model import MonetTorch
     torch.set_num_threads(threads)
-    tdtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
     t0 = time.perf_counter()
-    model = MonetTorch.load(path, dtype=tdtype)
+    model = MonetTorch.load(path, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[dtype])
     load_s = time.perf_counter() - t0
     V = model.config["vocab_size"]
-    ids = torch.tensor([[(i * 7919 + 13) % V for i in range(prompt)]])
+    decode_s = prefill_s = float("inf")
     with torch.inference_mode():
-        model(ids[:, :4])  # warm-up
-        logits, cache = model(ids)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        for _ in range(decode):
-            logits, cache = model(nxt, cache)
+        _, warm = model(torch.tensor([prompt_ids(16, V)]))  # warm-up: kernels, allocator
+        model(torch.tensor([[1]]), warm)
+        del warm
+        for _ in range(repeat):
+            logits, cache = model(torch.tensor([prompt_ids(prompt, V)]))
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-        decode_s = time.perf_counter() - t0
-        ids128 = torch.tensor([[(i * 7919 + 13) % V for i in range(128)]])
-        t0 = time.perf_counter()
-        model(ids128)
-        prefill_s = time.perf_counter() - t0
-    del model, cache
-    return {"load_s": load_s, "decode_tok_s": decode / decode_s, "prefill128_tok_s": 128 / prefill_s}
+            t0 = time.perf_counter()
+            for _ in range(decode):
+                logits, cache = model(nxt, cache)
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+            decode_s = min(decode_s, time.perf_counter() - t0)
+            del cache
+            ids = torch.tensor([prompt_ids(prefill, V)])
+            t0 = time.perf_counter()
+            model(ids)
+            prefill_s = min(prefill_s, time.perf_counter() - t0)
+    del model
+    return {"load_s": load_s, "decode_tokens": decode, "decode_s": decode_s, "decode_tok_s": decode / decode_s,
+            "prefill_tokens": prefill, "prefill_s": prefill_s, "prefill_tok_s": prefill / prefill_s}
 
 
-def copy_bandwidth(threads: int) -> float:
-    """GB/s of a large memory copy, counting bytes read plus bytes written."""
+def bandwidth(threads: int) -> tuple[float, float]:
+    """(copy GB/s counting bytes read + written, read GB/s) over 1 GiB buffers, best of 10."""
     import torch
     torch.set_num_threads(threads)
-    n = 1 << 28  # 1 GiB of float32
+    n = 1 << 28  # float32
     src, dst = torch.ones(n), torch.empty(n)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best / 1e9
+
+    def best(f):
+        f()
+        t = float("inf")
+        for _ in range(10):
+            t0 = time.perf_counter()
+            f()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    copy = 2 * n * 4 / best(lambda: dst.copy_(src)) / 1e9
+    read = n * 4 / best(lambda: src.sum()) / 1e9
+    return copy, read
 
 
-def decode_bytes(path: str, elem: int, expert_fraction: float) -> tuple[float, float]:
-    """(dense bytes, monet sparse bytes) one decode step must read."""
-    c = json.load(open(os.path.join(path, "config.json")))
+def decode_bytes(config: dict, elem: int, expert_fraction: float) -> tuple[float, float]:
+    """(dense bytes, monet sparse bytes) one batch-1 decode step reads, from the config.
+    Both read the attention and router matrices, the lm_head and one embedding
+    row; dense reads every expert matrix, monet the fraction of expert slices
+    (u rows, v columns, b rows) its routers kept."""
+    c = config
     d, L, V, E, m, H = (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["moe_experts"],
                         c["moe_dim"], c["moe_heads"])
-    hd = d // c["num_attention_heads"]
-    attn = L * (2 * d * c["num_attention_heads"] * hd + 2 * d * c["num_key_value_heads"] * hd)
+    nh = c["num_attention_heads"]
+    nkv = c.get("num_key_value_heads") or nh
+    hd = d // nh
+    attn = L * (2 * d * nh * hd + 2 * d * nkv * hd)
     routers = ((L + c["moe_groups"] - 1) // c["moe_groups"]) * 2 * H * E * d
-    experts = L * (E * m * d + E * m * d + E * d)  # u1,u2 | v11..v22 | b1,b2
-    head = V * d
-    dense = (attn + routers + experts + head) * elem
-    sparse = (attn + routers + expert_fraction * experts + head) * elem
-    return dense, sparse
+    # VD: u1,u2 | v11,v12,v21,v22 | b1,b2; HD: u | v | b (the same sizes)
+    experts = L * (E * m * d + E * m * d + E * d)
+    common = attn + routers + V * d + d + (2 * L + 1) * d  # + embedding row + norms
+    return (common + experts) * elem, (common + expert_fraction * experts) * elem
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--dtypes", default="bf16,f32")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--decode", type=int, default=32, help="decode steps for monet")
-    ap.add_argument("--peer-decode", type=int, default=8, help="decode steps for the peer (it is slow)")
-    ap.add_argument("--small", action="store_true", help="a small shape, to try the script out")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
+    ap.add_argument("--dtype", "--dtypes", dest="dtypes", default="bf16,f32", help="comma list of bf16, f32")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens before the decode (default 64)")
+    ap.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill timing (default 128)")
+    ap.add_argument("--decode-tokens", "--decode", dest="decode", type=int, default=32,
+                    help="decode steps timed for monet (default 32)")
+    ap.add_argument("--peer-decode-tokens", "--peer-decode", dest="peer_decode", type=int, default=8,
+                    help="decode steps timed for the peer (default 8: ~1 tok/s in f32 at full size)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="repeat each measurement, report the best (a noisy machine); default 1")
+    ap.add_argument("--small", action="store_true", help="a small shape (hidden 512, 4 layers), to try things out")
+    ap.add_argument("--skip-build", action="store_true", help="use build/monet_bench as it is")
+    ap.add_argument("--json", help="also write all measurements to this file")
     args = ap.parse_args()
-    if not os.path.exists(os.path.join(REPO, "build", "monet_bench")):
-        sys.exit("build first: bash scripts/build.sh")
-    bw = copy_bandwidth(args.threads)
-    rows = []
-    for dtype in args.dtypes.split(","):
-        path = ensure_checkpoint(dtype, args.small)
-        ours = run_ours(path, args.threads, args.prompt, args.decode)
-        peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode)
-        dense_b, sparse_b = decode_bytes(path, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
-        rows.append((dtype, ours, peer, dense_b, sparse_b))
+    sys.stdout.reconfigure(line_buffering=True)  # keep the table after the progress lines on stderr
+    dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+    if min(args.prompt, args.prefill, args.decode, args.peer_decode, args.repeat, args.threads) < 1:
+        sys.exit("--prompt, --prefill, --decode-tokens, --peer-decode-tokens, --repeat and --threads must be >= 1")
+    if not dtypes or any(dt not in ("bf16", "f32") for dt in dtypes):
+        sys.exit(f"--dtype: expected a comma list of bf16, f32; got {args.dtypes!r}")
+    if not args.skip_build:
+        build(args.threads)
+    if not os.access(BINARY, os.X_OK):
+        sys.exit(f"{BINARY} not found: build first (bash scripts/build.sh) or drop --skip-build")
+    if importlib.util.find_spec("torch") is None:
+        sys.exit("the peer needs torch: run with Debian's /usr/bin/python3 (python3-torch)")
 
-    print(f"\nMonet-VD-{'small' if args.small else '1.4B'} shape, random weights, {args.threads} threads, "
-          f"copy bandwidth {bw:.1f} GB/s (read+write)\n")
-    print(f"{'metric':42s} {'monet':>10s} {'peer':>10s} {'ratio':>7s}")
-    for dtype, ours, peer, dense_b, sparse_b in rows:
-        for key, label in (("decode_tok_s", f"{dtype} decode tok/s (batch 1)"),
-                           ("prefill128_tok_s", f"{dtype} prefill tok/s (128 tokens)")):
-            print(f"{label:42s} {ours[key]:10.2f} {peer[key]:10.2f} {ours[key] / peer[key]:6.2f}x")
-    print()
-    for dtype, ours, peer, dense_b, sparse_b in rows:
-        print(f"{dtype}: expert slices read per token {100 * ours['expert_fraction']:.1f}%; "
-              f"bytes/token dense {dense_b / 1e9:.2f} GB, monet {sparse_b / 1e9:.2f} GB; "
-              f"bandwidth limit dense {bw * 1e9 / dense_b:.2f} tok/s, monet sparse {bw * 1e9 / sparse_b:.2f} tok/s; "
-              f"monet reaches {ours['decode_tok_s'] * sparse_b / 1e9:.1f} GB/s "
-              f"({100 * ours['decode_tok_s'] * sparse_b / (bw * 1e9):.0f}% of copy bandwidth)")
+    t_start = time.perf_counter()
+    copy_bw, read_bw = bandwidth(args.threads)
+    rows = []
+    for dtype in dtypes:
+        path = ensure_checkpoint(dtype, args.small)
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        print(f"{dtype}: monet ...", file=sys.stderr, flush=True)
+        ours = run_ours(path, args.threads, args.prompt, args.decode, args.prefill, args.repeat)
+        print(f"{dtype}: peer ...", file=sys.stderr, flush=True)
+        peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat)
+        dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
+        rows.append(dict(dtype=dtype, ours=ours, peer=peer, dense_bytes=dense_b, sparse_bytes=sparse_b))
+
+    shape = "small" if args.small else "1.4B"
+    print(f"\nMonet-VD-{shape} shape, random weights, {args.threads} threads; decode after a {args.prompt}-token "
+          f"prompt (monet {args.decode} steps, peer {args.peer_decode}; best of {args.repeat}); memory bandwidth: copy "
+          f"{copy_bw:.1f} GB/s (read+write), read {read_bw:.1f} GB/s\n")
+    w = 48
+    print(f"| {'metric':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|")
+
+    def row(label, a, b, fmt="9.2f"):
+        print(f"| {label:{w}s} | {a:{fmt}} | {b:{fmt}} | {a / b:6.2f}x |")
+
+    for r in rows:
+        dt, ours, peer = r["dtype"], r["ours"], r["peer"]
+        row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"])
+        row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"])
+    print("\nDecode limits (bytes read per token / bandwidth); monet reads the expert slices its routers kept, "
+          "the peer every weight:\n")
+    print(f"| {'limit':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|")
+    for r in rows:
+        dt, sb, db = r["dtype"], r["sparse_bytes"], r["dense_bytes"]
+        print(f"| {dt + ' expert slices read per token':{w}s} | {100 * r['ours']['expert_fraction']:8.1f}% | "
+              f"{100.0:8.1f}% |         |")
+        row(f"{dt} GB read per decoded token", sb / 1e9, db / 1e9, "9.3f")
+        row(f"{dt} tok/s limit at copy bandwidth", copy_bw * 1e9 / sb, copy_bw * 1e9 / db)
+        row(f"{dt} tok/s limit at read bandwidth", read_bw * 1e9 / sb, read_bw * 1e9 / db)
+        ours_pct = 100 * r["ours"]["decode_tok_s"] * sb / (copy_bw * 1e9)
+        peer_pct = 100 * r["peer"]["decode_tok_s"] * db / (copy_bw * 1e9)
+        print(f"| {dt + ' decode, % of the copy-bandwidth limit':{w}s} | {ours_pct:8.0f}% | {peer_pct:8.0f}% |"
+              f"         |")
+    print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(shape=shape, threads=args.threads, prompt=args.prompt, prefill=args.prefill,
+                           repeat=args.repeat, copy_gb_s=copy_bw, read_gb_s=read_bw, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ It computes what the reference modules compute, the way they compute it:
 dense einsums over all E experts per token, the router's BatchNorm in eval
 mode, a concatenating KV cache. Works with torch >= 1.13.
 
+Norms, the router and softmaxes run in float32, or in float64 when the weights
+are float64. In training mode (model.train(), used by train_ref.py) the router
+normalises with batch statistics and updates its running statistics.
+
     model = MonetTorch.load("ckpt", dtype=torch.bfloat16)
     logits, cache = model(ids[None])               # prefill, ids [B, T]
     logits, cache = model(next_ids[:, None], cache)  # one decode step
@@ -58,6 +62,11 @@ def load_tensors(path: str) -> dict:
 META = torch.device("meta")
 
 
+def wide(dtype):
+    """The dtype norms, routing and softmax run in: float32, or float64 for float64 models."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d, eps):
         super().__init__()
@@ -66,7 +75,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.float()
+        x = x.to(wide(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -93,8 +102,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.float32)
-        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        rd = wide(x.dtype)
+        pos = torch.arange(pos0, pos0 + T, dtype=rd)
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.hd, 2, dtype=rd) / self.hd)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -108,7 +118,7 @@ class Attention(nn.Module):
         S = kk.shape[2]
         causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
         scores = scores.masked_fill(~causal, float("-inf"))
-        attn = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vv
+        attn = torch.softmax(scores.to(wide(q.dtype)), dim=-1).to(q.dtype) @ vv
         return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1)), new_cache
 
 
@@ -123,11 +133,23 @@ class Router(nn.Module):
         self.sigma = router_sigma(c["moe_topk"], self.E)
 
     def side(self, w, norm, x):
-        z = w(x).unflatten(-1, (self.H, -1)).float()                       # [B, T, H, E]
-        n = norm(z.transpose(2, 3).flatten(0, -2))                          # BatchNorm over H
-        n = n.view(z.size(0), z.size(1), z.size(3), -1).transpose(2, 3)
+        z = w(x).unflatten(-1, (self.H, -1))
+        z = z.to(wide(z.dtype))                                             # [B, T, H, E]
+        if self.training:  # BatchNorm1d(H) training mode, as docs/training.md
+            zd = z.detach()
+            mean, var = zd.mean((0, 1, 3)), zd.var((0, 1, 3), unbiased=False)
+            cnt = zd.numel() // self.H  # N*E values per head
+            with torch.no_grad():
+                norm.running_mean.copy_(0.9 * norm.running_mean + 0.1 * mean)
+                norm.running_var.copy_(0.9 * norm.running_var + 0.1 * (var * cnt / (cnt - 1)))
+                norm.num_batches_tracked += 1
+            norm.batch_stats = (mean, var)  # for tests
+        else:
+            mean, var = norm.running_mean.to(z.dtype), norm.running_var.to(z.dtype)
+        # Selection only: no gradient through the normalisation.
+        n = (z.detach() - mean[:, None]) / torch.sqrt(var[:, None] + norm.eps)
         cut = n.amax(-1, keepdim=True).clamp_max(self.sigma)
-        return torch.softmax(torch.where(n >= cut, z, torch.tensor(-1e10)), dim=-1)
+        return torch.softmax(torch.where(n >= cut, z, torch.tensor(-1e10, dtype=z.dtype)), dim=-1)
 
     def forward(self, x):
         return self.side(self.w1, self.norm1, x), self.side(self.w2, self.norm2, x)
@@ -210,26 +232,43 @@ class MonetTorch(nn.Module):
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False, device=META)
 
     @classmethod
-    def load(cls, path: str, dtype=torch.bfloat16) -> "MonetTorch":
+    def load(cls, path: str, dtype=torch.bfloat16, trainable: bool = False) -> "MonetTorch":
+        """Loads a checkpoint directory; weights in `dtype` (torch.bfloat16,
+        float32 or float64), router BatchNorm statistics in float32 (float64 for
+        float64 models). trainable: parameters require grad (tied embeddings are
+        one Parameter)."""
         with open(os.path.join(path, "config.json")) as f:
             c = json.load(f)
-        model = cls(c)
-        tensors = load_tensors(path)
+        if c.get("rope_scaling"):
+            raise ValueError(f"{path}: rope_scaling {c['rope_scaling']} is not supported")
+        model = cls(c)  # on the meta device: the checkpoint's tensors are assigned, not copied
         state = {}
-        for name, t in tensors.items():
+        for name, t in load_tensors(path).items():
             key = name[len("model."):] if name.startswith("model.") else name
-            state[key] = t if ("running_" in key or "num_batches" in key) else t.to(dtype)
+            if "num_batches" in key:
+                state[key] = t
+            elif "running_" in key:
+                state[key] = t.to(wide(dtype))
+            else:
+                state[key] = t.to(dtype).contiguous()
         if c.get("tie_word_embeddings", False):
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model = model.to_empty(device="cpu")
-        missing, unexpected = model.load_state_dict(state, strict=False)
+            state["lm_head.weight"] = state["embed_tokens.weight"]  # as HF ties: the embedding wins
+        expected = {k: v.shape for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model = model.to(dtype)
-        for mod in model.modules():  # router buffers and routing stay float32, as in the reference
-            if isinstance(mod, Router):
-                mod.norm1.float()
-                mod.norm2.float()
+        params = {}  # id(tensor) -> Parameter: a tied tensor becomes one Parameter
+        for key, t in state.items():
+            if t.shape != expected[key]:
+                raise ValueError(f"{path}: {key} has shape {list(t.shape)}, expected {list(expected[key])}")
+            owner, _, attr = key.rpartition(".")
+            mod = model.get_submodule(owner)
+            if attr in mod._parameters:
+                if id(t) not in params:
+                    params[id(t)] = nn.Parameter(t, requires_grad=trainable)
+                mod._parameters[attr] = params[id(t)]
+            else:
+                mod._buffers[attr] = t
         return model.eval()
 
     def forward(self, ids, cache=None):

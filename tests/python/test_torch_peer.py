@@ -25,3 +25,22 @@ def test_peer_matches_reference_and_decodes_with_cache(tmp_path, decompose):
             logits, cache = model(torch.tensor([[t]]), cache)
             steps.append(logits[0, -1])
         assert torch.allclose(torch.stack(steps), full[0, 5:], atol=1e-4 * full.abs().max().item())
+
+
+def test_peer_bf16_and_tied_embeddings(tmp_path):
+    """bf16 weights and activations (the benchmark's peer): close to the float64
+    reference at bf16 precision; router statistics stay float32 as stored."""
+    path = str(tmp_path / "tied")
+    make_checkpoint(path, layers=2, groups=2, tie=True, dtype="BF16", shards=2, seed=11)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref, _ = reference.forward(reference.load(path), ids)
+    model = MonetTorch.load(path, dtype=torch.bfloat16)
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()  # tied: one tensor
+    router = model.layers[0].router
+    assert router.norm1.running_mean.dtype == torch.float32 and router.norm2.running_var.dtype == torch.float32
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        logits, _ = model(torch.tensor([ids]))
+    err = np.abs(logits[0].float().numpy() - ref).max() / np.abs(ref).max()
+    assert err < 0.1, err
+    assert (logits[0].float().numpy().argmax(-1) == ref.argmax(-1)).mean() >= 0.75
