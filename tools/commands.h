@@ -13,3 +13,6 @@ void add_eval_loss_command(CLI::App& app);
 void add_find_experts_command(CLI::App& app);
 void add_index_command(CLI::App& app);
 void add_serve_command(CLI::App& app);
+void add_plot_loss_command(CLI::App& app);
+void add_train_command(CLI::App& app);
+void add_grad_command(CLI::App& app);

@@ -18,6 +18,9 @@ int main(int argc, char** argv) {
   add_find_experts_command(app);
   add_index_command(app);
   add_serve_command(app);
+  add_plot_loss_command(app);
+  add_train_command(app);
+  add_grad_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,44 @@
+// Training Monet models: `monet train` and `monet grad` (docs/training.md).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "monet/config.h"
+
+namespace monet {
+
+struct TrainOptions {
+  // Data and outputs
+  std::string data;        // text file or folder of *.txt
+  std::string tokenizer;   // directory with tokenizer.json / tokenizer.model
+  std::string out;         // output directory (checkpoints, train.csv, data cache)
+  std::string init;        // start from this checkpoint's weights and config ("" = random)
+  bool resume = false;     // continue from the newest checkpoint in `out`
+  // Model shape for random init (ignored with init/resume); vocab from the tokenizer
+  MonetConfig shape;
+  // Optimisation
+  int64_t steps = 1000, batch = 8, seq = 256, grad_accum = 1;
+  double lr = 1e-3, warmup = 100, min_lr_ratio = 0.1, weight_decay = 0.1, clip = 1.0;
+  double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
+  double aux_weight = 1e-3;
+  uint64_t seed = 1234;
+  double init_std = 0.02;
+  // Evaluation, checkpoints, logging
+  int64_t eval_every = 100, val_tokens = 32768, save_every = 500, keep = 2, log_every = 10;
+  double val_fraction = 0.02;
+  std::string save_dtype = "F32";  // F32 or BF16 for model.safetensors
+  std::string dtype = "f32";       // compute: f32 or f64 (the reference)
+  int threads = 0;
+};
+
+// Runs (or resumes) a training run; throws monet::Error on bad input.
+void run_training(const TrainOptions& opts);
+
+// One training-mode forward + backward from a checkpoint on `tokens` (B rows
+// of T+1 ids) and writes losses, gradients and updated BatchNorm running stats
+// to a safetensors file (F64), as described in docs/training.md.
+void compute_gradients_to_file(const std::string& model_dir, const std::vector<std::vector<int32_t>>& tokens,
+                               const std::string& out_path, const std::string& dtype, double aux_weight);
+
+}  // namespace monet
