@@ -4,6 +4,9 @@
 #include <climits>
 #include <cstdlib>
 
+#include <CLI/CLI.hpp>
+#include <filesystem>
+
 #include "monet/error.h"
 
 std::vector<int32_t> parse_id_list(const std::string& text) {
@@ -24,4 +27,32 @@ std::vector<int32_t> parse_id_list(const std::string& text) {
     start = end + 1;
   }
   return ids;
+}
+
+// The embedded default model (models/README.md says how it was trained).
+static const char* kDefaultModel = "models/monet-vd-books";
+
+std::string default_model_dir() {
+  namespace fs = std::filesystem;
+  if (const char* env = std::getenv("MONET_MODEL"); env && *env) return env;
+  std::error_code ec;
+  std::vector<fs::path> roots;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) roots = {exe.parent_path().parent_path(), exe.parent_path()};
+  roots.push_back(MONET_SOURCE_DIR);
+  for (const fs::path& root : roots)
+    if (fs::exists(root / kDefaultModel / "config.json", ec)) return (root / kDefaultModel).string();
+  return "";
+}
+
+CLI::Option* add_model_option(CLI::App* cmd, std::string& dir, const std::string& what) {
+  dir = default_model_dir();
+  const std::string shown = dir.empty() ? std::string("none found") : dir;
+  CLI::Option* opt = cmd->add_option("--model", dir, what + " (default: $MONET_MODEL or the embedded model, " + shown + ")");
+  cmd->parse_complete_callback([&dir] {
+    if (dir.empty())
+      monet::fail("--model is required: no default model found ($MONET_MODEL is unset and ", kDefaultModel,
+                  " is missing next to the binary and in the source tree)");
+  });
+  return opt;
 }

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/chat.h"
 #include "monet/error.h"
@@ -47,7 +48,7 @@ void add_chat_command(CLI::App& app) {
   static int threads = 0;
   static bool generation_prompt = false;
   static monet::SamplingParams sampling;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--system", system_prompt, "system message");
   cmd->add_option("--template", template_name,
                   "chat format: llama2, mistral or chatml (default: read from tokenizer_config.json)");

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/error.h"
 #include "monet/evaluate.h"
@@ -19,7 +20,7 @@ void add_eval_loss_command(CLI::App& app) {
   static int64_t context = 512;
   static int threads = 0;
   static bool as_json = false;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--data", data_path, "UTF-8 text file")->required();
   cmd->add_option("--context", context, "tokens per evaluation window, BOS included (default 512)");
   cmd->add_option("--mask", mask_path, "JSON file of experts to remove");

@@ -18,7 +18,7 @@ void add_experts_command(CLI::App& app) {
   static float threshold = 0.01f;
   static int top = 10, threads = 0;
   static bool as_json = false;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   auto* p = cmd->add_option("-p,--prompt", prompt, "text to route");
   cmd->add_option("--ids", ids_text, "token ids instead of text")->excludes(p);
   cmd->add_option("--threshold", threshold, "report experts with probability above this (default 0.01)");

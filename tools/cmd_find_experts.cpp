@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/error.h"
 #include "monet/evaluate.h"
@@ -24,7 +25,7 @@ void add_find_experts_command(CLI::App& app) {
   static int64_t context = 512;
   static int threads = 0;
   static bool evaluate = false;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--domain", domain_args, "NAME=FILE, a text file of a domain (two or more)")->required();
   cmd->add_option("--out-dir", out_dir, "directory for NAME.json masks")->required();
   cmd->add_option("--ratio", ratio, "an expert belongs to a domain when its mean probability there is this many "

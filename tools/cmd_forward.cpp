@@ -15,7 +15,7 @@ void add_forward_command(CLI::App& app) {
   static std::string model_dir, ids_text, out_path, mask_path;
   static int threads = 0;
   static int64_t chunk = 0;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--ids", ids_text, "comma-separated token ids, e.g. 1,5,9")->required();
   cmd->add_option("--out", out_path, "output .safetensors file")->required();
   cmd->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);

@@ -65,7 +65,7 @@ class StopMatcher {
 void add_generate_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate text from a prompt, streaming it to stdout");
   static GenerateArgs a;
-  cmd->add_option("--model", a.model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, a.model_dir);
   auto* p = cmd->add_option("-p,--prompt", a.prompt, "prompt text");
   auto* ids = cmd->add_option("--ids", a.ids_text, "prompt as comma-separated token ids instead of text");
   p->excludes(ids);

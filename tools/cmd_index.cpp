@@ -3,6 +3,7 @@
 
 #include <cstdio>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/index.h"
 #include "monet/model.h"
@@ -14,7 +15,7 @@ void add_index_command(CLI::App& app) {
   static std::vector<std::string> corpus;
   static monet::IndexOptions o;
   static int threads = 0;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--corpus", corpus, "text files (each one document)")->required();
   cmd->add_option("--out", out_path, "SQLite index file")->required();
   cmd->add_option("--top-k", o.top_k, "contexts kept per expert (default 32)");

@@ -1,13 +1,14 @@
 // monet info --model DIR: config, parameter count, dtype and bytes.
 #include <cstdio>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/model.h"
 
 void add_info_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("info", "Print a checkpoint's configuration, parameter count, dtype and size");
   static std::string model_dir;
-  cmd->add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
+  add_model_option(cmd, model_dir);
   cmd->callback([] {
     auto model = monet::Model::load(model_dir);
     const monet::MonetConfig& c = model->config();

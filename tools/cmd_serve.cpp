@@ -1,6 +1,7 @@
 // monet serve --model DIR [--index INDEX.db] [--port 8080] [--host 127.0.0.1]
 #include <cstdio>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/server.h"
 
@@ -9,7 +10,7 @@ void add_serve_command(CLI::App& app) {
   static std::string model_dir, index_path;
   static monet::ServeOptions o;
   static int threads = 0;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--index", index_path, "index built by monet index");
   cmd->add_option("--port", o.port, "port (default 8080)");
   cmd->add_option("--host", o.host, "address to listen on (default 127.0.0.1)");

@@ -79,6 +79,10 @@ struct ForwardOptions {
   // Token batches at least this long use dense GEMMs for the expert mix;
   // shorter ones gather only the expert slices their routers selected.
   int64_t dense_expert_min_tokens = 8;
+  // Only the routing is wanted (capture): stop after the last router layer's
+  // router, compute no logits (`logits` is left empty) and do not advance the
+  // cache (its later layers are not filled).
+  bool routing_only = false;
 };
 
 class Model {

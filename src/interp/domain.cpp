@@ -12,7 +12,7 @@ RoutingStats routing_stats(const Model& model, const std::vector<int32_t>& ids, 
   RoutingStats s;
   s.sum.assign(size_t(c.num_router_layers()), std::vector<double>(size_t(E * E), 0.0));
   ForwardOptions fo;
-  fo.all_logits = false;
+  fo.routing_only = true;
   for_each_window(model, ids, context, bos, fo, [&](const std::vector<int32_t>& window, size_t first, size_t,
                                                     const std::vector<float>&, const RouterCapture& cap) {
     // BOS is a fixed prefix, not text of the domain: leave it out.

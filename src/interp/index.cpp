@@ -227,7 +227,7 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
   std::vector<std::pair<std::string, int64_t>> pending_docs;
   int64_t since_commit = 0;
   ForwardOptions fo;
-  fo.all_logits = false;
+  fo.routing_only = true;
   int64_t bytes_before = 0;
   for (const std::string& path : todo) {
     const int64_t doc_bytes = int64_t(fs::file_size(path));

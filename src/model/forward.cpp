@@ -76,6 +76,7 @@ void layer_forward(const MonetConfig& c, const LayerWeights& lw, int64_t l, KvCa
       opts.capture->g2.push_back(a.g2);
     }
   }
+  if (opts.routing_only && l >= (c.num_hidden_layers - 1) / c.moe_groups * c.moe_groups) return;  // last router done
   const bool dense = T >= opts.dense_expert_min_tokens;
   experts_forward(c, lw, a.xn.data(), a.g1.data(), a.g2.data(), T, dense, opts.mask, l / c.moe_groups,
                   a.proj.data());
@@ -103,8 +104,14 @@ void Model::forward(KvCache& cache, const int32_t* ids, int64_t n, std::vector<f
   a.proj.resize(size_t(T * d));
   for (int64_t t = 0; t < T; t++) cpu::widen(weights_.embed, int64_t(ids[t]) * d, d, a.x.data() + t * d);
 
-  for (int64_t l = 0; l < c.num_hidden_layers; l++)
-    layer_forward(c, weights_.layers[size_t(l)], l, cache, pos0, T, opts, a);
+  // With routing_only, layers after the last router layer are not needed.
+  const int64_t layers = opts.routing_only ? (c.num_hidden_layers - 1) / c.moe_groups * c.moe_groups + 1
+                                           : c.num_hidden_layers;
+  for (int64_t l = 0; l < layers; l++) layer_forward(c, weights_.layers[size_t(l)], l, cache, pos0, T, opts, a);
+  if (opts.routing_only) {
+    logits.clear();
+    return;
+  }
   cache.length = pos0 + n;
 
   // logits = lm_head(rmsnorm(x)) for every token, or the last one only
