@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "monet/error.h"
 
@@ -13,17 +14,49 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
     fail("the context must hold between 2 and max_position_embeddings = ", model.config().max_position_embeddings,
          " tokens, got ", context);
   const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
-  std::vector<float> logits;
-  for (size_t start = 0; start < ids.size(); start += step) {
+  std::vector<size_t> starts;
+  for (size_t start = 0; start < ids.size(); start += step) starts.push_back(start);
+  // Windows are independent: on several cores, whole windows run side by side
+  // (one thread each, so GEMMs of a few hundred rows do not pay for thread
+  // synchronisation); fn still sees them in order.
+  const size_t batch = std::max<size_t>(1, std::min<size_t>(size_t(model.threads()), starts.size()));
+  struct Result {
     std::vector<int32_t> window;
-    if (bos >= 0) window.push_back(bos);
-    window.insert(window.end(), ids.begin() + ptrdiff_t(start), ids.begin() + ptrdiff_t(std::min(ids.size(), start + step)));
+    std::vector<float> logits;
     RouterCapture routing;
-    ForwardOptions fo = opts;
-    fo.capture = &routing;
-    KvCache cache = model.new_cache(int64_t(window.size()));
-    model.forward(cache, window.data(), int64_t(window.size()), logits, fo);
-    fn(window, first, start, logits, routing);
+  };
+  std::vector<Result> results(batch);
+  for (size_t b0 = 0; b0 < starts.size(); b0 += batch) {
+    const size_t nb = std::min(batch, starts.size() - b0);
+    auto run = [&](size_t i) {
+      Result& r = results[i];
+      const size_t start = starts[b0 + i];
+      r.window.clear();
+      if (bos >= 0) r.window.push_back(bos);
+      r.window.insert(r.window.end(), ids.begin() + ptrdiff_t(start),
+                      ids.begin() + ptrdiff_t(std::min(ids.size(), start + step)));
+      r.routing = RouterCapture();
+      ForwardOptions fo = opts;
+      fo.capture = &r.routing;
+      KvCache cache = model.new_cache(int64_t(r.window.size()));
+      model.forward(cache, r.window.data(), int64_t(r.window.size()), r.logits, fo);
+    };
+    if (nb == 1) {
+      run(0);
+    } else {
+      std::string error;
+#pragma omp parallel for num_threads(int(nb)) schedule(static, 1)
+      for (size_t i = 0; i < nb; i++) {
+        try {
+          run(i);
+        } catch (const std::exception& e) {
+#pragma omp critical
+          error = e.what();
+        }
+      }
+      if (!error.empty()) throw Error(error);
+    }
+    for (size_t i = 0; i < nb; i++) fn(results[i].window, first, starts[b0 + i], results[i].logits, results[i].routing);
   }
 }
 

@@ -111,13 +111,6 @@ void resize(std::vector<R>& v, size_t n) {
   v.assign(n, R(0));
 }
 
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 }  // namespace
 
 ParamLayout::ParamLayout(const MonetConfig& c) {

@@ -12,6 +12,14 @@
 
 namespace monet::train {
 
+// splitmix64: the generator of init and data order (docs/training.md).
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 struct ParamInfo {
   std::string name;            // HF tensor name
   std::vector<int64_t> shape;
