@@ -68,9 +68,9 @@ void axpy_row(const W* row, float coef, float* out, int64_t n) {
 }
 
 // Scratch space for float32 copies of BF16 weights fed to sgemm; reused.
-// One per process: forward passes run one at a time (the server serialises them).
+// One per thread: windows of a corpus run side by side (for_each_window).
 std::vector<float>& widen_scratch() {
-  static std::vector<float> buf;
+  static thread_local std::vector<float> buf;
   return buf;
 }
 
