@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/build.sh
 build/monet info
-echo "--- generate (greedy continuation of a prompt) ---"
+echo "--- generate (a sampled continuation of the prompt) ---"
 build/monet generate -p "It was a fine morning, and Elizabeth" -n 60 --temperature 0.7 --top-p 0.9 --seed 7
 echo
 echo "--- experts of each token, per router group ---"
