@@ -12,6 +12,8 @@
 
 namespace monet {
 
+std::string shape_str(const std::vector<int64_t>& shape);  // "[2048, 512]"
+
 struct TensorInfo {
   std::string name;
   DType dtype = DType::F32;
@@ -22,6 +24,8 @@ struct TensorInfo {
 
   int64_t numel() const;
   std::string shape_str() const;  // "[2048, 512]"
+  // Element i of a float tensor (F64, F32, BF16, F16) as a double; Error for other dtypes.
+  double element(size_t i) const;
 };
 
 // One .safetensors file, mmap'd read-only. The constructor validates the whole

@@ -28,10 +28,23 @@ int64_t TensorInfo::numel() const {
   return n;
 }
 
-std::string TensorInfo::shape_str() const {
+std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+std::string TensorInfo::shape_str() const { return monet::shape_str(shape); }
+
+double TensorInfo::element(size_t i) const {
+  const uint8_t* p = data + i * dtype_size(dtype);
+  switch (dtype) {
+    case DType::F64: { double v; std::memcpy(&v, p, 8); return v; }
+    case DType::F32: { float v; std::memcpy(&v, p, 4); return v; }
+    case DType::BF16: { uint16_t v; std::memcpy(&v, p, 2); return bf16_to_f32(v); }
+    case DType::F16: { uint16_t v; std::memcpy(&v, p, 2); return f16_to_f32(v); }
+    default: fail(file, ": tensor ", name, " has dtype ", dtype_name(dtype), ", expected a float type");
+  }
 }
 
 std::string read_file(const std::string& path) {

@@ -12,12 +12,6 @@
 namespace monet {
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 class Loader {
  public:
   Loader(const TensorStore& store, const MonetConfig& c) : store_(store), c_(c) {}
@@ -77,28 +71,15 @@ class Loader {
  private:
   static std::vector<float> to_f32(const TensorInfo& t) {
     std::vector<float> out(size_t(t.numel()));
-    for (size_t i = 0; i < out.size(); i++) out[i] = element(t, i);
+    for (size_t i = 0; i < out.size(); i++) out[i] = float(t.element(i));
     return out;
-  }
-
-  static float element(const TensorInfo& t, size_t i) {
-    uint16_t h;
-    switch (t.dtype) {
-      case DType::F32: {
-        float f;
-        std::memcpy(&f, t.data + 4 * i, 4);
-        return f;
-      }
-      case DType::BF16: std::memcpy(&h, t.data + 2 * i, 2); return bf16_to_f32(h);
-      default: std::memcpy(&h, t.data + 2 * i, 2); return f16_to_f32(h);
-    }
   }
 
   static Weight widened(const TensorInfo& t, int64_t rows, int64_t cols) {
     const size_t n = size_t(rows) * size_t(cols);
     auto buf = std::shared_ptr<float[]>(new float[n]);
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) buf[i] = element(t, i);
+    for (size_t i = 0; i < n; i++) buf[i] = float(t.element(i));
     Weight w{DType::F32, rows, cols, buf.get(), nullptr};
     w.owned = std::shared_ptr<void>(buf, buf.get());
     return w;

@@ -106,8 +106,10 @@ void rope_apply(R* x, int64_t N, int64_t T, int64_t heads, int64_t hd, const R* 
   }
 }
 
+// n zeros, for buffers that are accumulated into. Buffers that are written
+// in full just resize (no clearing on the hot path).
 template <class R>
-void resize(std::vector<R>& v, size_t n) {
+void zeroed(std::vector<R>& v, size_t n) {
   v.assign(n, R(0));
 }
 
@@ -297,7 +299,7 @@ void TrainModel<R>::router_forward(int64_t l, const StepOptions& opts) {
   std::vector<R> z(static_cast<size_t>(N * H * E));
   for (int side = 0; side < 2; side++) {
     std::vector<R>& g = side == 0 ? g1_[r] : g2_[r];
-    resize(g, static_cast<size_t>(N * H * E));
+    g.resize(static_cast<size_t>(N * H * E));
     linear(acts_[l].y.data(), params.data() + (side == 0 ? o.w1 : o.w2), N, d, H * E, z.data());
     std::vector<double> mean(H), var(H);
     for (int64_t h = 0; h < H; h++) {
@@ -381,8 +383,8 @@ void TrainModel<R>::experts_forward(int64_t l, R* out) {
   const R* P = params.data();
   const R* g1 = g1_[r].data();
   const R* g2 = g2_[r].data();
-  resize(a.a1, static_cast<size_t>(N * E));
-  resize(a.a2, static_cast<size_t>(N * E));
+  zeroed(a.a1, static_cast<size_t>(N * E));
+  zeroed(a.a2, static_cast<size_t>(N * E));
   for (int64_t n = 0; n < N; n++)
     for (int64_t h = 0; h < H; h++)
       for (int64_t i = 0; i < E; i++) {
@@ -391,9 +393,10 @@ void TrainModel<R>::experts_forward(int64_t l, R* out) {
       }
   if (c_.moe_decompose == Decompose::Vertical) {
     const int64_t hm = m / 2, Eh = E * hm, d2 = d / 2;
-    for (auto* v : {&a.x1pre, &a.x2pre, &a.x1, &a.x2, &a.c11, &a.c12, &a.c21, &a.c22}) resize(*v, static_cast<size_t>(N * Eh));
-    resize(a.p1, static_cast<size_t>(N * H * hm));
-    resize(a.p2, static_cast<size_t>(N * H * hm));
+    for (auto* v : {&a.x1pre, &a.x2pre, &a.x1, &a.x2, &a.c11, &a.c22}) v->resize(static_cast<size_t>(N * Eh));
+    for (auto* v : {&a.c12, &a.c21}) zeroed(*v, static_cast<size_t>(N * Eh));
+    zeroed(a.p1, static_cast<size_t>(N * H * hm));
+    zeroed(a.p2, static_cast<size_t>(N * H * hm));
     for (int64_t n = 0; n < N; n++) {
       std::copy(P + o.u1b, P + o.u1b + Eh, a.x1pre.begin() + n * Eh);
       std::copy(P + o.u2b, P + o.u2b + Eh, a.x2pre.begin() + n * Eh);
@@ -450,8 +453,9 @@ void TrainModel<R>::experts_forward(int64_t l, R* out) {
     gemm(false, false, N, d2, E, R(1), a.a2.data(), E, P + o.b2, d2, R(1), out + d2, d);
   } else {
     const int64_t Em = E * m;
-    for (auto* v : {&a.xpre, &a.xact, &a.q_mix}) resize(*v, static_cast<size_t>(N * Em));
-    resize(a.r, static_cast<size_t>(N * H * m));
+    for (auto* v : {&a.xpre, &a.xact}) v->resize(static_cast<size_t>(N * Em));
+    zeroed(a.q_mix, static_cast<size_t>(N * Em));
+    zeroed(a.r, static_cast<size_t>(N * H * m));
     for (int64_t n = 0; n < N; n++) std::copy(P + o.ub, P + o.ub + Em, a.xpre.begin() + n * Em);
     linear(a.y.data(), P + o.u, N, d, Em, a.xpre.data(), true);
 #pragma omp parallel for
@@ -645,15 +649,15 @@ void TrainModel<R>::forward_layer(int64_t l, std::vector<R>& x, const StepOption
   const int64_t N = N_;
   const R* P = params.data();
   a.x_in = x;
-  resize(a.xn1, static_cast<size_t>(N * d));
-  resize(a.rstd1, static_cast<size_t>(N));
-  resize(a.q, static_cast<size_t>(N * nh * hd));
-  resize(a.k, static_cast<size_t>(N * nkv * hd));
-  resize(a.v, static_cast<size_t>(N * nkv * hd));
-  resize(a.probs, static_cast<size_t>(B_ * nh * T_ * T_));
-  resize(a.att, static_cast<size_t>(N * nh * hd));
-  resize(a.y, static_cast<size_t>(N * d));
-  resize(a.rstd2, static_cast<size_t>(N));
+  a.xn1.resize(static_cast<size_t>(N * d));
+  a.rstd1.resize(static_cast<size_t>(N));
+  a.q.resize(static_cast<size_t>(N * nh * hd));
+  a.k.resize(static_cast<size_t>(N * nkv * hd));
+  a.v.resize(static_cast<size_t>(N * nkv * hd));
+  a.probs.resize(static_cast<size_t>(B_ * nh * T_ * T_));
+  a.att.resize(static_cast<size_t>(N * nh * hd));
+  a.y.resize(static_cast<size_t>(N * d));
+  a.rstd2.resize(static_cast<size_t>(N));
   rmsnorm_forward(a.x_in.data(), P + o.ln1, N, d, c_.rms_norm_eps, a.xn1.data(), a.rstd1.data());
   attention_forward(l);
   a.h = a.x_in;  // h = x + o_proj(att)
@@ -756,15 +760,15 @@ Losses TrainModel<R>::step(const int32_t* tokens, int64_t B, int64_t T, const St
   const bool backward = opts.training && opts.backward;
   if (backward)
     for (int64_t r = 0; r < c_.num_router_layers(); r++) {
-      resize(dg1_[r], static_cast<size_t>(N * c_.moe_heads * c_.moe_experts));
-      resize(dg2_[r], static_cast<size_t>(N * c_.moe_heads * c_.moe_experts));
+      zeroed(dg1_[r], static_cast<size_t>(N * c_.moe_heads * c_.moe_experts));
+      zeroed(dg2_[r], static_cast<size_t>(N * c_.moe_heads * c_.moe_experts));
     }
   for (int64_t l = 0; l < L; l++) forward_layer(l, x, opts);
   xf_ = x;
-  resize(xfn_, static_cast<size_t>(N * d));
-  resize(rstdf_, static_cast<size_t>(N));
+  xfn_.resize(static_cast<size_t>(N * d));
+  rstdf_.resize(static_cast<size_t>(N));
   rmsnorm_forward(xf_.data(), P + layout_.final_norm, N, d, c_.rms_norm_eps, xfn_.data(), rstdf_.data());
-  resize(probs_, static_cast<size_t>(N * V));
+  probs_.resize(static_cast<size_t>(N * V));
   linear(xfn_.data(), P + layout_.lm_head, N, d, V, probs_.data());
   double lm_sum = 0;
 #pragma omp parallel for reduction(+ : lm_sum)

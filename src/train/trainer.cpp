@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -42,43 +43,37 @@ const char* kTokenizerFiles[] = {"tokenizer.json", "tokenizer.model", "tokenizer
 
 // ------------------------------------------------------------ tensors
 
-double element(const TensorInfo& t, size_t i) {
-  const uint8_t* p = t.data + i * dtype_size(t.dtype);
-  switch (t.dtype) {
-    case DType::F64: { double v; std::memcpy(&v, p, 8); return v; }
-    case DType::F32: { float v; std::memcpy(&v, p, 4); return v; }
-    case DType::BF16: { uint16_t v; std::memcpy(&v, p, 2); return bf16_to_f32(v); }
-    case DType::F16: { uint16_t v; std::memcpy(&v, p, 2); return f16_to_f32(v); }
-    default: fail(t.file, ": tensor ", t.name, " has dtype ", dtype_name(t.dtype), ", expected a float type");
-  }
-}
+using TensorLookup = std::function<const TensorInfo&(const std::string& name)>;
 
 template <class R>
-void read_into(const TensorStore& store, const std::string& name, const std::vector<int64_t>& shape, R* out) {
-  const TensorInfo& t = store.get(name);
-  if (t.shape != shape) {
-    TensorInfo want;
-    want.shape = shape;
-    fail(t.file, ": tensor ", name, " has shape ", t.shape_str(), ", expected ", want.shape_str());
-  }
-  for (size_t i = 0; i < size_t(t.numel()); i++) out[i] = R(element(t, i));
+void read_into(const TensorInfo& t, const std::vector<int64_t>& shape, R* out) {
+  if (t.shape != shape) fail(t.file, ": tensor ", t.name, " has shape ", t.shape_str(), ", expected ", shape_str(shape));
+  for (size_t i = 0; i < size_t(t.numel()); i++) out[i] = R(t.element(i));
 }
 
 std::string norm_name(int64_t layer, int side, const char* stat) {
   return "model.layers." + std::to_string(layer) + ".router.norm" + std::to_string(side + 1) + "." + stat;
 }
 
+// BatchNorm running stats of every router from tensors named prefix + HF name.
 template <class R>
-void load_weights(TrainModel<R>& m, const std::string& dir) {
-  auto store = TensorStore::open_dir(dir);
-  for (const ParamInfo& p : m.layout().params) read_into(*store, p.name, p.shape, m.params.data() + p.offset);
+void read_running_stats(TrainModel<R>& m, const TensorLookup& get, const std::string& prefix) {
   const MonetConfig& c = m.config();
   const int64_t H = c.moe_heads;
   for (int64_t r = 0; r < c.num_router_layers(); r++)
     for (int side = 0; side < 2; side++) {
-      read_into(*store, norm_name(r * c.moe_groups, side, "running_mean"), {H}, m.running_mean[r].data() + side * H);
-      read_into(*store, norm_name(r * c.moe_groups, side, "running_var"), {H}, m.running_var[r].data() + side * H);
+      const int64_t l = r * c.moe_groups;
+      read_into(get(prefix + norm_name(l, side, "running_mean")), {H}, m.running_mean[r].data() + side * H);
+      read_into(get(prefix + norm_name(l, side, "running_var")), {H}, m.running_var[r].data() + side * H);
     }
+}
+
+template <class R>
+void load_weights(TrainModel<R>& m, const std::string& dir) {
+  auto store = TensorStore::open_dir(dir);
+  const TensorLookup get = [&](const std::string& name) -> const TensorInfo& { return store->get(name); };
+  for (const ParamInfo& p : m.layout().params) read_into(get(p.name), p.shape, m.params.data() + p.offset);
+  read_running_stats(m, get, "");
 }
 
 // Owns converted tensor bytes until write_safetensors has run.
@@ -238,23 +233,24 @@ double learning_rate(const TrainOptions& o, int64_t step) {
 template <class R>
 struct AdamW {
   std::vector<R> m, v;
-  std::vector<uint8_t> decay;  // per element of the flat buffer
-  explicit AdamW(const train::ParamLayout& layout) : m(layout.total, R(0)), v(layout.total, R(0)), decay(layout.total, 0) {
-    for (const ParamInfo& p : layout.params)
-      if (p.decay) std::fill(decay.begin() + ptrdiff_t(p.offset), decay.begin() + ptrdiff_t(p.offset + p.numel), 1);
-  }
-  // torch.optim.AdamW, step t (1-based), same operation order.
-  void update(std::vector<R>& w, const std::vector<R>& g, const TrainOptions& o, double lr, int64_t t) {
+  explicit AdamW(const train::ParamLayout& layout) : m(layout.total, R(0)), v(layout.total, R(0)) {}
+  // torch.optim.AdamW, step t (1-based), same operation order; weight decay
+  // on the parameters the layout marks (weight matrices).
+  void update(const train::ParamLayout& layout, std::vector<R>& w, const std::vector<R>& g, const TrainOptions& o,
+              double lr, int64_t t) {
     const R b1 = R(o.beta1), b2 = R(o.beta2);
     const double bc1 = 1.0 - std::pow(o.beta1, double(t)), bc2 = 1.0 - std::pow(o.beta2, double(t));
     const R step_size = R(lr / bc1), bc2_sqrt = R(std::sqrt(bc2)), eps = R(o.adam_eps);
     const R wd = R(1.0 - lr * o.weight_decay);
+    for (const ParamInfo& p : layout.params) {
+      const size_t end = p.offset + p.numel;
 #pragma omp parallel for
-    for (size_t i = 0; i < w.size(); i++) {
-      if (decay[i]) w[i] *= wd;
-      m[i] += (g[i] - m[i]) * (R(1) - b1);
-      v[i] = v[i] * b2 + g[i] * g[i] * (R(1) - b2);
-      w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+      for (size_t i = p.offset; i < end; i++) {
+        if (p.decay) w[i] *= wd;
+        m[i] += (g[i] - m[i]) * (R(1) - b1);
+        v[i] = v[i] * b2 + g[i] * g[i] * (R(1) - b2);
+        w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+      }
     }
   }
 };
@@ -376,30 +372,17 @@ template <class R>
 RunState load_checkpoint(const fs::path& dir, TrainModel<R>& model, AdamW<R>& opt) {
   load_weights(model, dir.string());
   const SafetensorsFile state((dir / "optimizer.safetensors").string());
-  auto get = [&](const std::string& name) -> const TensorInfo& {
+  const TensorLookup get = [&](const std::string& name) -> const TensorInfo& {
     const TensorInfo* t = state.find(name);
     if (!t) fail(state.path(), ": missing tensor ", name);
     return *t;
   };
   for (const ParamInfo& p : model.layout().params) {
-    const TensorInfo& m = get("exp_avg." + p.name);
-    const TensorInfo& v = get("exp_avg_sq." + p.name);
-    if (size_t(m.numel()) != p.numel || size_t(v.numel()) != p.numel)
-      fail(state.path(), ": optimizer state of ", p.name, " does not match the model's shape");
-    for (size_t i = 0; i < p.numel; i++) {
-      opt.m[p.offset + i] = R(element(m, i));
-      opt.v[p.offset + i] = R(element(v, i));
-    }
-    if (const TensorInfo* w = state.find("master." + p.name))
-      for (size_t i = 0; i < p.numel; i++) model.params[p.offset + i] = R(element(*w, i));
+    read_into(get("exp_avg." + p.name), p.shape, opt.m.data() + p.offset);
+    read_into(get("exp_avg_sq." + p.name), p.shape, opt.v.data() + p.offset);
+    if (state.find("master." + p.name)) read_into(get("master." + p.name), p.shape, model.params.data() + p.offset);
   }
-  const MonetConfig& c = model.config();
-  for (int64_t r = 0; r < c.num_router_layers(); r++)
-    for (int side = 0; side < 2; side++)
-      for (int64_t h = 0; h < c.moe_heads; h++) {
-        model.running_mean[r][side * c.moe_heads + h] = element(get("running." + norm_name(r * c.moe_groups, side, "running_mean")), size_t(h));
-        model.running_var[r][side * c.moe_heads + h] = element(get("running." + norm_name(r * c.moe_groups, side, "running_var")), size_t(h));
-      }
+  read_running_stats(model, get, "running.");  // exact: the model file rounds them to f32
   RunState st;
   try {
     st.step = std::stoll(state.metadata().at("step"));
@@ -495,8 +478,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     write_file_atomic(log_path.string(),
                       "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s\n");
   }
-  int64_t n_params = 0;
-  for (const ParamInfo& p : model.layout().params) n_params += int64_t(p.numel);
+  const auto n_params = model.layout().total;  // the flat buffer holds each parameter once
   std::fprintf(stderr, "model: %s, %lld parameters, %lld layers, d=%lld, E=%lld (%lld experts per router), %s\n",
                cfg.decompose_name(), (long long)n_params, (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size,
                (long long)cfg.moe_experts, (long long)(cfg.moe_experts * cfg.moe_experts), o.dtype.c_str());
@@ -508,7 +490,6 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
   std::vector<int32_t> batch(size_t(B * (T + 1)));
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
-  double elapsed_prev = 0;
   for (; st.step < o.steps; ) {
     const auto t0 = std::chrono::steady_clock::now();
     const double lr = learning_rate(o, st.step);
@@ -539,7 +520,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     const R clip = R(std::min(1.0, o.clip / (grad_norm + 1e-6)));
     if (o.clip > 0)
       for (R& g : model.grads) g *= clip;
-    opt.update(model.params, model.grads, o, lr, st.step + 1);
+    opt.update(model.layout(), model.params, model.grads, o, lr, st.step + 1);
     st.step++;
 
     double val_loss = NAN;
@@ -582,9 +563,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
       if (tty) std::fprintf(stderr, "\n");
       std::fprintf(stderr, "saved %s\n", (fs::path(o.out) / step_dir_name(st.step)).c_str());
     }
-    elapsed_prev = elapsed;
   }
-  (void)elapsed_prev;
   std::fclose(log);
 }
 
