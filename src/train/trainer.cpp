@@ -174,7 +174,7 @@ Corpus prepare_data(const TrainOptions& o, const Tokenizer& tok) {
       old = json::parse(read_file(meta_path.string()));
     } catch (const json::exception&) {
     }
-    old.erase("counts");
+    if (old.is_object()) old.erase("counts");  // an unreadable meta.json just means: rebuild
     if (old == meta) {
       corpus.train = read_tokens((dir / "train.bin").string());
       corpus.val = read_tokens((dir / "val.bin").string());

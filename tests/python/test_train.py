@@ -4,6 +4,7 @@ float64 inference reference. Then the C++ trainer against train_ref:
 `monet grad` (one forward+backward), `monet train` trajectories, resume, the
 saved checkpoints, and bad input."""
 import csv
+import json
 import os
 import random
 import shutil
@@ -476,3 +477,16 @@ def test_bad_training_input(monet_bin, corpus, tmp_path, case):
     else:
         assert os.path.basename(str(data)) in err or "empty" in err.lower(), err
     assert not (out.exists() and any(n.startswith("step-") for n in os.listdir(out))), "no checkpoint on failure"
+
+
+def test_unreadable_token_cache_meta_is_rebuilt(monet_bin, corpus, tmp_path):
+    # A meta.json cut short (or not JSON at all) means "rebuild the cache", never a crash.
+    first = tmp_path / "first"
+    run_train(monet_bin, corpus, str(first), "f32", steps=2)
+    want = read_bin(str(first), "train")
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "meta.json").write_text("not json")
+    run_train(monet_bin, corpus, str(out), "f32", steps=2)
+    assert np.array_equal(read_bin(str(out), "train"), want)
+    assert json.loads((out / "data" / "meta.json").read_text())["counts"]["train"] == len(want)
