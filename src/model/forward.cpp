@@ -32,6 +32,7 @@ struct Activations {
   std::vector<float> proj;   // [T, d] o_proj / expert output
   std::vector<float> z;      // [T, H*E] router logits
   std::vector<float> g1, g2; // [T, H, E] router probabilities of the current group
+  std::vector<float> rope_cos, rope_sin;  // [T, hd/2] rotary angles of this call's positions
 };
 
 // g = select(w y): the router of one layer group.
@@ -60,8 +61,8 @@ void layer_forward(const MonetConfig& c, const LayerWeights& lw, int64_t l, KvCa
   float* v_new = cache.v[size_t(l)].data() + pos0 * kv_row;
   cpu::linear(lw.wk, a.xn.data(), T, k_new);
   cpu::linear(lw.wv, a.xn.data(), T, v_new);
-  cpu::rope(a.q.data(), T, nh, hd, pos0, c.rope_theta);
-  cpu::rope(k_new, T, nkv, hd, pos0, c.rope_theta);
+  cpu::rope(a.q.data(), T, nh, hd, a.rope_cos.data(), a.rope_sin.data());
+  cpu::rope(k_new, T, nkv, hd, a.rope_cos.data(), a.rope_sin.data());
   cpu::attention(a.q.data(), cache.k[size_t(l)].data(), cache.v[size_t(l)].data(), pos0, T, nh, nkv, hd,
                  a.attn.data());
   cpu::linear(lw.wo, a.attn.data(), T, a.proj.data());
@@ -103,6 +104,7 @@ void Model::forward(KvCache& cache, const int32_t* ids, int64_t n, std::vector<f
   a.attn.resize(a.q.size());
   a.proj.resize(size_t(T * d));
   for (int64_t t = 0; t < T; t++) cpu::widen(weights_.embed, int64_t(ids[t]) * d, d, a.x.data() + t * d);
+  cpu::rope_table(T, c.head_dim(), pos0, c.rope_theta, a.rope_cos, a.rope_sin);
 
   // With routing_only, layers after the last router layer are not needed.
   const int64_t layers = opts.routing_only ? (c.num_hidden_layers - 1) / c.moe_groups * c.moe_groups + 1

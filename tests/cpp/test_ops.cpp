@@ -131,15 +131,22 @@ TEST(Ops, RmsNorm) {
 }
 
 TEST(Ops, RopeRotatesHalfPairs) {
-  const int64_t hd = 8, pos = 5;
-  std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8};
-  std::vector<float> y = x;
-  monet::cpu::rope(y.data(), 1, 1, hd, pos, 10000.0);
-  for (int64_t i = 0; i < hd / 2; i++) {
-    const double f = std::pow(10000.0, -2.0 * double(i) / hd), a = pos * f;
-    EXPECT_NEAR(y[size_t(i)], x[size_t(i)] * std::cos(a) - x[size_t(i + 4)] * std::sin(a), 1e-5);
-    EXPECT_NEAR(y[size_t(i + 4)], x[size_t(i + 4)] * std::cos(a) + x[size_t(i)] * std::sin(a), 1e-5);
-  }
+  // Two tokens at positions 5 and 6, two heads each.
+  const int64_t hd = 8, pos0 = 5, T = 2, heads = 2;
+  std::vector<float> x(size_t(T * heads * hd));
+  for (size_t k = 0; k < x.size(); k++) x[k] = float(k % 7) - 2.5f;
+  std::vector<float> y = x, cos_t, sin_t;
+  monet::cpu::rope_table(T, hd, pos0, 10000.0, cos_t, sin_t);
+  ASSERT_EQ(cos_t.size(), size_t(T * hd / 2));
+  monet::cpu::rope(y.data(), T, heads, hd, cos_t.data(), sin_t.data());
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t h = 0; h < heads; h++)
+      for (int64_t i = 0; i < hd / 2; i++) {
+        const double f = std::pow(10000.0, -2.0 * double(i) / hd), a = double(pos0 + t) * f;
+        const size_t lo = size_t((t * heads + h) * hd + i), hi = lo + size_t(hd / 2);
+        EXPECT_NEAR(y[lo], x[lo] * std::cos(a) - x[hi] * std::sin(a), 1e-5);
+        EXPECT_NEAR(y[hi], x[hi] * std::cos(a) + x[lo] * std::sin(a), 1e-5);
+      }
 }
 
 class AttentionTest : public ::testing::TestWithParam<std::tuple<int64_t, int64_t>> {};

@@ -157,17 +157,25 @@ void rmsnorm(const float* x, const float* w, int64_t T, int64_t d, double eps, f
   }
 }
 
-void rope(float* x, int64_t T, int64_t n_heads, int64_t hd, int64_t pos0, double theta) {
+void rope_table(int64_t T, int64_t hd, int64_t pos0, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t) {
   const int64_t half = hd / 2;
-  std::vector<float> cosv(half), sinv(half);
-  for (int64_t t = 0; t < T; t++) {
+  cos_t.resize(size_t(T * half));
+  sin_t.resize(size_t(T * half));
+  std::vector<float> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; i++) inv_freq[size_t(i)] = float(1.0 / std::pow(theta, double(2 * i) / double(hd)));
+  for (int64_t t = 0; t < T; t++)
     for (int64_t i = 0; i < half; i++) {
-      // inv_freq computed in float32 as HF does, angle in float32.
-      float inv_freq = float(1.0 / std::pow(theta, double(2 * i) / double(hd)));
-      float angle = float(pos0 + t) * inv_freq;
-      cosv[i] = std::cos(angle);
-      sinv[i] = std::sin(angle);
+      const float angle = float(pos0 + t) * inv_freq[size_t(i)];
+      cos_t[size_t(t * half + i)] = std::cos(angle);
+      sin_t[size_t(t * half + i)] = std::sin(angle);
     }
+}
+
+void rope(float* x, int64_t T, int64_t n_heads, int64_t hd, const float* cos_t, const float* sin_t) {
+  const int64_t half = hd / 2;
+  for (int64_t t = 0; t < T; t++) {
+    const float* cosv = cos_t + t * half;
+    const float* sinv = sin_t + t * half;
     for (int64_t h = 0; h < n_heads; h++) {
       float* v = x + (t * n_heads + h) * hd;
       for (int64_t i = 0; i < half; i++) {

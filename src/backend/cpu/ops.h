@@ -26,9 +26,13 @@ void axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, 
 // y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), float32 as the reference
 void rmsnorm(const float* x, const float* w, int64_t T, int64_t d, double eps, float* y);
 
-// Rotary embedding (rotate_half pairs (i, i+hd/2)) in place on x[T, n_heads*hd],
-// token t at position pos0 + t.
-void rope(float* x, int64_t T, int64_t n_heads, int64_t hd, int64_t pos0, double theta);
+// Rotary angles of positions pos0 .. pos0+T-1: cos_t, sin_t [T, hd/2]
+// (inv_freq and angle in float32, as HF computes them).
+void rope_table(int64_t T, int64_t hd, int64_t pos0, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t);
+
+// Rotary embedding (rotate_half pairs (i, i+hd/2)) in place on x[T, n_heads*hd]
+// with the angles of rope_table.
+void rope(float* x, int64_t T, int64_t n_heads, int64_t hd, const float* cos_t, const float* sin_t);
 
 // Causal attention of T new queries at positions pos0.. over the cache
 // k/v [pos0+T, nkv*hd]; q, out: [T, nh*hd]. GQA: q head h reads kv head h/(nh/nkv).
