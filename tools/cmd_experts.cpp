@@ -47,7 +47,7 @@ void add_experts_command(CLI::App& app) {
     std::vector<float> logits;
     model->forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
 
-    const int64_t H = c.moe_heads, E = c.moe_experts, HE = H * E;
+    const int64_t H = c.moe_heads, E = c.moe_experts;
     nlohmann::json out = {{"model", model_dir}, {"experts_per_group", E * E}, {"threshold", threshold},
                           {"tokens", nlohmann::json::array()}};
     for (size_t t = 0; t < ids.size(); t++) {
@@ -55,13 +55,19 @@ void add_experts_command(CLI::App& app) {
       nlohmann::json jt = {{"position", t}, {"id", ids[t]}, {"piece", piece}, {"groups", nlohmann::json::array()}};
       if (!as_json) std::printf("%3zu  %-16s (id %d)\n", t, ("\"" + piece + "\"").c_str(), ids[t]);
       for (size_t g = 0; g < cap.g1.size(); g++) {
-        const auto act = monet::active_experts(cap.g1[g].data() + t * HE, cap.g2[g].data() + t * HE, H, E, threshold);
-        nlohmann::json je = nlohmann::json::array();
-        for (const auto& a : act) je.push_back({{"id", a.id}, {"i", a.i}, {"j", a.j}, {"p", a.prob}});
-        jt["groups"].push_back({{"group", g}, {"count", act.size()}, {"experts", je}});
+        const auto [act, removed] = monet::token_experts(cap, t, g, H, E, threshold, &mask);
+        auto to_json = [](const std::vector<monet::ExpertActivation>& list) {
+          nlohmann::json je = nlohmann::json::array();
+          for (const auto& a : list) je.push_back({{"id", a.id}, {"i", a.i}, {"j", a.j}, {"p", a.prob}});
+          return je;
+        };
+        nlohmann::json jg = {{"group", g}, {"count", act.size()}, {"experts", to_json(act)}};
+        if (!mask_path.empty()) jg["removed"] = to_json(removed);
+        jt["groups"].push_back(jg);
         if (!as_json) {
-          std::printf("     group %zu: %zu experts >", g, act.size());
-          std::printf(" %g:", threshold);
+          std::printf("     group %zu: %zu experts > %g", g, act.size(), threshold);
+          if (!removed.empty()) std::printf(" (%zu more removed by the mask)", removed.size());
+          std::printf(":");
           for (size_t k = 0; k < act.size() && (top == 0 || int(k) < top); k++)
             std::printf(" %lld(%.3f)", (long long)act[k].id, act[k].prob);
           if (top != 0 && int(act.size()) > top) std::printf(" ...");

@@ -1,4 +1,4 @@
-// monet index --model DIR --corpus FILES... --out INDEX.db [--top-k 32] [--resume]
+// monet index --model DIR --corpus FILES... --out INDEX.db [--top-k 32] [--max-tokens N] [--resume]
 #include <unistd.h>
 
 #include <cstdio>
@@ -22,6 +22,8 @@ void add_index_command(CLI::App& app) {
   cmd->add_option("--window", o.window, "tokens of context on each side (default 8)");
   cmd->add_option("--context", o.context, "tokens per forward window (default 256)");
   cmd->add_option("--threshold", o.threshold, "count an expert as firing above this probability (default 0.01)");
+  cmd->add_option("--max-tokens", o.max_tokens, "stop after about this many tokens (whole windows); --resume continues");
+  cmd->add_option("--commit-every", o.checkpoint_tokens, "write the changes to the database every N tokens (default 200000)");
   cmd->add_option("--threads", threads, "CPU threads");
   cmd->add_flag("--resume", o.resume, "continue an existing index, skipping the documents it has");
   cmd->callback([] {
@@ -29,9 +31,7 @@ void add_index_command(CLI::App& app) {
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const bool tty = isatty(STDERR_FILENO);
     double last = -1;
-    monet::IndexProgress final_progress;
-    monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
-      final_progress = p;
+    const monet::IndexProgress done = monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
       if (p.seconds - last < (tty ? 0.2 : 5.0) && p.bytes_done < p.bytes_total) return;
       last = p.seconds;
       const double frac = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 1.0;
@@ -41,8 +41,8 @@ void add_index_command(CLI::App& app) {
                    (long long)p.tokens_done, p.tokens_done / std::max(p.seconds, 1e-9), tty ? "" : "\n");
     });
     if (tty) std::fprintf(stderr, "\n");
-    std::printf("indexed %lld tokens in %.1f s (%.0f tokens/s) into %s\n", (long long)final_progress.tokens_done,
-                final_progress.seconds, final_progress.tokens_done / std::max(final_progress.seconds, 1e-9),
-                out_path.c_str());
+    // The time includes tokenising and every database write.
+    std::printf("indexed %lld tokens in %.1f s (%.0f tokens/s) into %s\n", (long long)done.tokens_done, done.seconds,
+                done.tokens_done / std::max(done.seconds, 1e-9), out_path.c_str());
   });
 }

@@ -1,5 +1,6 @@
 // Language-model loss of a checkpoint on a token stream.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -18,10 +19,12 @@ struct LossResult {
 // each starting with `bos` (when >= 0) followed by the next tokens of the
 // stream. fn(window, first, logits, routing) is called per window; window[t]
 // for t >= first is stream token start + t - first, where start is passed too.
+// Windows start at begin, begin + step, ... (step = context - 1 with a BOS),
+// those before `end` (a window is never cut short by `end`).
 using WindowFn = std::function<void(const std::vector<int32_t>& window, size_t first, size_t start,
                                     const std::vector<float>& logits, const RouterCapture& routing)>;
 void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
-                     const ForwardOptions& opts, const WindowFn& fn);
+                     const ForwardOptions& opts, const WindowFn& fn, size_t begin = 0, size_t end = SIZE_MAX);
 
 // Splits `ids` into windows of at most `context` tokens, each starting with
 // `bos` (when >= 0) followed by the next context-1 tokens of the stream, and

@@ -20,6 +20,14 @@ struct ExpertActivation {
 std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
                                              float threshold, bool sorted = true);
 
+// The experts of token t in router group g of a capture, split by a mask:
+// a removed expert's weight is zero, so it is listed apart, not as firing.
+struct TokenExperts {
+  std::vector<ExpertActivation> kept, removed;  // each most probable first
+};
+TokenExperts token_experts(const RouterCapture& cap, size_t t, size_t g, int64_t H, int64_t E, float threshold,
+                           const ExpertMask* mask);
+
 // Mean routing probability of every expert of every router group over a
 // token stream (windows as in evaluate_loss): mean[g][i*E + j].
 struct RoutingStats {

@@ -59,7 +59,7 @@ class Tokenizer {
   // token of the text (leading-space rules).
   std::string token_bytes(int32_t id, bool first = false) const;
   // A token's text for display: spaces kept, invalid UTF-8 (a lone byte of a
-  // split character) as U+FFFD.
+  // split character) as U+FFFD, special tokens that add no text by name ("<s>").
   std::string token_text(int32_t id) const;
 
  private:

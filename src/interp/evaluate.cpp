@@ -9,13 +9,13 @@
 namespace monet {
 
 void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
-                     const ForwardOptions& opts, const WindowFn& fn) {
+                     const ForwardOptions& opts, const WindowFn& fn, size_t begin, size_t end) {
   if (context < 2 || context > model.config().max_position_embeddings)
     fail("the context must hold between 2 and max_position_embeddings = ", model.config().max_position_embeddings,
          " tokens, got ", context);
   const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
   std::vector<size_t> starts;
-  for (size_t start = 0; start < ids.size(); start += step) starts.push_back(start);
+  for (size_t start = begin; start < std::min(end, ids.size()); start += step) starts.push_back(start);
   // Windows are independent: on several cores, whole windows run side by side
   // (one thread each, so GEMMs of a few hundred rows do not pay for thread
   // synchronisation); fn still sees them in order.

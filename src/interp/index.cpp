@@ -100,13 +100,19 @@ struct Activation {
   int64_t focus;                 // index of the firing token in the context
   std::vector<int32_t> context;  // token ids around it
   std::string token_text, context_json;
-  bool operator>(const Activation& o) const { return prob > o.prob; }
+  int64_t row = -1;              // its rowid in `activations` once written
+  // Stronger first; among equal probabilities the earlier position, so that
+  // the kept top_k do not depend on the heap's history (resume = one run).
+  bool operator>(const Activation& o) const {
+    return prob > o.prob || (prob == o.prob && (doc < o.doc || (doc == o.doc && pos < o.pos)));
+  }
 };
 
 // Per expert: count, max and a min-heap of the top_k activations.
 struct ExpertState {
   int64_t count = 0;
   float max_prob = 0;
+  bool changed = false;         // count and max differ from the database
   std::vector<Activation> top;  // heap ordered by std::greater: top.front() is the weakest
 };
 
@@ -117,38 +123,57 @@ CREATE TABLE IF NOT EXISTS experts(grp INTEGER, expert INTEGER, count INTEGER, m
 CREATE TABLE IF NOT EXISTS activations(grp INTEGER, expert INTEGER, prob REAL, doc INTEGER, pos INTEGER,
                                        token TEXT, context TEXT, focus INTEGER);
 CREATE INDEX IF NOT EXISTS act_expert ON activations(grp, expert, prob DESC);
-CREATE INDEX IF NOT EXISTS act_token ON activations(token);
+DROP INDEX IF EXISTS act_token;
+CREATE INDEX IF NOT EXISTS act_token_trim ON activations(trim(token));
 CREATE INDEX IF NOT EXISTS experts_by_count ON experts(grp, count DESC);
 CREATE INDEX IF NOT EXISTS experts_by_max ON experts(grp, max_prob DESC);
 )";
 
+// FNV-1a over a document's token ids: a resumed partial document must be the
+// same text as the one whose first windows the index holds.
+uint64_t ids_fingerprint(const std::vector<int32_t>& ids) {
+  uint64_t h = 1469598103934665603ull;
+  for (int32_t id : ids)
+    for (int b = 0; b < 4; b++) h = (h ^ ((uint32_t(id) >> (8 * b)) & 0xffu)) * 1099511628211ull;
+  return h;
+}
+
 }  // namespace
 
-void build_index(const Model& model, const Tokenizer& tok, const std::vector<std::string>& files,
-                 const std::string& db_path, const IndexOptions& opts,
-                 const std::function<void(const IndexProgress&)>& progress) {
+IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::vector<std::string>& files,
+                          const std::string& db_path, const IndexOptions& opts,
+                          const std::function<void(const IndexProgress&)>& progress) {
   namespace fs = std::filesystem;
+  using nlohmann::json;
   const MonetConfig& c = model.config();
   const int64_t H = c.moe_heads, E = c.moe_experts, groups = c.num_router_layers();
   if (opts.top_k < 1) fail("index: --top-k must be at least 1");
+  if (opts.window < 0) fail("index: --window must be at least 0");
   if (opts.context < 2 || opts.context > c.max_position_embeddings)
     fail("index: --context must be in [2, ", c.max_position_embeddings, "]");
+  if (opts.checkpoint_tokens < 1) fail("index: --commit-every must be at least 1 token");
+  if (opts.max_tokens < 0) fail("index: --max-tokens must be at least 0");
   if (!opts.resume && fs::exists(db_path))
     fail(db_path, ": exists; pass --resume to continue it, or choose another path");
   if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
   for (const std::string& f : files)
     if (!fs::is_regular_file(f)) fail(f, ": not a readable corpus file");
 
-  Db db(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
-  db.exec("PRAGMA journal_mode=WAL;");
+  Db db(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
+  db.exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
   db.exec(kSchema);
-  const std::string settings = nlohmann::json({{"model", fs::absolute(model.dir()).string()},
-                                               {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
-                                               {"top_k", opts.top_k}, {"window", opts.window},
-                                               {"context", opts.context}, {"threshold", opts.threshold}}).dump();
+  const std::string settings = json({{"model", fs::absolute(model.dir()).string()},
+                                     {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
+                                     {"top_k", opts.top_k}, {"window", opts.window},
+                                     {"context", opts.context}, {"threshold", opts.threshold}}).dump();
   // Dense per group (E^2 entries): the per-token bookkeeping is array indexing.
   std::vector<std::vector<ExpertState>> state(static_cast<size_t>(groups), std::vector<ExpertState>(size_t(E * E)));
+  // Rows of written activations pushed out of a top_k since the last commit, per group.
+  std::vector<std::vector<int64_t>> displaced(static_cast<size_t>(groups));
   std::unordered_map<std::string, int64_t> done_docs;
+  // The document an earlier run stopped inside, until this run takes it up:
+  // {"path", "doc", "next" (its first token not indexed), "fingerprint"}.
+  json partial;
   int64_t tokens_indexed = 0, next_doc = 0;
   if (opts.resume) {
     Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
@@ -157,21 +182,26 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
       fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
     Stmt t(db.get(), "SELECT value FROM meta WHERE key = 'tokens'");
     if (t.step()) tokens_indexed = std::stoll(t.text(0));
+    Stmt p(db.get(), "SELECT value FROM meta WHERE key = 'partial'");
+    if (p.step()) partial = json::parse(p.text(0), nullptr, /*allow_exceptions=*/false);
+    if (!partial.is_object() || !partial.contains("path") || !partial.contains("doc") || !partial.contains("next"))
+      partial = nullptr;
     Stmt d(db.get(), "SELECT doc, path FROM documents");
     while (d.step()) {
       done_docs[d.text(1)] = d.i64(0);
       next_doc = std::max(next_doc, d.i64(0) + 1);
     }
+    if (partial.is_object()) next_doc = std::max(next_doc, partial["doc"].get<int64_t>() + 1);
     Stmt e(db.get(), "SELECT grp, expert, count, max_prob FROM experts");
     while (e.step()) {
       ExpertState& s = state[size_t(e.i64(0))][size_t(e.i64(1))];
       s.count = e.i64(2);
       s.max_prob = float(e.f64(3));
     }
-    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, token, context, focus FROM activations");
+    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, token, context, focus, rowid FROM activations");
     while (a.step())
       state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back(
-          {float(a.f64(2)), a.i64(3), a.i64(4), a.i64(7), {}, a.text(5), a.text(6)});
+          {float(a.f64(2)), a.i64(3), a.i64(4), a.i64(7), {}, a.text(5), a.text(6), a.i64(8)});
     for (auto& g : state)
       for (ExpertState& s : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
   }
@@ -185,29 +215,43 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
     todo.push_back(key);
     prog.bytes_total += int64_t(fs::file_size(f));
   }
+  // Token texts as JSON strings, made once: a commit renders up to groups x E^2 x top_k contexts.
+  std::vector<std::string> token_json(size_t(tok.vocab_size()));
+  for (size_t id = 0; id < token_json.size(); id++) token_json[id] = json(tok.token_text(int32_t(id))).dump();
   auto render = [&](Activation& a) {
     if (!a.context_json.empty()) return;
-    nlohmann::json ctx = nlohmann::json::array();
-    for (int32_t id : a.context) ctx.push_back(tok.token_text(id));
-    a.context_json = ctx.dump();
+    std::string text(1, '[');
+    for (size_t k = 0; k < a.context.size(); k++) {
+      if (k) text += ',';
+      text += token_json[size_t(a.context[k])];
+    }
+    a.context_json = std::move(text) + ']';
     a.token_text = tok.token_text(a.context[size_t(a.focus)]);
   };
 
-  auto commit = [&](const std::vector<std::pair<std::string, int64_t>>& new_docs) {
+  int64_t commits = 0;
+  // Writes what changed since the last commit: displaced rows out, new top
+  // activations in, the counts of experts that fired, finished documents and
+  // the position inside the current one.
+  auto commit = [&](const std::vector<std::pair<std::string, int64_t>>& new_docs, const json& now_partial) {
     db.exec("BEGIN IMMEDIATE");
     try {
-      db.exec("DELETE FROM experts; DELETE FROM activations;");
-      Stmt ins_e(db.get(), "INSERT INTO experts VALUES (?, ?, ?, ?)");
+      Stmt del_a(db.get(), "DELETE FROM activations WHERE rowid = ?");
+      for (std::vector<int64_t>& rows : displaced)
+        for (int64_t row : rows) del_a.bind(1, row).run();
+      Stmt put_e(db.get(), "INSERT OR REPLACE INTO experts VALUES (?, ?, ?, ?)");
       Stmt ins_a(db.get(), "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
       for (int64_t g = 0; g < groups; g++)
         for (int64_t id = 0; id < E * E; id++) {
           ExpertState& s = state[size_t(g)][size_t(id)];
-          if (s.count == 0 && s.top.empty()) continue;
-          ins_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
+          if (!s.changed) continue;  // a new top activation always comes with a count change
+          put_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
           for (Activation& a : s.top) {
+            if (a.row >= 0) continue;
             render(a);
             ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos).bind(6, a.token_text)
                 .bind(7, a.context_json).bind(8, a.focus).run();
+            a.row = sqlite3_last_insert_rowid(db.get());
           }
         }
       Stmt ins_d(db.get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
@@ -216,24 +260,56 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
       ins_m.bind(1, std::string("settings")).bind(2, settings).run();
       ins_m.bind(1, std::string("tokens")).bind(2, std::to_string(tokens_indexed)).run();
       ins_m.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
+      if (now_partial.is_object())
+        ins_m.bind(1, std::string("partial")).bind(2, now_partial.dump()).run();
+      else
+        db.exec("DELETE FROM meta WHERE key = 'partial'");
       db.exec("COMMIT");
     } catch (...) {
       sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
       throw;
     }
+    commits++;
+    for (std::vector<int64_t>& rows : displaced) rows.clear();
+    for (auto& g : state)
+      for (ExpertState& s : g) s.changed = false;
   };
 
   const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   std::vector<std::pair<std::string, int64_t>> pending_docs;
   int64_t since_commit = 0;
   ForwardOptions fo;
   fo.routing_only = true;
+  const size_t step = size_t(opts.context) - (tok.bos_id() >= 0 ? 1 : 0);
   int64_t bytes_before = 0;
   for (const std::string& path : todo) {
+    if (opts.max_tokens > 0 && prog.tokens_done >= opts.max_tokens) break;
     const int64_t doc_bytes = int64_t(fs::file_size(path));
     const std::vector<int32_t> ids = tok.encode(read_file(path), false);
-    const int64_t doc = next_doc++;
+    const std::string fingerprint = std::to_string(ids_fingerprint(ids));
+    int64_t doc = -1;
+    size_t begin = 0;
+    if (partial.is_object() && partial["path"] == path) {
+      const size_t next = partial["next"].get<size_t>();
+      if (partial.value("fingerprint", "") != fingerprint || next > ids.size() || next % step != 0)
+        fail(path, ": changed since the index stopped inside it (token ", next, " of ", ids.size(),
+             "); index it under another path or build a new index");
+      doc = partial["doc"].get<int64_t>();
+      begin = next;
+      partial = nullptr;  // from here on, the commits below say where this run is
+    } else {
+      doc = next_doc++;
+    }
     done_docs[path] = doc;
+    // With --max-tokens, whole windows up to the budget.
+    size_t end = ids.size();
+    if (opts.max_tokens > 0) {
+      const size_t budget = size_t(opts.max_tokens - prog.tokens_done);
+      end = std::min(end, begin + (budget + step - 1) / step * step);
+    }
+    const int64_t doc_bytes_done = int64_t(double(doc_bytes) * double(begin) / double(std::max<size_t>(1, ids.size())));
+    prog.bytes_total -= doc_bytes_done;  // bytes of this run: what was indexed before is not counted
     for_each_window(model, ids, opts.context, tok.bos_id(), fo, [&](const std::vector<int32_t>& window, size_t first,
                                                                     size_t start, const std::vector<float>&,
                                                                     const RouterCapture& cap) {
@@ -249,6 +325,7 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
             ExpertState& s = state[size_t(g)][size_t(a.id)];
             s.count++;
             s.max_prob = std::max(s.max_prob, a.prob);
+            s.changed = true;
             if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
             // The context is copied only for entries that make the top_k.
             const int64_t lo = std::max<int64_t>(0, pos - opts.window);
@@ -257,6 +334,7 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
                              std::vector<int32_t>(ids.begin() + ptrdiff_t(lo), ids.begin() + ptrdiff_t(hi)), {}, {}};
             if (int64_t(s.top.size()) == opts.top_k) {
               std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+              if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
               s.top.back() = std::move(entry);
             } else {
               s.top.push_back(std::move(entry));
@@ -266,24 +344,40 @@ void build_index(const Model& model, const Tokenizer& tok, const std::vector<std
         }
       }
       const int64_t n = int64_t(window.size() - first);
+      const size_t next = start + size_t(n);
       tokens_indexed += n;
       prog.tokens_done += n;
       since_commit += n;
-      prog.bytes_done = bytes_before + int64_t(double(doc_bytes) * double(start + size_t(n)) / double(ids.size()));
-      prog.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      prog.bytes_done = bytes_before + int64_t(double(doc_bytes) * double(next) / double(ids.size())) - doc_bytes_done;
+      if (since_commit >= opts.checkpoint_tokens && next < ids.size()) {  // inside the document
+        commit(pending_docs, json{{"path", path}, {"doc", doc}, {"next", next}, {"fingerprint", fingerprint}});
+        pending_docs.clear();
+        since_commit = 0;
+      }
+      prog.seconds = elapsed();
       if (progress) progress(prog);
-    });
-    bytes_before += doc_bytes;
+    }, begin, end);
+    const size_t stopped = std::min(end, ids.size());
+    if (stopped < ids.size()) {  // --max-tokens ran out inside this document
+      commit(pending_docs, json{{"path", path}, {"doc", doc}, {"next", stopped}, {"fingerprint", fingerprint}});
+      pending_docs.clear();
+      since_commit = 0;
+      break;
+    }
+    bytes_before += doc_bytes - doc_bytes_done;
     prog.bytes_done = bytes_before;
-    if (progress) progress(prog);
     pending_docs.emplace_back(path, int64_t(ids.size()));
     if (since_commit >= opts.checkpoint_tokens) {
-      commit(pending_docs);
+      commit(pending_docs, partial);
       pending_docs.clear();
       since_commit = 0;
     }
+    prog.seconds = elapsed();
+    if (progress) progress(prog);
   }
-  commit(pending_docs);
+  if (since_commit > 0 || !pending_docs.empty() || (!opts.resume && commits == 0)) commit(pending_docs, partial);
+  prog.seconds = elapsed();
+  return prog;
 }
 
 // ---- reading --------------------------------------------------------------
@@ -330,7 +424,7 @@ std::string IndexReader::expert_json(int64_t group, int64_t expert) const {
     out["max_prob"] = e.f64(1);
   }
   Stmt a(db_, "SELECT prob, doc, pos, token, context, focus FROM activations WHERE grp = ? AND expert = ? "
-              "ORDER BY prob DESC");
+              "ORDER BY prob DESC, doc, pos");
   a.bind(1, group).bind(2, expert);
   nlohmann::json contexts = nlohmann::json::array();
   while (a.step())

@@ -30,4 +30,13 @@ std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, i
   return out;
 }
 
+TokenExperts token_experts(const RouterCapture& cap, size_t t, size_t g, int64_t H, int64_t E, float threshold,
+                           const ExpertMask* mask) {
+  const size_t HE = size_t(H * E);
+  TokenExperts out;
+  for (const ExpertActivation& a : active_experts(cap.g1[g].data() + t * HE, cap.g2[g].data() + t * HE, H, E, threshold))
+    (mask && mask->removed(int64_t(g), a.i, a.j) ? out.removed : out.kept).push_back(a);
+  return out;
+}
+
 }  // namespace monet

@@ -5,12 +5,14 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "backend/cpu/ops.h"
 #include "monet/error.h"
 #include "monet/interp.h"
+#include "monet/mask.h"
 
 extern const char* const kMonetViewerHtml;
 
@@ -58,20 +60,26 @@ std::vector<float> expert_direction(const Model& model, int64_t group, int64_t i
   return dir;
 }
 
+// Indices of the n largest scores, largest first.
+std::vector<int32_t> top_ids(const std::vector<float>& scores, size_t n) {
+  std::vector<int32_t> order(scores.size());
+  for (size_t k = 0; k < order.size(); k++) order[k] = int32_t(k);
+  n = std::min(n, order.size());
+  std::partial_sort(order.begin(), order.begin() + ptrdiff_t(n), order.end(),
+                    [&](int32_t a, int32_t b) { return scores[size_t(a)] > scores[size_t(b)]; });
+  order.resize(n);
+  return order;
+}
+
 json top_output_tokens(const Model& model, const Tokenizer& tok, int64_t group, int64_t id, int n) {
   const MonetConfig& c = model.config();
   std::vector<float> dir = expert_direction(model, group, id / c.moe_experts, id % c.moe_experts);
   for (int64_t k = 0; k < c.hidden_size; k++) dir[size_t(k)] *= model.weights().final_norm[size_t(k)];
   std::vector<float> logits(size_t(c.vocab_size));
   cpu::linear(model.weights().lm_head, dir.data(), 1, logits.data());
-  std::vector<int32_t> order(logits.size());
-  for (size_t k = 0; k < order.size(); k++) order[k] = int32_t(k);
-  std::partial_sort(order.begin(), order.begin() + std::min<ptrdiff_t>(n, ptrdiff_t(order.size())), order.end(),
-                    [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
   json out = json::array();
-  for (int k = 0; k < n && k < int(order.size()); k++)
-    out.push_back({{"id", order[size_t(k)]}, {"token", tok.token_text(order[size_t(k)])},
-                   {"logit", logits[size_t(order[size_t(k)])]}});
+  for (int32_t k : top_ids(logits, size_t(n)))
+    out.push_back({{"id", k}, {"token", tok.token_text(k)}, {"logit", logits[size_t(k)]}});
   return out;
 }
 
@@ -141,8 +149,14 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     }
     if (!body.is_object() || !body.contains("text") || !body["text"].is_string()) fail("the body needs a string \"text\"");
     const float threshold = body.value("threshold", 0.01f);
-    const int top = body.value("top", 8);
+    const int top = body.value("top", 8), n_next = body.value("next", 10);
+    if (!(threshold >= 0) || top < 0 || n_next < 0 || n_next > 100)
+      fail("threshold must be >= 0, top >= 0 and next in [0, 100]");
+    // An optional mask, as in a mask file: the probe runs the model with those experts removed.
+    ExpertMask mask = ExpertMask::none(c);
+    if (body.contains("mask") && !body["mask"].is_null()) mask = ExpertMask::parse_json(body["mask"].dump(), "the request's mask", c);
     std::vector<int32_t> ids = tok.encode(body["text"].get<std::string>(), true);
+    if (ids.empty()) fail("the text has no tokens");
     if (int64_t(ids.size()) > std::min<int64_t>(c.max_position_embeddings, opts.max_probe_tokens))
       fail("the text has ", ids.size(), " tokens; the probe takes at most ",
            std::min<int64_t>(c.max_position_embeddings, opts.max_probe_tokens));
@@ -150,26 +164,36 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     ForwardOptions fo;
     fo.capture = &cap;
     fo.all_logits = false;
+    fo.mask = &mask;
     std::vector<float> logits;
     {
       std::lock_guard<std::mutex> lock(model_mutex);
       KvCache cache = model.new_cache(int64_t(ids.size()));
       model.forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
     }
-    const int64_t HE = c.moe_heads * c.moe_experts;
+    auto experts_json = [top](const std::vector<ExpertActivation>& list) {
+      json ex = json::array();
+      for (size_t k = 0; k < list.size() && int(k) < top; k++) ex.push_back({{"expert", list[k].id}, {"p", list[k].prob}});
+      return ex;
+    };
     json tokens = json::array();
     for (size_t t = 0; t < ids.size(); t++) {
       json groups = json::array();
       for (size_t g = 0; g < cap.g1.size(); g++) {
-        const auto act = active_experts(cap.g1[g].data() + t * size_t(HE), cap.g2[g].data() + t * size_t(HE),
-                                        c.moe_heads, c.moe_experts, threshold);
-        json ex = json::array();
-        for (size_t k = 0; k < act.size() && int(k) < top; k++) ex.push_back({{"expert", act[k].id}, {"p", act[k].prob}});
-        groups.push_back({{"group", g}, {"count", act.size()}, {"experts", ex}});
+        const TokenExperts te = token_experts(cap, t, g, c.moe_heads, c.moe_experts, threshold, &mask);
+        groups.push_back({{"group", g}, {"count", te.kept.size()}, {"experts", experts_json(te.kept)},
+                          {"removed", experts_json(te.removed)}});
       }
       tokens.push_back({{"id", ids[t]}, {"token", tok.token_text(ids[t])}, {"groups", groups}});
     }
-    return json({{"tokens", tokens}}).dump();
+    // The next-token distribution after the text (softmax of the last logits).
+    const float mx = *std::max_element(logits.begin(), logits.end());
+    double sum = 0;
+    for (float l : logits) sum += std::exp(double(l - mx));
+    json next = json::array();
+    for (int32_t k : top_ids(logits, size_t(n_next)))
+      next.push_back({{"id", k}, {"token", tok.token_text(k)}, {"p", std::exp(double(logits[size_t(k)] - mx)) / sum}});
+    return json({{"tokens", tokens}, {"next", next}, {"masked", mask.removed_count()}}).dump();
   }));
 
   if (!server.bind_to_port(opts.host, opts.port)) fail("cannot listen on ", opts.host, ":", opts.port);

@@ -334,6 +334,8 @@ std::string Tokenizer::token_bytes(int32_t id, bool first) const {
 std::string Tokenizer::token_text(int32_t id) const {
   std::string out;
   utf8::append_sanitized(out, token_bytes(id, false));
+  // Control tokens (SentencePiece's <s>, </s>) add no text but are shown by name.
+  if (out.empty() && id >= 0 && size_t(id) < pieces_.size() && is_special(id)) utf8::append_sanitized(out, pieces_[size_t(id)]);
   return out;
 }
 

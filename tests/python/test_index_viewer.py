@@ -98,6 +98,70 @@ def test_index_resume_and_errors(monet_bin, setup):
     assert missing.returncode != 0 and "nope.txt" in missing.stderr and not os.path.exists(root / "x.db")
 
 
+def index_rows(db):
+    return (query(db, "SELECT grp, expert, count, max_prob FROM experts ORDER BY 1, 2"),
+            query(db, "SELECT grp, expert, prob, doc, pos, token, context, focus FROM activations ORDER BY 1, 2, 3, 4, 5"),
+            query(db, "SELECT doc, path, tokens FROM documents ORDER BY doc"),
+            query(db, "SELECT key, value FROM meta ORDER BY key"))
+
+
+def test_index_commits_stops_and_resumes_inside_documents(monet_bin, setup):
+    """Commits every few tokens (also inside a document), --max-tokens stops and
+    --resume continues at the window where it stopped: the same index as one run."""
+    model_dir, _, _, root = setup
+    a, b = root / "long_a.txt", root / "long_b.txt"
+    a.write_text(CORPUS_A * 6)
+    b.write_text(CORPUS_B * 6)
+    opts = ["--context", "16", "--top-k", "3"]
+    one = str(root / "one.db")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), str(b), "--out", one, *opts)
+    n_a = query(one, "SELECT tokens FROM documents WHERE doc = 0")[0][0]
+    assert n_a > 60  # several windows of 15 tokens
+    parts = str(root / "parts.db")
+    out = run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), str(b), "--out", parts, *opts,
+              "--max-tokens", "40", "--commit-every", "10")
+    assert "indexed 45 tokens" in out.stdout  # whole windows: 3 x 15
+    partial = json.loads(query(parts, "SELECT value FROM meta WHERE key = 'partial'")[0][0])
+    assert partial["next"] == 45 and partial["doc"] == 0 and partial["path"].endswith("long_a.txt")
+    assert query(parts, "SELECT COUNT(*) FROM documents") == [(0,)]
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), str(b), "--out", parts, *opts,
+        "--resume", "--max-tokens", str(n_a), "--commit-every", "7")  # ends inside b
+    partial = json.loads(query(parts, "SELECT value FROM meta WHERE key = 'partial'")[0][0])
+    assert partial["doc"] == 1 and partial["path"].endswith("long_b.txt")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), str(b), "--out", parts, *opts,
+        "--resume", "--commit-every", "25")
+    assert index_rows(parts) == index_rows(one)
+    # a document that changed after the index stopped inside it is refused, the index left as it was
+    stopped = str(root / "stopped.db")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), "--out", stopped, *opts, "--max-tokens", "20")
+    before = index_rows(stopped)
+    a.write_text(CORPUS_B * 6)
+    bad = run(monet_bin, "index", "--model", model_dir, "--corpus", str(a), "--out", stopped, *opts, "--resume",
+              check=False)
+    assert bad.returncode != 0 and "changed since the index stopped inside it" in bad.stderr
+    assert index_rows(stopped) == before
+    for flag, value in (("--commit-every", "0"), ("--max-tokens", "-1"), ("--window", "-2")):
+        bad = run(monet_bin, "index", "--model", model_dir, "--corpus", str(b), "--out", str(root / "flag.db"),
+                  flag, value, check=False)
+        assert bad.returncode != 0 and flag in bad.stderr and not os.path.exists(root / "flag.db")
+
+
+def test_index_queries_use_indexes(monet_bin, setup):
+    """Queries by expert, group and token string are index lookups, not scans."""
+    model_dir, a, b, root = setup
+    db = str(root / "plan.db")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", a, b, "--out", db, "--context", "32")
+    plans = {
+        "expert": "SELECT prob FROM activations WHERE grp = 0 AND expert = 5 ORDER BY prob DESC, doc, pos",
+        "token": "SELECT grp, expert, COUNT(*) FROM activations WHERE trim(token) = trim(' the') GROUP BY grp, expert",
+        "group": "SELECT expert, count FROM experts WHERE grp = 1 ORDER BY count DESC LIMIT 10",
+    }
+    for name, sql in plans.items():
+        plan = " ".join(row[-1] for row in query(db, "EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, (name, plan)
+        assert "SCAN activations" not in plan and "SCAN experts" not in plan, (name, plan)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,6 +208,27 @@ def test_api(server):
     with urllib.request.urlopen(req) as r:
         probe = json.loads(r.read())
     assert [t["token"] for t in probe["tokens"]][0] == "<s>" and len(probe["tokens"][1]["groups"]) == 2
+    assert len(probe["next"]) == 10 and probe["masked"] == 0
+    assert 0 < sum(n["p"] for n in probe["next"]) <= 1 + 1e-6
+    assert [n["p"] for n in probe["next"]] == sorted((n["p"] for n in probe["next"]), reverse=True)
+    # with a mask: group 0's routing comes before any masked layer, so its strongest expert on
+    # token 1 is still routed, and listed as removed; the next-token distribution changes
+    strongest = probe["tokens"][1]["groups"][0]["experts"][0]["expert"]
+    mask = {"experts": [{"group": 0, "expert": strongest}], "components": [{"group": 1, "side": 1, "index": 0}]}
+    req = urllib.request.Request(url + "/api/probe", data=json.dumps({"text": "the heat", "mask": mask}).encode(),
+                                 method="POST")
+    with urllib.request.urlopen(req) as r:
+        masked = json.loads(r.read())
+    g0 = masked["tokens"][1]["groups"][0]
+    assert masked["masked"] == 2
+    assert strongest in [e["expert"] for e in g0["removed"]] and strongest not in [e["expert"] for e in g0["experts"]]
+    assert g0["count"] == probe["tokens"][1]["groups"][0]["count"] - 1
+    assert [n["p"] for n in masked["next"]] != [n["p"] for n in probe["next"]]
+    for body in ({"text": "the", "mask": {"experts": [{"group": 9, "expert": 1}]}}, {"text": "the", "next": 1000},
+                 {"text": "the", "mask": "x"}, {"text": "the", "threshold": -1}):
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(urllib.request.Request(url + "/api/probe", data=json.dumps(body).encode(), method="POST"))
+        assert exc.value.code == 400 and json.loads(exc.value.read())["error"]
     for bad in ("/api/expert?group=7&expert=1", "/api/expert?group=0&expert=99999", "/api/experts?order=zzz"):
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(url + bad)
@@ -156,7 +241,8 @@ def test_api(server):
 
 
 def test_page_in_headless_chromium(server):
-    """Load the page, open an expert, probe a text, build a mask; screenshot."""
+    """Load the page, open an expert, build a mask (expert, component, file), download it,
+    probe a text with and without it; screenshot."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -164,10 +250,14 @@ def test_page_in_headless_chromium(server):
     if not os.path.exists("/usr/bin/chromium") or not os.path.exists("/usr/bin/chromedriver"):
         pytest.fail("Debian's chromium and chromium-driver are needed (bash scripts/deps.sh installs them)")
     url, root = server
+    downloads = root / "downloads"
+    downloads.mkdir(exist_ok=True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=opts)
     try:
         wait = WebDriverWait(driver, 30)
@@ -176,20 +266,49 @@ def test_page_in_headless_chromium(server):
         assert "tokens indexed" in driver.find_element(By.ID, "info").text
         first = driver.find_element(By.CSS_SELECTOR, "#expert-list a.expert-link")
         label = first.text  # g0/ID
+        expert = int(label.split("/")[1])
         first.click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#contexts .ctx .focus")))
         title = driver.find_element(By.ID, "expert-title").text
-        assert f"expert {label.split('/')[1]} of group 0" in title
-        assert driver.find_elements(By.CSS_SELECTOR, "#contexts .ctx")
+        assert f"expert {expert} of group 0" in title
+        # each context: the firing token between its left and right context, as the index stores it
+        e = get(url + f"/api/expert?group=0&expert={expert}")
+        shown = driver.find_elements(By.CSS_SELECTOR, "#contexts .ctx")
+        assert len(shown) == len(e["contexts"])
+        c0 = e["contexts"][0]
+        row = shown[0]
+        visible = lambda s: s.replace("\n", "\u21b5").replace("\t", "\u2192")
+        assert row.find_element(By.CSS_SELECTOR, ".focus").get_attribute("textContent") == visible(c0["token"])
+        assert row.find_element(By.CSS_SELECTOR, ".left").get_attribute("textContent") == \
+            visible("".join(c0["context"][:c0["focus"]]))
+        assert row.find_element(By.CSS_SELECTOR, ".right").get_attribute("textContent") == \
+            visible("".join(c0["context"][c0["focus"] + 1:]))
+        assert driver.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
         driver.find_element(By.ID, "add-mask").click()
-        assert label in driver.find_element(By.ID, "mask-table").text
+        driver.find_element(By.ID, "add-col").click()
+        table = driver.find_element(By.ID, "mask-table").text
+        assert label in table and f"j = {e['j']}" in table
+        # a mask file (as find-experts writes) adds its entries
+        loaded = root / "loaded.json"
+        loaded.write_text(json.dumps({"experts": [{"group": 1, "expert": 7}], "components": [{"group": 0, "side": 1, "index": 3}]}))
+        driver.find_element(By.ID, "mask-file").send_keys(str(loaded))
+        wait.until(lambda d: "g1/7" in d.find_element(By.ID, "mask-table").text)
+        driver.find_element(By.ID, "mask-download").click()
+        target = downloads / "mask.json"
+        wait.until(lambda d: target.exists() and target.stat().st_size > 0)
+        assert json.loads(target.read_text()) == {
+            "experts": [{"group": 0, "expert": expert}, {"group": 1, "expert": 7}],
+            "components": [{"group": 0, "side": 2, "index": e["j"]}, {"group": 0, "side": 1, "index": 3}]}
         box = driver.find_element(By.ID, "probe-text")
         box.clear()
         box.send_keys("the other heat")
+        driver.find_element(By.ID, "probe-masked").click()
         driver.find_element(By.CSS_SELECTOR, "#probe-form button").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#probe-table .probe-tok")))
-        tokens = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#probe-table .probe-tok")]
+        tokens = [el.text for el in driver.find_elements(By.CSS_SELECTOR, "#probe-table .probe-tok")]
         assert tokens[0] == "<s>" and len(tokens) >= 3
+        next_table = driver.find_element(By.ID, "next-table").text
+        assert "p with mask" in next_table and len(next_table.splitlines()) == 11
         shot = root / "viewer.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

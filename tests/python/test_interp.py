@@ -58,6 +58,36 @@ def test_experts_match_reference(monet_bin, model_dir):
     assert "group 1:" in text and "experts >" in text
 
 
+def test_experts_with_mask(monet_bin, model_dir, tmp_path):
+    """Removed experts are listed apart; the routing of later groups is the masked model's."""
+    ids = tokenize(monet_bin, model_dir, "the other heat", special=True)
+    plain = json.loads(monet(monet_bin, "experts", "--model", model_dir, "--ids", ",".join(map(str, ids)), "--json"))
+    E = 32
+    top0 = plain["tokens"][2]["groups"][0]["experts"][0]  # the strongest expert of token 2, group 0
+    mask = {"experts": [{"group": 0, "expert": top0["id"]}], "components": [{"group": 1, "side": 2, "index": 5}]}
+    (tmp_path / "mask.json").write_text(json.dumps(mask))
+    out = json.loads(monet(monet_bin, "experts", "--model", model_dir, "--ids", ",".join(map(str, ids)), "--json",
+                           "--mask", str(tmp_path / "mask.json")))
+    M0, M1 = np.ones((E, E)), np.ones((E, E))
+    M0[top0["i"], top0["j"]] = 0
+    M1[:, 5] = 0
+    _, routers = reference.forward(reference.load(model_dir), ids, masks={0: M0, 1: M1})
+    for t, tok in enumerate(out["tokens"]):
+        for g, layer in enumerate(sorted(routers)):
+            g1, g2 = routers[layer]
+            p = np.einsum("hi,hj->ij", g1[t], g2[t])
+            M = (M0, M1)[g]
+            kept = {int(k) for k in np.nonzero((p * M).reshape(-1) > 0.01)[0]}
+            gone = {int(k) for k in np.nonzero((p * (1 - M)).reshape(-1) > 0.01)[0]}
+            got = tok["groups"][g]
+            assert {e["id"] for e in got["experts"]} == kept and got["count"] == len(kept)
+            assert {e["id"] for e in got["removed"]} == gone
+    assert top0["id"] in {e["id"] for e in out["tokens"][2]["groups"][0]["removed"]}
+    text = monet(monet_bin, "experts", "--model", model_dir, "--ids", ",".join(map(str, ids)),
+                 "--mask", str(tmp_path / "mask.json"))
+    assert "more removed by the mask" in text
+
+
 def reference_loss(model, ids, context, bos=1, masks=None):
     total, n = 0.0, 0
     step = context - 1
