@@ -91,16 +91,15 @@ class Stmt {
   sqlite3_stmt* s_ = nullptr;
 };
 
-// One of an expert's top activations. Its texts are rendered when it is
-// written out (most entries are displaced before that); entries read back
-// from the database on --resume arrive rendered.
+// One of an expert's top activations. Its context is kept (as token ids)
+// only until it is written: most entries are displaced before that, and a
+// written one needs no more than its place in the order and its row.
 struct Activation {
   float prob;
+  int32_t focus;                 // index of the firing token in the context
   int64_t doc, pos;
-  int64_t focus;                 // index of the firing token in the context
-  std::vector<int32_t> context;  // token ids around it
-  std::string token_text, context_json;
   int64_t row = -1;              // its rowid in `activations` once written
+  std::vector<int32_t> context;  // token ids around it, until written
   // Stronger first; among equal probabilities the earlier position, so that
   // the kept top_k do not depend on the heap's history (resume = one run).
   bool operator>(const Activation& o) const {
@@ -198,10 +197,10 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       s.count = e.i64(2);
       s.max_prob = float(e.f64(3));
     }
-    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, token, context, focus, rowid FROM activations");
+    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, rowid FROM activations");
     while (a.step())
       state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back(
-          {float(a.f64(2)), a.i64(3), a.i64(4), a.i64(7), {}, a.text(5), a.text(6), a.i64(8)});
+          {float(a.f64(2)), 0, a.i64(3), a.i64(4), a.i64(5), {}});
     for (auto& g : state)
       for (ExpertState& s : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
   }
@@ -218,15 +217,13 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   // Token texts as JSON strings, made once: a commit renders up to groups x E^2 x top_k contexts.
   std::vector<std::string> token_json(size_t(tok.vocab_size()));
   for (size_t id = 0; id < token_json.size(); id++) token_json[id] = json(tok.token_text(int32_t(id))).dump();
-  auto render = [&](Activation& a) {
-    if (!a.context_json.empty()) return;
+  auto context_json = [&](const Activation& a) {
     std::string text(1, '[');
     for (size_t k = 0; k < a.context.size(); k++) {
       if (k) text += ',';
       text += token_json[size_t(a.context[k])];
     }
-    a.context_json = std::move(text) + ']';
-    a.token_text = tok.token_text(a.context[size_t(a.focus)]);
+    return std::move(text) + ']';
   };
 
   int64_t commits = 0;
@@ -248,9 +245,9 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
           put_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
           for (Activation& a : s.top) {
             if (a.row >= 0) continue;
-            render(a);
-            ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos).bind(6, a.token_text)
-                .bind(7, a.context_json).bind(8, a.focus).run();
+            ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos)
+                .bind(6, tok.token_text(a.context[size_t(a.focus)])).bind(7, context_json(a)).bind(8, int64_t(a.focus))
+                .run();
             a.row = sqlite3_last_insert_rowid(db.get());
           }
         }
@@ -272,7 +269,11 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     commits++;
     for (std::vector<int64_t>& rows : displaced) rows.clear();
     for (auto& g : state)
-      for (ExpertState& s : g) s.changed = false;
+      for (ExpertState& s : g) {
+        if (!s.changed) continue;
+        s.changed = false;
+        for (Activation& a : s.top) std::vector<int32_t>().swap(a.context);  // written: the database has it
+      }
   };
 
   const auto t0 = std::chrono::steady_clock::now();
@@ -330,8 +331,8 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
             // The context is copied only for entries that make the top_k.
             const int64_t lo = std::max<int64_t>(0, pos - opts.window);
             const int64_t hi = std::min<int64_t>(int64_t(ids.size()), pos + opts.window + 1);
-            Activation entry{a.prob, doc, pos, pos - lo,
-                             std::vector<int32_t>(ids.begin() + ptrdiff_t(lo), ids.begin() + ptrdiff_t(hi)), {}, {}};
+            Activation entry{a.prob, int32_t(pos - lo), doc, pos, -1,
+                             std::vector<int32_t>(ids.begin() + ptrdiff_t(lo), ids.begin() + ptrdiff_t(hi))};
             if (int64_t(s.top.size()) == opts.top_k) {
               std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
               if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
