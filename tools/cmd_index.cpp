@@ -31,9 +31,11 @@ void add_index_command(CLI::App& app) {
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const bool tty = isatty(STDERR_FILENO);
     double last = -1;
+    int64_t last_tokens = -1;
     const monet::IndexProgress done = monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
-      if (p.seconds - last < (tty ? 0.2 : 5.0) && p.bytes_done < p.bytes_total) return;
+      if (p.tokens_done == last_tokens || (p.seconds - last < (tty ? 0.2 : 5.0) && p.bytes_done < p.bytes_total)) return;
       last = p.seconds;
+      last_tokens = p.tokens_done;
       const double frac = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 1.0;
       const int width = 30, filled = int(frac * width);
       std::fprintf(stderr, "%s[%.*s%*s] %3.0f%% of %.1f MB, %lld tokens, %.0f tokens/s%s", tty ? "\r" : "", filled,

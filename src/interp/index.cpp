@@ -226,11 +226,12 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     return std::move(text) + ']';
   };
 
-  int64_t commits = 0;
+  std::vector<std::pair<std::string, int64_t>> pending_docs;  // finished since the last commit: path, tokens
+  int64_t since_commit = 0, commits = 0;
   // Writes what changed since the last commit: displaced rows out, new top
   // activations in, the counts of experts that fired, finished documents and
-  // the position inside the current one.
-  auto commit = [&](const std::vector<std::pair<std::string, int64_t>>& new_docs, const json& now_partial) {
+  // where the run is inside a document (now_partial, or null).
+  auto commit = [&](const json& now_partial) {
     db.exec("BEGIN IMMEDIATE");
     try {
       Stmt del_a(db.get(), "DELETE FROM activations WHERE rowid = ?");
@@ -252,7 +253,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
           }
         }
       Stmt ins_d(db.get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
-      for (const auto& [path, n] : new_docs) ins_d.bind(1, done_docs[path]).bind(2, path).bind(3, n).run();
+      for (const auto& [path, n] : pending_docs) ins_d.bind(1, done_docs[path]).bind(2, path).bind(3, n).run();
       Stmt ins_m(db.get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
       ins_m.bind(1, std::string("settings")).bind(2, settings).run();
       ins_m.bind(1, std::string("tokens")).bind(2, std::to_string(tokens_indexed)).run();
@@ -267,6 +268,8 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       throw;
     }
     commits++;
+    pending_docs.clear();
+    since_commit = 0;
     for (std::vector<int64_t>& rows : displaced) rows.clear();
     for (auto& g : state)
       for (ExpertState& s : g) {
@@ -278,8 +281,6 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
 
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
-  std::vector<std::pair<std::string, int64_t>> pending_docs;
-  int64_t since_commit = 0;
   ForwardOptions fo;
   fo.routing_only = true;
   const size_t step = size_t(opts.context) - (tok.bos_id() >= 0 ? 1 : 0);
@@ -303,6 +304,9 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       doc = next_doc++;
     }
     done_docs[path] = doc;
+    auto inside = [&](size_t next) {
+      return json{{"path", path}, {"doc", doc}, {"next", next}, {"fingerprint", fingerprint}};
+    };
     // With --max-tokens, whole windows up to the budget.
     size_t end = ids.size();
     if (opts.max_tokens > 0) {
@@ -350,33 +354,23 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       prog.tokens_done += n;
       since_commit += n;
       prog.bytes_done = bytes_before + int64_t(double(doc_bytes) * double(next) / double(ids.size())) - doc_bytes_done;
-      if (since_commit >= opts.checkpoint_tokens && next < ids.size()) {  // inside the document
-        commit(pending_docs, json{{"path", path}, {"doc", doc}, {"next", next}, {"fingerprint", fingerprint}});
-        pending_docs.clear();
-        since_commit = 0;
-      }
+      if (since_commit >= opts.checkpoint_tokens && next < ids.size()) commit(inside(next));
       prog.seconds = elapsed();
       if (progress) progress(prog);
     }, begin, end);
     const size_t stopped = std::min(end, ids.size());
     if (stopped < ids.size()) {  // --max-tokens ran out inside this document
-      commit(pending_docs, json{{"path", path}, {"doc", doc}, {"next", stopped}, {"fingerprint", fingerprint}});
-      pending_docs.clear();
-      since_commit = 0;
+      commit(inside(stopped));
       break;
     }
     bytes_before += doc_bytes - doc_bytes_done;
     prog.bytes_done = bytes_before;
     pending_docs.emplace_back(path, int64_t(ids.size()));
-    if (since_commit >= opts.checkpoint_tokens) {
-      commit(pending_docs, partial);
-      pending_docs.clear();
-      since_commit = 0;
-    }
+    if (since_commit >= opts.checkpoint_tokens) commit(partial);
     prog.seconds = elapsed();
     if (progress) progress(prog);
   }
-  if (since_commit > 0 || !pending_docs.empty() || (!opts.resume && commits == 0)) commit(pending_docs, partial);
+  if (since_commit > 0 || !pending_docs.empty() || (!opts.resume && commits == 0)) commit(partial);
   prog.seconds = elapsed();
   return prog;
 }

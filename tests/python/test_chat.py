@@ -141,3 +141,23 @@ def test_chat_in_a_terminal(monet_bin, chat_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_chat_with_mask_from_a_pipe(monet_bin, chat_model, tmp_path):
+    """chat --mask (stdin not a terminal): the reply equals greedy generate --mask on the rendered prompt."""
+    conv = tmp_path / "turn.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "hello there"}]))
+    ids = subprocess.run([monet_bin, "chat", "--model", chat_model, "--render", str(conv), "--add-generation-prompt"],
+                         capture_output=True, text=True, check=True).stdout.rsplit("\n", 2)[1]
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"components": [{"group": 0, "side": 1, "index": i} for i in range(0, 32, 2)]}))
+    replies = {}
+    for masked in (False, True):
+        extra = ["--mask", str(mask)] if masked else []
+        gen = subprocess.run([monet_bin, "generate", "--model", chat_model, "--ids", ids, "-n", "12", "--temperature",
+                              "0", *extra], capture_output=True, check=True).stdout
+        chat = subprocess.run([monet_bin, "chat", "--model", chat_model, "-n", "12", "--temperature", "0", *extra],
+                              input=b"hello there\n", capture_output=True, check=True)
+        assert chat.stdout == gen.rstrip(b"\n") + b"\n"
+        replies[masked] = chat.stdout
+    assert replies[True] != replies[False]  # the mask changes the reply
