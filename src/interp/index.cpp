@@ -14,6 +14,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
@@ -91,15 +93,14 @@ class Stmt {
   sqlite3_stmt* s_ = nullptr;
 };
 
-// One of an expert's top activations. Its context is kept (as token ids)
-// only until it is written: most entries are displaced before that, and a
-// written one needs no more than its place in the order and its row.
+// One of an expert's top activations: 32 bytes. Its context is rendered
+// from the document's tokens when it is written (most entries are displaced
+// before that); the tokens of documents with unwritten entries are kept
+// until the next commit.
 struct Activation {
   float prob;
-  int32_t focus;                 // index of the firing token in the context
   int64_t doc, pos;
-  int64_t row = -1;              // its rowid in `activations` once written
-  std::vector<int32_t> context;  // token ids around it, until written
+  int64_t row = -1;  // its rowid in `activations` once written
   // Stronger first; among equal probabilities the earlier position, so that
   // the kept top_k do not depend on the heap's history (resume = one run).
   bool operator>(const Activation& o) const {
@@ -199,8 +200,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     }
     Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, rowid FROM activations");
     while (a.step())
-      state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back(
-          {float(a.f64(2)), 0, a.i64(3), a.i64(4), a.i64(5), {}});
+      state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back({float(a.f64(2)), a.i64(3), a.i64(4), a.i64(5)});
     for (auto& g : state)
       for (ExpertState& s : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
   }
@@ -217,14 +217,10 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   // Token texts as JSON strings, made once: a commit renders up to groups x E^2 x top_k contexts.
   std::vector<std::string> token_json(size_t(tok.vocab_size()));
   for (size_t id = 0; id < token_json.size(); id++) token_json[id] = json(tok.token_text(int32_t(id))).dump();
-  auto context_json = [&](const Activation& a) {
-    std::string text(1, '[');
-    for (size_t k = 0; k < a.context.size(); k++) {
-      if (k) text += ',';
-      text += token_json[size_t(a.context[k])];
-    }
-    return std::move(text) + ']';
-  };
+  // Token ids of the documents that may have unwritten activations: the
+  // current one and those finished since the last commit.
+  std::map<int64_t, std::shared_ptr<const std::vector<int32_t>>> doc_tokens;
+  int64_t current_doc = -1;
 
   std::vector<std::pair<std::string, int64_t>> pending_docs;  // finished since the last commit: path, tokens
   int64_t since_commit = 0, commits = 0;
@@ -246,9 +242,18 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
           put_e.bind(1, g).bind(2, id).bind(3, s.count).bind(4, double(s.max_prob)).run();
           for (Activation& a : s.top) {
             if (a.row >= 0) continue;
+            // The context: --window tokens on each side, within the document.
+            const std::vector<int32_t>& ids = *doc_tokens.at(a.doc);
+            const int64_t lo = std::max<int64_t>(0, a.pos - opts.window);
+            const int64_t hi = std::min<int64_t>(int64_t(ids.size()), a.pos + opts.window + 1);
+            std::string context(1, '[');
+            for (int64_t k = lo; k < hi; k++) {
+              if (k > lo) context += ',';
+              context += token_json[size_t(ids[size_t(k)])];
+            }
+            context += ']';
             ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos)
-                .bind(6, tok.token_text(a.context[size_t(a.focus)])).bind(7, context_json(a)).bind(8, int64_t(a.focus))
-                .run();
+                .bind(6, tok.token_text(ids[size_t(a.pos)])).bind(7, context).bind(8, a.pos - lo).run();
             a.row = sqlite3_last_insert_rowid(db.get());
           }
         }
@@ -272,11 +277,9 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     since_commit = 0;
     for (std::vector<int64_t>& rows : displaced) rows.clear();
     for (auto& g : state)
-      for (ExpertState& s : g) {
-        if (!s.changed) continue;
-        s.changed = false;
-        for (Activation& a : s.top) std::vector<int32_t>().swap(a.context);  // written: the database has it
-      }
+      for (ExpertState& s : g) s.changed = false;
+    // Every activation is written: only the current document's tokens are still needed.
+    for (auto it = doc_tokens.begin(); it != doc_tokens.end();) it = it->first == current_doc ? std::next(it) : doc_tokens.erase(it);
   };
 
   const auto t0 = std::chrono::steady_clock::now();
@@ -288,7 +291,8 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   for (const std::string& path : todo) {
     if (opts.max_tokens > 0 && prog.tokens_done >= opts.max_tokens) break;
     const int64_t doc_bytes = int64_t(fs::file_size(path));
-    const std::vector<int32_t> ids = tok.encode(read_file(path), false);
+    const auto tokens = std::make_shared<const std::vector<int32_t>>(tok.encode(read_file(path), false));
+    const std::vector<int32_t>& ids = *tokens;
     const std::string fingerprint = std::to_string(ids_fingerprint(ids));
     int64_t doc = -1;
     size_t begin = 0;
@@ -304,6 +308,8 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       doc = next_doc++;
     }
     done_docs[path] = doc;
+    doc_tokens[doc] = tokens;
+    current_doc = doc;
     auto inside = [&](size_t next) {
       return json{{"path", path}, {"doc", doc}, {"next", next}, {"fingerprint", fingerprint}};
     };
@@ -332,17 +338,13 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
             s.max_prob = std::max(s.max_prob, a.prob);
             s.changed = true;
             if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
-            // The context is copied only for entries that make the top_k.
-            const int64_t lo = std::max<int64_t>(0, pos - opts.window);
-            const int64_t hi = std::min<int64_t>(int64_t(ids.size()), pos + opts.window + 1);
-            Activation entry{a.prob, int32_t(pos - lo), doc, pos, -1,
-                             std::vector<int32_t>(ids.begin() + ptrdiff_t(lo), ids.begin() + ptrdiff_t(hi))};
+            const Activation entry{a.prob, doc, pos};
             if (int64_t(s.top.size()) == opts.top_k) {
               std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
               if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
-              s.top.back() = std::move(entry);
+              s.top.back() = entry;
             } else {
-              s.top.push_back(std::move(entry));
+              s.top.push_back(entry);
             }
             std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
           }
@@ -358,6 +360,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       prog.seconds = elapsed();
       if (progress) progress(prog);
     }, begin, end);
+    current_doc = -1;  // its tokens stay in doc_tokens until its activations are written
     const size_t stopped = std::min(end, ids.size());
     if (stopped < ids.size()) {  // --max-tokens ran out inside this document
       commit(inside(stopped));
