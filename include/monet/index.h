@@ -31,8 +31,8 @@ struct IndexProgress {
 };
 
 // Streams the corpus files through the model and writes/updates the index.
-// Memory is bounded by groups x E^2 x top_k entries plus the tokens of the
-// file being indexed, whatever the corpus size. Every checkpoint_tokens the
+// Memory is bounded by groups x E^2 x top_k entries (32 bytes each) plus the
+// tokens of the files read since the last commit, whatever the corpus size. Every checkpoint_tokens the
 // changes since the last commit are written in one transaction (also in the
 // middle of a file): interrupting leaves the last committed state, from which
 // --resume continues at the window where it stopped. Returns the totals of
