@@ -25,7 +25,7 @@ void add_index_command(CLI::App& app) {
   cmd->add_option("--max-tokens", o.max_tokens, "stop after about this many tokens (whole windows); --resume continues");
   cmd->add_option("--commit-every", o.checkpoint_tokens, "write the changes to the database every N tokens (default 200000)");
   cmd->add_option("--threads", threads, "CPU threads");
-  cmd->add_flag("--resume", o.resume, "continue an existing index, skipping the documents it has");
+  cmd->add_flag("--resume", o.resume, "continue an existing index: skip its documents, continue where it stopped");
   cmd->callback([] {
     auto model = monet::Model::load(model_dir, {threads});
     auto tok = monet::Tokenizer::load_dir(model_dir);

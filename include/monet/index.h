@@ -19,7 +19,7 @@ struct IndexOptions {
   int64_t window = 8;          // tokens of context on each side
   int64_t context = 256;       // tokens per forward window (BOS included)
   float threshold = 0.01f;     // an expert "fires" on a token above this probability
-  bool resume = false;         // continue an existing index (skips documents already in it)
+  bool resume = false;         // continue an existing index (skips its documents, continues inside a partial one)
   int64_t checkpoint_tokens = 200000;  // commit the state to the database this often (tokens)
   int64_t max_tokens = 0;      // stop after about this many tokens (whole windows; 0: the whole corpus)
 };
@@ -32,11 +32,12 @@ struct IndexProgress {
 
 // Streams the corpus files through the model and writes/updates the index.
 // Memory is bounded by groups x E^2 x top_k entries (32 bytes each) plus the
-// tokens of the files read since the last commit, whatever the corpus size. Every checkpoint_tokens the
-// changes since the last commit are written in one transaction (also in the
-// middle of a file): interrupting leaves the last committed state, from which
-// --resume continues at the window where it stopped. Returns the totals of
-// this run, its seconds including the final commit.
+// tokens of the files read since the last commit, whatever the corpus size.
+// Every checkpoint_tokens the changes since the last commit are written in
+// one transaction (also in the middle of a file): interrupting leaves the
+// last committed state, from which --resume continues at the window where it
+// stopped. Returns the totals of this run, its seconds including the final
+// commit.
 IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::vector<std::string>& files,
                  const std::string& db_path, const IndexOptions& opts,
                  const std::function<void(const IndexProgress&)>& progress = nullptr);
