@@ -162,6 +162,27 @@ def test_index_queries_use_indexes(monet_bin, setup):
         assert "SCAN activations" not in plan and "SCAN experts" not in plan, (name, plan)
 
 
+def test_serve_uses_the_index_model(monet_bin, setup):
+    """Without --model, serve loads the model the index was built with; a model of another
+    shape is refused (its expert ids would mean other experts)."""
+    model_dir, a, _, root = setup
+    db = str(root / "own.db")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", a, "--out", db, "--context", "32")
+    port = free_port()
+    proc = subprocess.Popen([monet_bin, "serve", "--index", db, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MONET_MODEL": ""})
+    try:
+        assert "monet viewer on" in proc.stdout.readline()
+        assert os.path.samefile(get(f"http://127.0.0.1:{port}/api/info")["model"], model_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    other = str(root / "other-shape")
+    make_checkpoint(other, vocab=301, layers=2, groups=1, experts=16, seed=3, tokenizer=True, max_pos=256)
+    bad = run(monet_bin, "serve", "--index", db, "--model", other, "--port", str(free_port()), check=False)
+    assert bad.returncode != 0 and "serve it with --model of the index's model" in bad.stderr
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
