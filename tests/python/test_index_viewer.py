@@ -330,6 +330,21 @@ def test_page_in_headless_chromium(server):
         assert tokens[0] == "<s>" and len(tokens) >= 3
         next_table = driver.find_element(By.ID, "next-table").text
         assert "p with mask" in next_table and len(next_table.splitlines()) == 11
+        # experts by address: a link (#g1/5) opens one, the box takes group/id or i,j (in the chosen group)
+        driver.get("about:blank")
+        driver.get(url + "/#g1/5")  # a fresh page load
+        wait.until(lambda d: "expert 5 of group 1" in d.find_element(By.ID, "detail").text)
+        driver.execute_script("location.hash = '#g0/6'")  # a link followed within the page
+        wait.until(lambda d: "expert 6 of group 0" in d.find_element(By.ID, "detail").text)
+        driver.find_element(By.ID, "goto").send_keys("2, 3")
+        driver.find_element(By.CSS_SELECTOR, "#goto-form button").click()
+        wait.until(lambda d: "expert 67 of group 0 (i = 2, j = 3)" in d.find_element(By.ID, "detail").text)
+        assert driver.execute_script("return location.hash") == "#g0/67"
+        box = driver.find_element(By.ID, "goto")
+        box.clear()
+        box.send_keys("g0/99999")
+        driver.find_element(By.CSS_SELECTOR, "#goto-form button").click()
+        wait.until(lambda d: "must be an integer in [0, 1023]" in d.find_element(By.ID, "detail").text)
         shot = root / "viewer.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
