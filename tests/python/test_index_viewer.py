@@ -146,6 +146,37 @@ def test_index_commits_stops_and_resumes_inside_documents(monet_bin, setup):
         assert bad.returncode != 0 and flag in bad.stderr and not os.path.exists(root / "flag.db")
 
 
+def test_index_killed_then_resumed_equals_one_run(monet_bin, setup):
+    """SIGKILL after a commit inside a document, then --resume: the same index as one run."""
+    import signal
+    model_dir, _, _, root = setup
+    big = root / "big.txt"
+    big.write_text(CORPUS_A * 300)
+    opts = ["--context", "64", "--top-k", "4", "--commit-every", "200"]
+    one = str(root / "big-one.db")
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(big), "--out", one, *opts)
+    killed = str(root / "big-killed.db")
+    proc = subprocess.Popen([monet_bin, "index", "--model", model_dir, "--corpus", str(big), "--out", killed, *opts],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = []
+    deadline = time.time() + 60
+    while not partial and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+        if os.path.exists(killed):
+            try:
+                partial = query(killed, "SELECT value FROM meta WHERE key = 'partial'")
+            except Exception:  # noqa: BLE001  (the schema may not be there yet)
+                pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert partial, "the run ended before a commit inside the document could be seen"
+    stopped_at = json.loads(query(killed, "SELECT value FROM meta WHERE key = 'partial'")[0][0])["next"]
+    total = query(one, "SELECT tokens FROM documents")[0][0]
+    assert 0 < stopped_at < total
+    run(monet_bin, "index", "--model", model_dir, "--corpus", str(big), "--out", killed, *opts, "--resume")
+    assert index_rows(killed) == index_rows(one)
+
+
 def test_index_queries_use_indexes(monet_bin, setup):
     """Queries by expert, group and token string are index lookups, not scans."""
     model_dir, a, b, root = setup
