@@ -214,9 +214,12 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     todo.push_back(key);
     prog.bytes_total += int64_t(fs::file_size(f));
   }
-  // Token texts as JSON strings, made once: a commit renders up to groups x E^2 x top_k contexts.
-  std::vector<std::string> token_json(size_t(tok.vocab_size()));
-  for (size_t id = 0; id < token_json.size(); id++) token_json[id] = json(tok.token_text(int32_t(id))).dump();
+  // Token texts, plain and as JSON strings, made once: a commit writes up to groups x E^2 x top_k of them.
+  std::vector<std::string> token_text(size_t(tok.vocab_size())), token_json(token_text.size());
+  for (size_t id = 0; id < token_text.size(); id++) {
+    token_text[id] = tok.token_text(int32_t(id));
+    token_json[id] = json(token_text[id]).dump();
+  }
   // Token ids of the documents that may have unwritten activations: the
   // current one and those finished since the last commit.
   std::map<int64_t, std::shared_ptr<const std::vector<int32_t>>> doc_tokens;
@@ -253,7 +256,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
             }
             context += ']';
             ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos)
-                .bind(6, tok.token_text(ids[size_t(a.pos)])).bind(7, context).bind(8, a.pos - lo).run();
+                .bind(6, token_text[size_t(ids[size_t(a.pos)])]).bind(7, context).bind(8, a.pos - lo).run();
             a.row = sqlite3_last_insert_rowid(db.get());
           }
         }
