@@ -48,9 +48,10 @@ def ensure_checkpoint(dtype: str, small: bool) -> str:
     return path
 
 
-def monet_bench(path: str, threads: int, prompt: int, decode: int) -> dict:
+def monet_bench(path: str, threads: int, prompt: int, decode: int, batch: int = 1, repeat: int = 1) -> dict:
     r = subprocess.run([BINARY, "--model", path, "--threads", str(threads), "--prompt", str(prompt),
-                        "--decode", str(decode)], capture_output=True, text=True)
+                        "--decode", str(decode), "--batch", str(batch), "--repeat", str(repeat)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"monet_bench failed ({r.returncode}): {r.stderr.strip()}")
     return json.loads(r.stdout)
@@ -64,12 +65,26 @@ def run_ours(path: str, threads: int, prompt: int, decode: int, prefill: int, re
             "expert_fraction": dec["expert_fraction"], "decode_run": dec, "prefill_run": pre}
 
 
-def prompt_ids(n: int, vocab: int) -> list:
-    return [(i * 7919 + 13) % vocab for i in range(n)]  # the same ids monet_bench uses
+def prompt_ids(n: int, vocab: int, seq: int = 0) -> list:
+    return [(i * 7919 + seq * 104729 + 13) % vocab for i in range(n)]  # the same ids monet_bench uses
 
 
-def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int) -> dict:
-    """Loads once; best of `repeat` runs of each measurement."""
+def peer_decode_seconds(model, prompts: list, decode: int) -> float:
+    """Greedy decode of `decode` steps after `prompts` (B sequences of one
+    length, one cache for the batch): seconds of the decode steps."""
+    import torch
+    logits, cache = model(torch.tensor(prompts))
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(decode):
+        logits, cache = model(nxt, cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - t0
+
+
+def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int,
+             batches: list) -> dict:
+    """Loads once; best of `repeat` runs of each measurement. batched: {B: tokens/s of B sequences decoding together}."""
     import torch
 
     from monet_ref.torch_model import MonetTorch
@@ -79,26 +94,24 @@ def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int, pref
     load_s = time.perf_counter() - t0
     V = model.config["vocab_size"]
     decode_s = prefill_s = float("inf")
+    batched = {}
     with torch.inference_mode():
         _, warm = model(torch.tensor([prompt_ids(16, V)]))  # warm-up: kernels, allocator
         model(torch.tensor([[1]]), warm)
         del warm
         for _ in range(repeat):
-            logits, cache = model(torch.tensor([prompt_ids(prompt, V)]))
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            t0 = time.perf_counter()
-            for _ in range(decode):
-                logits, cache = model(nxt, cache)
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-            decode_s = min(decode_s, time.perf_counter() - t0)
-            del cache
+            decode_s = min(decode_s, peer_decode_seconds(model, [prompt_ids(prompt, V)], decode))
             ids = torch.tensor([prompt_ids(prefill, V)])
             t0 = time.perf_counter()
             model(ids)
             prefill_s = min(prefill_s, time.perf_counter() - t0)
+        for B in batches:
+            prompts = [prompt_ids(prompt, V, b) for b in range(B)]
+            batched[B] = B * decode / min(peer_decode_seconds(model, prompts, decode) for _ in range(repeat))
     del model
     return {"load_s": load_s, "decode_tokens": decode, "decode_s": decode_s, "decode_tok_s": decode / decode_s,
-            "prefill_tokens": prefill, "prefill_s": prefill_s, "prefill_tok_s": prefill / prefill_s}
+            "prefill_tokens": prefill, "prefill_s": prefill_s, "prefill_tok_s": prefill / prefill_s,
+            "batched": batched}
 
 
 def bandwidth(threads: int) -> tuple[float, float]:
@@ -153,12 +166,21 @@ def main() -> None:
                     help="decode steps timed for the peer (default 8: ~1 tok/s in f32 at full size)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="repeat each measurement, report the best (a noisy machine); default 1")
+    ap.add_argument("--batches", default="1,4,16",
+                    help="batched decode: comma list of batch sizes (B sequences decoding together; default 1,4,16; "
+                         "empty: skip)")
     ap.add_argument("--small", action="store_true", help="a small shape (hidden 512, 4 layers), to try things out")
     ap.add_argument("--skip-build", action="store_true", help="use build/monet_bench as it is")
     ap.add_argument("--json", help="also write all measurements to this file")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # keep the table after the progress lines on stderr
     dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        sys.exit(f"--batches: expected a comma list of batch sizes, got {args.batches!r}")
+    if any(b < 1 for b in batches):
+        sys.exit("--batches: batch sizes must be >= 1")
     if min(args.prompt, args.prefill, args.decode, args.peer_decode, args.repeat, args.threads) < 1:
         sys.exit("--prompt, --prefill, --decode-tokens, --peer-decode-tokens, --repeat and --threads must be >= 1")
     if not dtypes or any(dt not in ("bf16", "f32") for dt in dtypes):
@@ -180,9 +202,13 @@ def main() -> None:
         print(f"{dtype}: monet ...", file=sys.stderr, flush=True)
         ours = run_ours(path, args.threads, args.prompt, args.decode, args.prefill, args.repeat)
         print(f"{dtype}: peer ...", file=sys.stderr, flush=True)
-        peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat)
+        peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat, batches)
+        batched_ours = {B: monet_bench(path, args.threads, args.prompt, args.decode, B, args.repeat)["decode_tok_s"]
+                        for B in batches}
+        batched_peer = peer["batched"]
         dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
-        rows.append(dict(dtype=dtype, ours=ours, peer=peer, dense_bytes=dense_b, sparse_bytes=sparse_b))
+        rows.append(dict(dtype=dtype, ours=ours, peer=peer, dense_bytes=dense_b, sparse_bytes=sparse_b,
+                         batched_ours=batched_ours, batched_peer=batched_peer))
 
     shape = "small" if args.small else "1.4B"
     print(f"\nMonet-VD-{shape} shape, random weights, {args.threads} threads; decode after a {args.prompt}-token "
@@ -199,6 +225,8 @@ def main() -> None:
         dt, ours, peer = r["dtype"], r["ours"], r["peer"]
         row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"])
         row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"])
+        for B in batches:
+            row(f"{dt} batched decode tok/s (B = {B})", r["batched_ours"][B], r["batched_peer"][B])
     print("\nDecode limits (bytes read per token / bandwidth); monet reads the expert slices its routers kept, "
           "the peer every weight:\n")
     print(f"| {'limit':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} |")

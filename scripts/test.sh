@@ -1,9 +1,34 @@
 #!/usr/bin/env bash
-# The whole test suite: C++ unit tests (CTest/GoogleTest), then the Python
-# golden tests against the float64 reference and the tokenizer parity tests.
+# The whole test suite:
+#  1. the native build (build/): C++ unit and per-op tests (CTest/GoogleTest),
+#     then the Python tests (golden tests against the float64 reference,
+#     tokenizer parity, training vs PyTorch, the viewer in Chromium, ...);
+#  2. the portable build (build-portable/, -DMONET_NATIVE=OFF, kernels chosen
+#     at run time): C++ tests and the golden tests;
+#  3. the AddressSanitizer + UndefinedBehaviorSanitizer build (build-asan/):
+#     C++ tests and the golden tests.
+# MONET_TEST_QUICK=1 runs only the first stage. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/deps.sh
+JOBS="$(nproc)"
+PYTEST=(.venv/bin/python -W ignore::DeprecationWarning -m pytest -q)
+
 bash scripts/build.sh
-(cd build && ctest --output-on-failure -j"$(nproc)")
-MONET_BIN="$PWD/build/monet" .venv/bin/python -W ignore::DeprecationWarning -m pytest -q tests/python "$@"
+(cd build && ctest --output-on-failure -j"$JOBS")
+MONET_BIN="$PWD/build/monet" "${PYTEST[@]}" tests/python "$@"
+[ "${MONET_TEST_QUICK:-0}" = 1 ] && exit 0
+
+echo "--- portable build (MONET_NATIVE=OFF) ---"
+cmake -S . -B build-portable -DCMAKE_BUILD_TYPE=Release -DMONET_NATIVE=OFF >/dev/null
+cmake --build build-portable -j"$JOBS" --target monet monet_tests
+(cd build-portable && ctest --output-on-failure -j"$JOBS")
+MONET_BIN="$PWD/build-portable/monet" "${PYTEST[@]}" tests/python/test_golden.py
+
+echo "--- AddressSanitizer + UndefinedBehaviorSanitizer build ---"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMONET_SANITIZE=address,undefined >/dev/null
+cmake --build build-asan -j"$JOBS" --target monet monet_tests
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp"
+(cd build-asan && ctest --output-on-failure -j"$JOBS")
+MONET_BIN="$PWD/build-asan/monet" "${PYTEST[@]}" tests/python/test_golden.py

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "monet/error.h"
 #include "monet/train.h"
@@ -15,7 +16,7 @@ void add_grad_command(CLI::App& app) {
   static std::string model_dir, tokens_path, out_path, dtype = "f64";
   static double aux_weight = 1e-3;
   static int threads = 0;
-  cmd->add_option("--model", model_dir, "checkpoint directory")->required();
+  add_model_option(cmd, model_dir);
   cmd->add_option("--tokens", tokens_path, "text file: one row of T+1 whitespace-separated token ids per sequence")
       ->required();
   cmd->add_option("--out", out_path, "output .safetensors (F64: loss*, grad.<name>, running.<name>)")->required();

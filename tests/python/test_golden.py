@@ -29,7 +29,9 @@ IDS = [1, 17, 42, 5, 99, 250, 3, 7, 128, 64, 31, 200]  # 12 tokens: prefill take
 
 
 def tolerance(case: dict) -> float:
-    return 1e-4 if case.get("dtype", "F32") == "F32" else 2e-2
+    # BF16/F16 checkpoints: the reference reads the same stored values, so
+    # float32 compute is as close to it as for F32 checkpoints.
+    return 1e-4
 
 
 def rel_err(ours, ref) -> float:

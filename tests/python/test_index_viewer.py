@@ -13,6 +13,7 @@ import pytest
 
 from monet_ref import reference
 from monet_ref.make_checkpoint import make_checkpoint
+from conftest import require
 
 CORPUS_A = "the heat at the east seat is the other one. " * 4
 CORPUS_B = "to the north: 42 + 17 = 59; the rate is set. " * 3
@@ -295,7 +296,7 @@ def test_api(server):
 def test_page_in_headless_chromium(server):
     """Load the page, open an expert, build a mask (expert, component, file), download it,
     probe a text with and without it; screenshot."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = require("selenium.webdriver", "python/requirements.txt")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait

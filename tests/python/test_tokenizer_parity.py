@@ -27,15 +27,16 @@ import subprocess
 import warnings
 
 import pytest
+from conftest import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(REPO, "tests", "data", "tokenizers")
 MODELS = {"v1": "mistral-v1.model", "v3": "mistral-v3.model"}
 
-sentencepiece = pytest.importorskip("sentencepiece", reason="sentencepiece (python/requirements.txt) is not installed")
-tokenizers = pytest.importorskip("tokenizers", reason="tokenizers (python/requirements.txt) is not installed")
-pytest.importorskip("google.protobuf", reason="protobuf (python/requirements.txt), needed to convert tokenizer.model, is not installed")
-transformers = pytest.importorskip("transformers", reason="transformers (python/requirements.txt) is not installed")
+sentencepiece = require("sentencepiece", "python/requirements.txt")
+tokenizers = require("tokenizers", "python/requirements.txt")
+require("google.protobuf", "python/requirements.txt; needed to convert tokenizer.model")
+transformers = require("transformers", "python/requirements.txt")
 
 CORPUS = [
     "Hello world",

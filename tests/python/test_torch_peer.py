@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import require
+torch = require("torch", "Debian python3-torch")
 
 from monet_ref import reference  # noqa: E402
 from monet_ref.make_checkpoint import make_checkpoint  # noqa: E402
