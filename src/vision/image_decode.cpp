@@ -55,7 +55,7 @@ void check_dimensions(const std::string& name, const char* format, int64_t w, in
   if (w <= 0 || h <= 0) fail(name, ": ", format, " image has empty dimensions ", w, "x", h);
   if (w > lim.max_pixels / h)
     fail(name, ": ", format, " image of ", w, "x", h, " pixels is over the limit of ", lim.max_pixels,
-         " pixels (a decompression bomb, or raise ImageLimits::max_pixels)");
+         " pixels (a decompression bomb?)");
 }
 
 // ---------------------------------------------------------------- JPEG ----
