@@ -17,3 +17,4 @@ void add_plot_loss_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_vision_command(CLI::App& app);
+void add_torch_convert_command(CLI::App& app);

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   add_train_command(app);
   add_grad_command(app);
   add_vision_command(app);
+  add_torch_convert_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
