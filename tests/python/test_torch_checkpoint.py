@@ -195,3 +195,32 @@ def test_malicious_and_broken_files_are_refused(monet_bin, tmp_path):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     expect_refused(monet_bin, empty, tmp_path, "empty")
+
+
+def test_random_corruptions_never_crash(monet_bin, tmp_path):
+    """Byte flips anywhere (the zip directory, the pickle, the data): an error or a valid result, never a crash."""
+    src = tmp_path / "src.bin"
+    torch.save({"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.randn(5).half(), "c": torch.randn(2, 2).t()}, src)
+    raw = src.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        pkl = z.read([n for n in z.namelist() if n.endswith("data.pkl")][0])
+    rng = np.random.default_rng(3)
+    errors = 0
+    for trial in range(150):
+        f = tmp_path / "mut.bin"
+        if trial % 2:
+            # inside the pickle, re-zipped with a valid CRC so that the interpreter sees it
+            p = bytearray(pkl)
+            for _ in range(1 + trial % 3):
+                p[int(rng.integers(0, len(p)))] ^= int(rng.integers(1, 256))
+            rezip(src, f, lambda n, d: bytes(p) if n.endswith("data.pkl") else d)
+        else:
+            b = bytearray(raw)
+            for _ in range(1 + trial % 3):
+                b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+            f.write_bytes(bytes(b))
+        r = convert(monet_bin, f, tmp_path / "mut.safetensors")
+        assert r.returncode in (0, 1), f"trial {trial}: rc {r.returncode}: {r.stderr}"
+        assert "internal error" not in r.stderr
+        errors += r.returncode == 1
+    assert errors > 50  # the corruptions are mostly caught
