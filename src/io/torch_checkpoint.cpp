@@ -21,10 +21,29 @@
 #include <unordered_map>
 
 #include "monet/error.h"
+#include "tokenizer/utf8.h"
 
 namespace monet {
 
 namespace {
+
+// A string from the file as it may appear in a message: printable ASCII,
+// other bytes as \xNN, at most 100 bytes.
+std::string shown(const std::string& s) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < 100; i++) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out += char(c);
+    } else {
+      out += "\\x";
+      out += digits[c >> 4];
+      out += digits[c & 15];
+    }
+  }
+  return s.size() > 100 ? out + "..." : out;
+}
 
 // ------------------------------------------------------------------ zip ----
 
@@ -80,26 +99,26 @@ std::map<std::string, ZipEntry> read_zip_directory(const uint8_t* f, size_t n, c
     const uint8_t* x = f + p + 46 + name_len;
     for (const uint8_t* xe = x + extra_len; x + 4 <= xe;) {
       const uint16_t id = rd16(x), len = rd16(x + 2);
-      if (x + 4 + len > xe) bad(name, ": extra field overruns");
+      if (x + 4 + len > xe) bad(shown(name), ": extra field overruns");
       if (id == 0x0001) {
         const uint8_t* v = x + 4;
         const uint8_t* ve = v + len;
-        if (usize == 0xFFFFFFFF) { if (v + 8 > ve) bad(name, ": ZIP64 field short"); usize = rd64(v); v += 8; }
-        if (csize == 0xFFFFFFFF) { if (v + 8 > ve) bad(name, ": ZIP64 field short"); csize = rd64(v); v += 8; }
-        if (local == 0xFFFFFFFF) { if (v + 8 > ve) bad(name, ": ZIP64 field short"); local = rd64(v); v += 8; }
+        if (usize == 0xFFFFFFFF) { if (v + 8 > ve) bad(shown(name), ": ZIP64 field short"); usize = rd64(v); v += 8; }
+        if (csize == 0xFFFFFFFF) { if (v + 8 > ve) bad(shown(name), ": ZIP64 field short"); csize = rd64(v); v += 8; }
+        if (local == 0xFFFFFFFF) { if (v + 8 > ve) bad(shown(name), ": ZIP64 field short"); local = rd64(v); v += 8; }
       }
       x += 4 + len;
     }
-    if (flags & 1) bad(name, ": encrypted entry");
+    if (flags & 1) bad(shown(name), ": encrypted entry");
     if (method != 0)
-      bad(name, ": compressed entry (method ", method, "); torch.save writes stored entries only");
-    if (csize != usize) bad(name, ": stored entry with compressed size ", csize, " != size ", usize);
-    if (n < 30 || local > n - 30 || rd32(f + local) != 0x04034b50) bad(name, ": local header out of place");
+      bad(shown(name), ": compressed entry (method ", method, "); torch.save writes stored entries only");
+    if (csize != usize) bad(shown(name), ": stored entry with compressed size ", csize, " != size ", usize);
+    if (n < 30 || local > n - 30 || rd32(f + local) != 0x04034b50) bad(shown(name), ": local header out of place");
     const uint64_t data = local + 30 + rd16(f + local + 26) + rd16(f + local + 28);
-    if (data > n || usize > n - data) bad(name, ": data out of bounds (truncated?)");
+    if (data > n || usize > n - data) bad(shown(name), ": data out of bounds (truncated?)");
     e.offset = data;
     e.size = usize;
-    if (!entries.emplace(name, e).second) bad("duplicate entry ", name);
+    if (!entries.emplace(name, e).second) bad("duplicate entry ", shown(name));
     p += 46 + name_len + extra_len + comment_len;
   }
   return entries;
@@ -310,8 +329,10 @@ class Unpickler {
   }
   void push_str(uint64_t len) {
     Ref v = make(Kind::Str);
+    const size_t at = pos_;
     const uint8_t* b = take(len);
     v->s.assign(reinterpret_cast<const char*>(b), size_t(len));
+    if (!utf8::is_valid(v->s)) bad(at, "string is not valid UTF-8");
     push(v);
   }
   Ref top(size_t at) {
@@ -343,7 +364,7 @@ class Unpickler {
   void global(size_t at, const std::string& module, const std::string& name) {
     Ref g = make(Kind::Global);
     if (!resolve_global(module, name, g.get()))
-      bad(at, "refusing global ", module, ".", name,
+      bad(at, "refusing global ", shown(module), ".", shown(name),
           " (only tensors of float32/float16/bfloat16 in dicts are read; no other object is ever built)");
     push(g);
   }
@@ -441,7 +462,7 @@ TorchCheckpoint::TorchCheckpoint(const std::string& path) : path_(path) {
     if (pickles != 1) fail(path, ": expected one data.pkl in the archive, found ", pickles);
     if (auto it = entries.find(prefix + "byteorder"); it != entries.end()) {
       const std::string order(reinterpret_cast<const char*>(f + it->second.offset), size_t(it->second.size));
-      if (order != "little") fail(path, ": byteorder '", order, "' is not supported (little-endian only)");
+      if (order != "little") fail(path, ": byteorder '", shown(order), "' is not supported (little-endian only)");
     }
     const ZipEntry& pkl = entries.at(prefix + "data.pkl");
     check_crc(f, pkl, path, prefix + "data.pkl");
@@ -452,16 +473,16 @@ TorchCheckpoint::TorchCheckpoint(const std::string& path) : path_(path) {
     std::map<std::string, bool> crc_checked;
     for (const auto& [k, v] : root->dict) {
       if (k->kind != Kind::Str) fail(path, ": a key of the checkpoint's dict is a ", kind_name(k->kind), ", expected str");
-      if (v->kind != Kind::Tensor) fail(path, ": ", k->s, " is not a tensor (", kind_name(v->kind), "); expected a tensor");
-      if (find(k->s)) fail(path, ": tensor ", k->s, " appears twice");
+      if (v->kind != Kind::Tensor) fail(path, ": ", shown(k->s), " is not a tensor (", kind_name(v->kind), "); expected a tensor");
+      if (find(k->s)) fail(path, ": tensor ", shown(k->s), " appears twice");
       const Value& st_ = *v->storage;
       const std::string entry_name = prefix + "data/" + st_.s;
       auto it = entries.find(entry_name);
-      if (it == entries.end()) fail(path, ": tensor ", k->s, ": storage ", entry_name, " is missing");
+      if (it == entries.end()) fail(path, ": tensor ", shown(k->s), ": storage ", shown(entry_name), " is missing");
       const ZipEntry& e = it->second;
       const size_t esize = dtype_size(v->dtype);
       if (e.size != uint64_t(st_.i) * esize)
-        fail(path, ": tensor ", k->s, ": storage ", entry_name, " has ", e.size, " bytes, expected ", st_.i, " x ",
+        fail(path, ": tensor ", shown(k->s), ": storage ", shown(entry_name), " has ", e.size, " bytes, expected ", st_.i, " x ",
              esize);
       if (!crc_checked[entry_name]) {
         check_crc(f, e, path, entry_name);
@@ -475,10 +496,10 @@ TorchCheckpoint::TorchCheckpoint(const std::string& path) : path_(path) {
         if (v->shape[d] > 0) last += (unsigned __int128)uint64_t(v->shape[d] - 1) * uint64_t(v->stride[d]);
         if (v->shape[d] != 1 && uint64_t(v->stride[d]) != contiguous_stride) contiguous = false;
         contiguous_stride *= uint64_t(v->shape[d]);
-        if (numel > (unsigned __int128)(uint64_t(1) << 48)) fail(path, ": tensor ", k->s, ": shape too large");
+        if (numel > (unsigned __int128)(uint64_t(1) << 48)) fail(path, ": tensor ", shown(k->s), ": shape too large");
       }
       if (numel > 0 && last >= (unsigned __int128)uint64_t(st_.i))
-        fail(path, ": tensor ", k->s, ": view (offset ", v->offset, ", shape ", shape_str(v->shape), ", stride ",
+        fail(path, ": tensor ", shown(k->s), ": view (offset ", v->offset, ", shape ", shape_str(v->shape), ", stride ",
              shape_str(v->stride), ") reaches past its storage of ", st_.i, " elements");
       TensorInfo t;
       t.name = k->s;
