@@ -27,3 +27,12 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r python/requirements.txt
+
+# Hugging Face's CLIPVisionModel for the vision tests, apart from the main
+# environment (python/requirements-hf-peer.txt says why).
+if ! cmp -s python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt; then
+  rm -rf .venv/hf-peer
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .venv/hf-peer \
+    -r python/requirements-hf-peer.txt
+  cp python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt
+fi
