@@ -1,6 +1,9 @@
-// monet_bench: prefill and batch-1 greedy decode timings of the monet library,
+// monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
-//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N]
+//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R]
+// With --batch B, B sequences (each its own P-token prompt and cache) decode
+// together: one batched forward step per token position, B tokens each.
+// Timings are the best of R repeats.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,83 +21,117 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-int32_t argmax(const std::vector<float>& v) {
-  return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
-}
+int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v + n) - v); }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model_dir;
   int threads = 0;
-  int64_t prompt = 64, decode = 32;
+  int64_t prompt = 64, decode = 32, batch = 1, repeat = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--model")) model_dir = argv[i + 1];
     else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--prompt")) prompt = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--decode")) decode = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--repeat")) repeat = std::atoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
     }
   }
-  if (model_dir.empty() || prompt < 1 || decode < 1) {
-    std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N]\n");
+  if (model_dir.empty() || prompt < 1 || decode < 1 || batch < 1 || repeat < 1) {
+    std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R]\n");
     return 2;
   }
   try {
     auto t_load = std::chrono::steady_clock::now();
-    auto model = monet::Model::load(model_dir, {threads});
+    monet::LoadOptions lo;
+    lo.threads = threads;
+    auto model = monet::Model::load(model_dir, lo);
     const double load_s = seconds_since(t_load);
     const monet::MonetConfig& c = model->config();
-    std::vector<int32_t> ids(static_cast<size_t>(prompt));
-    for (int64_t i = 0; i < prompt; i++) ids[size_t(i)] = int32_t((i * 7919 + 13) % c.vocab_size);
-    std::vector<float> logits;
-    monet::ForwardOptions last;
-    last.all_logits = false;
+    const int64_t V = c.vocab_size;
+    // Sequence b's prompt: a fixed pseudo-random text, different per sequence.
+    auto prompt_ids = [&](int64_t b) {
+      std::vector<int32_t> ids(static_cast<size_t>(prompt));
+      for (int64_t i = 0; i < prompt; i++) ids[size_t(i)] = int32_t((i * 7919 + b * 104729 + 13) % V);
+      return ids;
+    };
 
-    // warm-up: a dense-path forward (long enough for the dense expert GEMMs)
-    // touches every weight page of the mapping, then one sparse decode step
+    // warm-up: a dense-path forward touches every weight page of the mapping,
+    // then one sparse decode step
     {
-      const int64_t n = std::min<int64_t>(prompt, std::max<int64_t>(16, last.dense_expert_min_tokens));
+      std::vector<float> logits;
+      monet::ForwardOptions fo;
+      fo.all_logits = false;
+      const std::vector<int32_t> ids = prompt_ids(0);
+      const int64_t n = std::min<int64_t>(prompt, 16);
       monet::KvCache warm = model->new_cache(n + 1);
-      model->forward(warm, ids.data(), n, logits, last);
-      int32_t t = argmax(logits);
-      model->forward(warm, &t, 1, logits, last);
+      model->forward(warm, ids.data(), n, logits, fo);
+      int32_t t = argmax(logits.data(), V);
+      model->forward(warm, &t, 1, logits, fo);
     }
-    monet::KvCache cache = model->new_cache(prompt + decode + 1);
-    auto t0 = std::chrono::steady_clock::now();
-    model->forward(cache, ids.data(), prompt, logits, last);
-    const double prefill_s = seconds_since(t0);
 
-    // decode, counting the expert slices each token's routers selected (the
-    // capture is a copy of H*E floats per router layer: negligible)
-    int64_t kept = 0, slots = 0;
-    int32_t next = argmax(logits);
-    double decode_s = 0;
-    for (int64_t s = 0; s < decode; s++) {
-      monet::RouterCapture cap;
-      monet::ForwardOptions fo = last;
-      fo.capture = &cap;
-      auto ts = std::chrono::steady_clock::now();
-      model->forward(cache, &next, 1, logits, fo);
-      decode_s += seconds_since(ts);
-      for (size_t r = 0; r < cap.g1.size(); r++)
-        for (const auto* g : {&cap.g1[r], &cap.g2[r]})
-          for (int64_t i = 0; i < c.moe_experts; i++) {
-            bool on = false;
-            for (int64_t h = 0; h < c.moe_heads; h++) on |= (*g)[size_t(h * c.moe_experts + i)] > 0;
-            kept += on;
-            slots++;
-          }
-      next = argmax(logits);
+    double best_prefill = 1e300, best_decode = 1e300;
+    double expert_fraction = 0;
+    for (int64_t rep = 0; rep < repeat; rep++) {
+      std::vector<monet::KvCache> caches;
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<std::vector<float>> logits(static_cast<size_t>(batch));
+      for (int64_t b = 0; b < batch; b++) {
+        caches.push_back(model->new_cache(prompt + decode + 1));
+        prompts.push_back(prompt_ids(b));
+      }
+      // Prefill: every sequence's prompt in one batched call.
+      std::vector<monet::Sequence> seqs(static_cast<size_t>(batch));
+      for (int64_t b = 0; b < batch; b++) {
+        seqs[size_t(b)].cache = &caches[size_t(b)];
+        seqs[size_t(b)].ids = prompts[size_t(b)].data();
+        seqs[size_t(b)].n = prompt;
+        seqs[size_t(b)].logits_out = &logits[size_t(b)];
+      }
+      auto t0 = std::chrono::steady_clock::now();
+      model->forward_batch(seqs);
+      best_prefill = std::min(best_prefill, seconds_since(t0));
+
+      // Decode, counting the expert slices each token's routers selected (the
+      // capture is a copy of H*E floats per router layer: negligible).
+      std::vector<int32_t> next(static_cast<size_t>(batch));
+      for (int64_t b = 0; b < batch; b++) next[size_t(b)] = argmax(logits[size_t(b)].data(), V);
+      int64_t kept = 0, slots = 0;
+      double decode_s = 0;
+      for (int64_t s = 0; s < decode; s++) {
+        std::vector<monet::RouterCapture> caps(static_cast<size_t>(batch));
+        for (int64_t b = 0; b < batch; b++) {
+          seqs[size_t(b)].ids = &next[size_t(b)];
+          seqs[size_t(b)].n = 1;
+          seqs[size_t(b)].routing = &caps[size_t(b)];
+        }
+        auto ts = std::chrono::steady_clock::now();
+        model->forward_batch(seqs);
+        decode_s += seconds_since(ts);
+        for (const monet::RouterCapture& cap : caps)
+          for (size_t r = 0; r < cap.g1.size(); r++)
+            for (const auto* g : {&cap.g1[r], &cap.g2[r]})
+              for (int64_t i = 0; i < c.moe_experts; i++) {
+                bool on = false;
+                for (int64_t h = 0; h < c.moe_heads; h++) on |= (*g)[size_t(h * c.moe_experts + i)] > 0;
+                kept += on;
+                slots++;
+              }
+        for (int64_t b = 0; b < batch; b++) next[size_t(b)] = argmax(logits[size_t(b)].data(), V);
+      }
+      best_decode = std::min(best_decode, decode_s);
+      expert_fraction = double(kept) / double(std::max<int64_t>(slots, 1));
     }
-    std::printf("{\"load_s\": %.3f, \"prefill_tokens\": %lld, \"prefill_s\": %.4f, \"prefill_tok_s\": %.2f, "
-                "\"decode_tokens\": %lld, \"decode_s\": %.4f, \"decode_tok_s\": %.3f, "
-                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"threads\": %d}\n",
-                load_s, (long long)prompt, prefill_s, prompt / prefill_s, (long long)decode, decode_s,
-                decode / decode_s, double(kept) / double(std::max<int64_t>(slots, 1)), model->weight_bytes(),
-                model->threads());
+    std::printf("{\"load_s\": %.3f, \"batch\": %lld, \"prefill_tokens\": %lld, \"prefill_s\": %.4f, "
+                "\"prefill_tok_s\": %.2f, \"decode_tokens\": %lld, \"decode_s\": %.4f, \"decode_tok_s\": %.3f, "
+                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"threads\": %d, \"repeat\": %lld}\n",
+                load_s, (long long)batch, (long long)(prompt * batch), best_prefill, double(prompt * batch) / best_prefill,
+                (long long)(decode * batch), best_decode, double(decode * batch) / best_decode, expert_fraction,
+                model->weight_bytes(), model->threads(), (long long)repeat);
   } catch (const monet::Error& e) {
     std::fprintf(stderr, "monet_bench: error: %s\n", e.what());
     return 1;

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "monet/error.h"
+#include "monet/model.h"
 
 std::vector<int32_t> parse_id_list(const std::string& text) {
   std::vector<int32_t> ids;
@@ -55,4 +56,16 @@ CLI::Option* add_model_option(CLI::App* cmd, std::string& dir, const std::string
                   " is missing next to the binary and in the source tree)");
   });
   return opt;
+}
+
+monet::LoadOptions DeviceArgs::load_options() const {
+  monet::LoadOptions lo;
+  lo.device = device;
+  lo.threads = threads;
+  return lo;
+}
+
+void add_device_options(CLI::App* cmd, DeviceArgs& args) {
+  cmd->add_option("--device", args.device, "where the model runs: cpu (the only backend of this build)");
+  cmd->add_option("--threads", args.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
 }

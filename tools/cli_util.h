@@ -8,6 +8,15 @@
 std::vector<int32_t> parse_id_list(const std::string& text);
 
 namespace CLI { class App; class Option; }
+namespace monet { struct LoadOptions; }
+
+// --device and --threads of the commands that run a model.
+struct DeviceArgs {
+  std::string device = "cpu";
+  int threads = 0;
+  monet::LoadOptions load_options() const;
+};
+void add_device_options(CLI::App* cmd, DeviceArgs& args);
 
 // The model used when --model is not given: $MONET_MODEL, else the embedded
 // default model shipped under models/ (next to the binary's build tree or in

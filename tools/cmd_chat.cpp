@@ -45,7 +45,7 @@ void add_chat_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("chat", "Chat with a checkpoint in the terminal (Ctrl-D to quit)");
   static std::string model_dir, system_prompt, template_name, render_path, mask_path;
   static int64_t max_tokens = 256;
-  static int threads = 0;
+  static DeviceArgs device;
   static bool generation_prompt = false;
   static monet::SamplingParams sampling;
   add_model_option(cmd, model_dir);
@@ -59,7 +59,7 @@ void add_chat_command(CLI::App& app) {
   cmd->add_option("--min-p", sampling.min_p, "min-p filter (0 = off)");
   cmd->add_option("--repeat-penalty", sampling.repeat_penalty, "penalty for recent tokens (1 = off)");
   cmd->add_option("--seed", sampling.seed, "random seed");
-  cmd->add_option("--threads", threads, "CPU threads");
+  add_device_options(cmd, device);
   cmd->add_option("--mask", mask_path, "JSON file of experts to remove");
   cmd->add_option("--render", render_path,
                   "print the prompt of a JSON conversation [{\"role\", \"content\"}, ...] and its ids, then exit");
@@ -68,10 +68,8 @@ void add_chat_command(CLI::App& app) {
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const monet::ChatFormat format = template_name.empty() ? monet::detect_chat_format(tok->chat_template())
                                                            : monet::chat_format_from_name(template_name);
-    const std::string bos = tok->bos_id() >= 0 ? tok->piece(tok->bos_id()) : "";
-    const std::string eos = tok->eos_id() >= 0 ? tok->piece(tok->eos_id()) : "";
     if (!render_path.empty()) {
-      const std::string text = monet::render_chat(format, read_conversation(render_path), generation_prompt, bos, eos);
+      const std::string text = monet::render_chat_prompt(*tok, format, read_conversation(render_path), generation_prompt);
       std::fwrite(text.data(), 1, text.size(), stdout);
       std::printf("\n");
       const auto ids = tok->encode_with_specials(text);
@@ -79,7 +77,7 @@ void add_chat_command(CLI::App& app) {
       std::printf("\n");
       return;
     }
-    auto model = monet::Model::load(model_dir, {threads});
+    auto model = monet::Model::load(model_dir, device.load_options());
     const monet::MonetConfig& c = model->config();
     monet::ExpertMask mask = monet::ExpertMask::none(c);
     if (!mask_path.empty()) mask = monet::ExpertMask::load_json(mask_path, c);
@@ -87,18 +85,11 @@ void add_chat_command(CLI::App& app) {
     go.max_tokens = max_tokens;
     go.sampling = sampling;
     go.mask = &mask;
-    go.stop_ids.assign(c.eos_token_ids.begin(), c.eos_token_ids.end());
-    if (tok->eos_id() >= 0) go.stop_ids.push_back(tok->eos_id());
-    if (format == monet::ChatFormat::ChatML) {
-      const int32_t im_end = tok->token_id("<|im_end|>");
-      if (im_end >= 0) go.stop_ids.push_back(im_end);
-    }
 
     const bool interactive = isatty(STDIN_FILENO);
-    std::vector<monet::ChatMessage> msgs;
-    if (!system_prompt.empty()) msgs.push_back({"system", system_prompt});
-    monet::KvCache cache = model->new_cache(256);
-    std::vector<int32_t> cached;  // the tokens whose keys/values the cache holds
+    std::vector<monet::ChatMessage> system;
+    if (!system_prompt.empty()) system.push_back({"system", system_prompt});
+    monet::ChatSession chat(*model, *tok, format, system);
     if (interactive)
       std::fprintf(stderr, "monet chat: %s, %s template. Ctrl-D to quit.\n", model_dir.c_str(), monet::chat_format_name(format));
     std::string line;
@@ -109,34 +100,17 @@ void add_chat_command(CLI::App& app) {
       }
       if (!std::getline(std::cin, line)) break;
       if (line.empty()) continue;
-      msgs.push_back({"user", line});
-      const std::string prompt = monet::render_chat(format, msgs, true, bos, eos);
-      std::vector<int32_t> ids = tok->encode_with_specials(prompt);
-      // Reuse the cache for the longest common prefix; feed only the rest.
-      size_t common = 0;
-      while (common < cached.size() && common < ids.size() && cached[common] == ids[common]) common++;
-      if (common == ids.size()) common--;  // at least one token must be fed to get logits
-      cache.length = int64_t(common);
-      const std::vector<int32_t> fresh(ids.begin() + ptrdiff_t(common), ids.end());
-      monet::StreamDecoder stream(*tok);
-      monet::GenerateStats stats;
-      const std::vector<int32_t> reply = monet::generate(*model, cache, fresh, go, [&](int32_t id) {
-        const std::string text = stream.feed(id);
+      int64_t reused = 0;
+      const monet::GenerateResult r = chat.reply(line, go, [](const std::string& text) {
         std::fwrite(text.data(), 1, text.size(), stdout);
         std::fflush(stdout);
         return true;
-      }, &stats);
-      const std::string rest = stream.flush();
-      std::fwrite(rest.data(), 1, rest.size(), stdout);
+      }, &reused);
       std::printf("\n");
       std::fflush(stdout);
       std::fprintf(stderr, "[%lld new prompt tokens (%lld reused), %lld generated, %.1f tokens/s]\n",
-                   (long long)fresh.size(), (long long)common, (long long)stats.generated_tokens,
-                   stats.generated_tokens / std::max(stats.generate_seconds, 1e-9));
-      cached = ids;
-      cached.insert(cached.end(), reply.begin(), reply.end());
-      cached.resize(size_t(cache.length));
-      msgs.push_back({"assistant", tok->decode(reply)});
+                   (long long)r.stats.prompt_tokens, (long long)reused, (long long)r.stats.generated_tokens,
+                   r.stats.generated_tokens / std::max(r.stats.generate_seconds, 1e-9));
     }
     if (interactive) std::printf("\n");
   });

@@ -18,17 +18,17 @@ void add_eval_loss_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval-loss", "Mean per-token loss and perplexity of a checkpoint on a text file");
   static std::string model_dir, data_path, mask_path;
   static int64_t context = 512;
-  static int threads = 0;
+  static DeviceArgs device;
   static bool as_json = false;
   add_model_option(cmd, model_dir);
   cmd->add_option("--data", data_path, "UTF-8 text file")->required();
   cmd->add_option("--context", context, "tokens per evaluation window, BOS included (default 512)");
   cmd->add_option("--mask", mask_path, "JSON file of experts to remove");
-  cmd->add_option("--threads", threads, "CPU threads");
+  add_device_options(cmd, device);
   cmd->add_flag("--json", as_json, "print one JSON object");
   cmd->callback([] {
     const std::string text = monet::read_file(data_path);
-    auto model = monet::Model::load(model_dir, {threads});
+    auto model = monet::Model::load(model_dir, device.load_options());
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const monet::MonetConfig& c = model->config();
     if (context > c.max_position_embeddings)

@@ -16,19 +16,20 @@ void add_experts_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("experts", "Show which experts each token activates, per router group");
   static std::string model_dir, prompt, ids_text, mask_path;
   static float threshold = 0.01f;
-  static int top = 10, threads = 0;
+  static int top = 10;
+  static DeviceArgs device;
   static bool as_json = false;
   add_model_option(cmd, model_dir);
   auto* p = cmd->add_option("-p,--prompt", prompt, "text to route");
   cmd->add_option("--ids", ids_text, "token ids instead of text")->excludes(p);
   cmd->add_option("--threshold", threshold, "report experts with probability above this (default 0.01)");
   cmd->add_option("--top", top, "at most this many experts per token and group in text output (0 = all)");
-  cmd->add_option("--threads", threads, "CPU threads");
+  add_device_options(cmd, device);
   cmd->add_option("--mask", mask_path, "JSON file of experts to remove");
   cmd->add_flag("--json", as_json, "machine-readable output (all experts above the threshold)");
   cmd->callback([] {
     if (prompt.empty() && ids_text.empty()) monet::fail("experts: give -p TEXT or --ids 1,5,9");
-    auto model = monet::Model::load(model_dir, {threads});
+    auto model = monet::Model::load(model_dir, device.load_options());
     const monet::MonetConfig& c = model->config();
     std::unique_ptr<monet::Tokenizer> tok;
     try {

@@ -23,7 +23,7 @@ void add_find_experts_command(CLI::App& app) {
   static std::vector<std::string> domain_args;
   static double ratio = 2.0, min_prob = 1e-4;
   static int64_t context = 512;
-  static int threads = 0;
+  static DeviceArgs device;
   static bool evaluate = false;
   add_model_option(cmd, model_dir);
   cmd->add_option("--domain", domain_args, "NAME=FILE, a text file of a domain (two or more)")->required();
@@ -32,12 +32,12 @@ void add_find_experts_command(CLI::App& app) {
                                     "times that on every other domain (default 2, as the paper)");
   cmd->add_option("--min-prob", min_prob, "ignore experts with a smaller mean probability on the domain (default 1e-4)");
   cmd->add_option("--context", context, "tokens per window (default 512)");
-  cmd->add_option("--threads", threads, "CPU threads");
+  add_device_options(cmd, device);
   cmd->add_flag("--eval", evaluate, "also print the loss on every domain with each domain's experts removed");
   cmd->callback([] {
     namespace fs = std::filesystem;
     if (domain_args.size() < 2) monet::fail("find-experts: give at least two --domain NAME=FILE");
-    auto model = monet::Model::load(model_dir, {threads});
+    auto model = monet::Model::load(model_dir, device.load_options());
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const monet::MonetConfig& c = model->config();
     context = std::min(context, c.max_position_embeddings);
@@ -64,7 +64,7 @@ void add_find_experts_command(CLI::App& app) {
       monet::write_file_atomic((fs::path(out_dir) / (names[d] + ".json")).string(), masks[d].to_json() + "\n");
       std::printf("%-16s", names[d].c_str());
       for (const auto& p : masks[d].pairs) std::printf(" %9zu", p.size());
-      std::printf(" %9lld\n", (long long)masks[d].removed_count());
+      std::printf(" %9lld\n", (long long)masks[d].entry_count());
     }
     std::printf("masks written to %s/NAME.json\n", out_dir.c_str());
     if (!evaluate) return;

@@ -13,21 +13,19 @@
 void add_forward_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("forward", "Run a full forward pass and write logits and router probabilities");
   static std::string model_dir, ids_text, out_path, mask_path;
-  static int threads = 0;
+  static DeviceArgs device;
   static int64_t chunk = 0;
   add_model_option(cmd, model_dir);
   cmd->add_option("--ids", ids_text, "comma-separated token ids, e.g. 1,5,9")->required();
   cmd->add_option("--out", out_path, "output .safetensors file")->required();
-  cmd->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  add_device_options(cmd, device);
   cmd->add_option("--chunk", chunk,
                   "feed the sequence through the KV cache this many tokens at a time (1 = token-by-token decoding)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--mask", mask_path, "JSON file of experts to remove (see README: Expert masks)");
   cmd->callback([] {
     const std::vector<int32_t> ids = parse_id_list(ids_text);
-    monet::LoadOptions lo;
-    lo.threads = threads;
-    auto model = monet::Model::load(model_dir, lo);
+    auto model = monet::Model::load(model_dir, device.load_options());
     const monet::MonetConfig& c = model->config();
     const int64_t T = int64_t(ids.size()), V = c.vocab_size;
     const int64_t step = chunk > 0 ? chunk : T;

@@ -17,47 +17,9 @@ struct GenerateArgs {
   std::string model_dir, prompt, ids_text, mask_path;
   std::vector<std::string> stops;
   int64_t max_tokens = 128;
-  int threads = 0;
+  DeviceArgs device;
   bool print_ids = false;
   monet::SamplingParams sampling;
-};
-
-// Holds back text that could be the start of a stop string; reports a stop
-// string once it is complete (the text before it is emitted, the rest not).
-class StopMatcher {
- public:
-  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
-  // Appends text; returns what may be printed now. Sets stopped() when a stop string completed.
-  std::string feed(const std::string& text) {
-    pending_ += text;
-    for (const std::string& s : stops_) {
-      size_t at = pending_.find(s);
-      if (at != std::string::npos) {
-        stopped_ = true;
-        std::string out = pending_.substr(0, at);
-        pending_.clear();
-        return out;
-      }
-    }
-    // Keep the longest suffix that is a prefix of some stop string.
-    size_t keep = 0;
-    for (const std::string& s : stops_)
-      for (size_t n = std::min(s.size() - 1, pending_.size()); n > keep; n--)
-        if (pending_.compare(pending_.size() - n, n, s, 0, n) == 0) {
-          keep = n;
-          break;
-        }
-    std::string out = pending_.substr(0, pending_.size() - keep);
-    pending_.erase(0, pending_.size() - keep);
-    return out;
-  }
-  std::string flush() { return std::exchange(pending_, ""); }
-  bool stopped() const { return stopped_; }
-
- private:
-  std::vector<std::string> stops_;
-  std::string pending_;
-  bool stopped_ = false;
 };
 
 }  // namespace
@@ -78,16 +40,13 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--repeat-last-n", a.sampling.repeat_last_n, "how many recent tokens the penalty considers");
   cmd->add_option("--seed", a.sampling.seed, "random seed (same seed = same output)");
   cmd->add_option("--stop", a.stops, "stop when this string is generated (repeatable)");
-  cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  add_device_options(cmd, a.device);
   cmd->add_option("--mask", a.mask_path, "JSON file of experts to remove");
   cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids, comma-separated, on one line");
   cmd->callback([] {
     if (a.prompt.empty() && a.ids_text.empty()) monet::fail("generate: give a prompt with -p TEXT or --ids 1,5,9");
-    for (const std::string& s : a.stops)
-      if (s.empty()) monet::fail("--stop: a stop string cannot be empty");
-    monet::LoadOptions lo;
-    lo.threads = a.threads;
-    auto model = monet::Model::load(a.model_dir, lo);
+    monet::StopMatcher check_stops(a.stops);  // an empty stop string is refused before loading
+    auto model = monet::Model::load(a.model_dir, a.device.load_options());
     const monet::MonetConfig& c = model->config();
     std::unique_ptr<monet::Tokenizer> tok;
     std::vector<int32_t> prompt;
@@ -114,28 +73,19 @@ void add_generate_command(CLI::App& app) {
     go.stop_ids.assign(c.eos_token_ids.begin(), c.eos_token_ids.end());
     go.mask = &mask;
     monet::KvCache cache = model->new_cache(int64_t(prompt.size()) + a.max_tokens);
-    std::unique_ptr<monet::StreamDecoder> stream;
-    if (tok) stream = std::make_unique<monet::StreamDecoder>(*tok);
-    StopMatcher stop(a.stops);
     if (!a.stops.empty() && !tok) monet::fail("generate: --stop needs the tokenizer files in ", a.model_dir);
     monet::GenerateStats stats;
-    std::vector<int32_t> out = monet::generate(*model, cache, prompt, go, [&](int32_t id) {
-      if (!stream || a.print_ids) return true;
-      std::string text = stop.feed(stream->feed(id));
-      std::fwrite(text.data(), 1, text.size(), stdout);
-      std::fflush(stdout);
-      return !stop.stopped();
-    }, &stats);
-    if (a.print_ids) {
+    if (a.print_ids || !tok) {
+      const std::vector<int32_t> out = monet::generate(*model, cache, prompt, go, [](int32_t) { return true; }, &stats);
       for (size_t i = 0; i < out.size(); i++) std::printf("%s%d", i ? "," : "", out[i]);
       std::printf("\n");
-    } else if (stream) {
-      std::string rest;
-      if (!stop.stopped()) {
-        rest = stop.feed(stream->flush());
-        if (!stop.stopped()) rest += stop.flush();
-      }
-      std::fwrite(rest.data(), 1, rest.size(), stdout);
+    } else {
+      go.stop_strings = a.stops;
+      stats = monet::generate_text(*model, *tok, cache, prompt, go, [](const std::string& text) {
+                std::fwrite(text.data(), 1, text.size(), stdout);
+                std::fflush(stdout);
+                return true;
+              }).stats;
       std::printf("\n");
     }
     std::fflush(stdout);

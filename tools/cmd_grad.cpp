@@ -1,7 +1,6 @@
 // monet grad --model DIR --tokens FILE --out OUT.safetensors [--dtype f64|f32] [--aux-weight W]
 // One training-mode forward + backward: losses, every parameter's gradient
 // and the updated BatchNorm running stats (for gradient checks and attribution).
-#include <omp.h>
 
 #include <cstdint>
 #include <fstream>
@@ -44,7 +43,6 @@ void add_grad_command(CLI::App& app) {
       }
       if (!row.empty()) rows.push_back(std::move(row));
     }
-    if (threads > 0) omp_set_num_threads(threads);
-    monet::compute_gradients_to_file(model_dir, rows, out_path, dtype, aux_weight);
+    monet::compute_gradients_to_file(model_dir, rows, out_path, dtype, aux_weight, threads);
   });
 }

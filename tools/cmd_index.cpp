@@ -14,7 +14,7 @@ void add_index_command(CLI::App& app) {
   static std::string model_dir, out_path;
   static std::vector<std::string> corpus;
   static monet::IndexOptions o;
-  static int threads = 0;
+  static DeviceArgs device;
   add_model_option(cmd, model_dir);
   cmd->add_option("--corpus", corpus, "text files (each one document)")->required();
   cmd->add_option("--out", out_path, "SQLite index file")->required();
@@ -24,10 +24,10 @@ void add_index_command(CLI::App& app) {
   cmd->add_option("--threshold", o.threshold, "count an expert as firing above this probability (default 0.01)");
   cmd->add_option("--max-tokens", o.max_tokens, "stop after about this many tokens (whole windows); --resume continues");
   cmd->add_option("--commit-every", o.checkpoint_tokens, "write the changes to the database every N tokens (default 200000)");
-  cmd->add_option("--threads", threads, "CPU threads");
+  add_device_options(cmd, device);
   cmd->add_flag("--resume", o.resume, "continue an existing index: skip its documents, continue where it stopped");
   cmd->callback([] {
-    auto model = monet::Model::load(model_dir, {threads});
+    auto model = monet::Model::load(model_dir, device.load_options());
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const bool tty = isatty(STDERR_FILENO);
     double last = -1;

@@ -8,9 +8,11 @@
 void add_info_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("info", "Print a checkpoint's configuration, parameter count, dtype and size");
   static std::string model_dir;
+  static DeviceArgs device;
   add_model_option(cmd, model_dir);
+  add_device_options(cmd, device);
   cmd->callback([] {
-    auto model = monet::Model::load(model_dir);
+    auto model = monet::Model::load(model_dir, device.load_options());
     const monet::MonetConfig& c = model->config();
     std::printf("model            %s\n", model_dir.c_str());
     std::printf("decomposition    %s\n", c.decompose_name());
@@ -30,6 +32,7 @@ void add_info_command(CLI::App& app) {
     std::printf("torch_dtype      %s\n", c.torch_dtype.c_str());
     const long long params = model->parameter_count();
     std::printf("parameters       %lld (%.3f B)\n", params, double(params) / 1e9);
+    std::printf("backend          %s\n", model->backend_name().c_str());
     std::printf("weight bytes     %zu (%.2f GiB)\n", model->weight_bytes(), double(model->weight_bytes()) / (1u << 30));
   });
 }

@@ -53,7 +53,7 @@ void add_tokenize_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("tokenize", "Print the token ids of a text (as HF tokenizer(text).input_ids)");
   static std::string model_dir, text, file, decode_ids;
   static bool pieces = false, no_special = false, jsonl = false;
-  cmd->add_option("--model", model_dir, "checkpoint or tokenizer directory")->required();
+  add_model_option(cmd, model_dir, "checkpoint or tokenizer directory");
   auto* t = cmd->add_option("--text", text, "text to tokenize");
   auto* f = cmd->add_option("--file", file, "tokenize the contents of this file instead")->excludes(t);
   cmd->add_option("--decode", decode_ids,

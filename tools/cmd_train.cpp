@@ -1,8 +1,25 @@
 // monet train --data TEXT|DIR --tokenizer DIR --out DIR [shape and optimiser flags]
 // Trains a Monet model from scratch (or from --init, or --resume); see docs/training.md.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
 #include "commands.h"
 #include "monet/error.h"
 #include "monet/train.h"
+
+namespace {
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(std::fmod(s, 3600) / 60));
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(std::fmod(s, 60)));
+  return buf;
+}
+
+}  // namespace
 
 void add_train_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train a Monet model on text (CPU; see docs/training.md)");
@@ -70,6 +87,18 @@ void add_train_command(CLI::App& app) {
     if (o.shape.moe_topk < 1 || o.shape.moe_topk >= o.shape.moe_experts)
       monet::fail("--topk must be in [1, --experts)");
     o.shape.torch_dtype = "float32";
+    const bool tty = isatty(fileno(stderr));
+    o.on_message = [](const std::string& text) { std::fprintf(stderr, "%s\n", text.c_str()); };
+    o.on_step = [tty](const monet::TrainStepReport& r) {
+      const bool val = !std::isnan(r.val_loss);
+      if (tty || r.step % std::max<int64_t>(1, o.log_every) == 0 || val || r.step == r.steps) {
+        std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f (lm %.4f unif %.3f amb %.3f) | lr %.2e | %.0f tok/s | ETA %s%s",
+                     tty ? "\r\033[K" : "", (long long)r.step, (long long)r.steps, r.loss, r.loss_lm, r.loss_unif,
+                     r.loss_amb, r.lr, r.tokens_per_s, format_duration(r.eta_seconds).c_str(), tty ? "" : "\n");
+        if (val) std::fprintf(stderr, "%sval loss %.4f (perplexity %.2f)\n", tty ? "\n" : "", r.val_loss, std::exp(r.val_loss));
+      }
+      if (!r.saved.empty()) std::fprintf(stderr, "%ssaved %s\n", tty ? "\n" : "", r.saved.c_str());
+    };
     monet::run_training(o);
   });
 }

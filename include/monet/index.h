@@ -42,7 +42,41 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
                  const std::string& db_path, const IndexOptions& opts,
                  const std::function<void(const IndexProgress&)>& progress = nullptr);
 
-// Read access for the viewer.
+// What an index was built with (its meta 'settings'), checked when read.
+struct IndexSettings {
+  std::string model;  // the checkpoint directory (absolute)
+  int64_t experts = 0, groups = 0, moe_groups = 0, top_k = 0, window = 0, context = 0;
+  double threshold = 0;
+};
+
+struct ExpertSummary {
+  int64_t expert = 0, count = 0;
+  double density = 0, max_prob = 0;  // density: count / tokens indexed
+};
+
+struct ExpertContext {
+  double prob = 0;
+  int64_t doc = 0, pos = 0;
+  std::string token;                 // the firing token's text
+  std::vector<std::string> context;  // token texts around it
+  int64_t focus = 0;                 // the firing token's place in context
+};
+
+struct ExpertDetail {
+  ExpertSummary summary;
+  std::vector<ExpertContext> contexts;  // strongest first
+};
+
+struct TokenMatch {
+  int64_t group = 0, expert = 0, contexts = 0;  // contexts: top contexts of the expert firing on the token
+  double max_prob = 0;
+};
+
+enum class ExpertOrder { Count, MaxProb, Id };
+
+// Read access to an index (the viewer's data). Every value read back is
+// checked against the index's settings: a damaged index gives a
+// monet::Error naming the file, never a crash.
 class IndexReader {
  public:
   explicit IndexReader(const std::string& db_path);
@@ -50,15 +84,22 @@ class IndexReader {
   IndexReader(const IndexReader&) = delete;
   IndexReader& operator=(const IndexReader&) = delete;
 
+  const std::string& path() const { return path_; }
+  const IndexSettings& settings() const { return settings_; }
+  int64_t tokens() const;  // tokens indexed so far
   std::string meta(const std::string& key) const;
-  // JSON texts for the HTTP API.
-  std::string experts_json(int64_t group, const std::string& order, int64_t limit, int64_t offset) const;
-  std::string expert_json(int64_t group, int64_t expert) const;  // contexts, count, density
-  std::string search_json(const std::string& token, int64_t limit) const;
+
+  // The experts of a group that fired, in the given order; total: how many fired.
+  std::vector<ExpertSummary> experts(int64_t group, ExpertOrder order, int64_t limit, int64_t offset,
+                                     int64_t* total = nullptr) const;
+  ExpertDetail expert(int64_t group, int64_t expert) const;  // count 0 and no contexts when it never fired
+  std::vector<TokenMatch> search(const std::string& token, int64_t limit) const;
 
  private:
+  void check_expert(int64_t group, int64_t expert) const;
   sqlite3* db_ = nullptr;
   std::string path_;
+  IndexSettings settings_;
 };
 
 }  // namespace monet

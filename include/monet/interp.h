@@ -45,4 +45,10 @@ RoutingStats routing_stats(const Model& model, const std::vector<int32_t>& ids, 
 std::vector<ExpertMask> domain_experts(const MonetConfig& c, const std::vector<RoutingStats>& domains, double ratio,
                                        double min_prob);
 
+// What expert `id` (= i*E + j) of router group g writes into the residual
+// stream, read out through the final norm's weights and lm_head: the sum of
+// its output columns over every layer of its group (its inputs are
+// relu2 >= 0, so this is the direction of its contribution), as logits [V].
+std::vector<float> expert_output_logits(const Model& model, int64_t group, int64_t id);
+
 }  // namespace monet

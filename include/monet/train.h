@@ -1,12 +1,22 @@
 // Training Monet models: `monet train` and `monet grad` (docs/training.md).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "monet/config.h"
 
 namespace monet {
+
+// What a training run reports after each optimiser step.
+struct TrainStepReport {
+  int64_t step = 0, steps = 0;
+  double loss = 0, loss_lm = 0, loss_unif = 0, loss_amb = 0, lr = 0;
+  double tokens_per_s = 0, eta_seconds = 0;
+  double val_loss = 0;  // NaN when this step ran no validation
+  std::string saved;    // the checkpoint written after this step, or empty
+};
 
 struct TrainOptions {
   // Data and outputs
@@ -30,6 +40,10 @@ struct TrainOptions {
   std::string save_dtype = "F32";  // F32 or BF16 for model.safetensors
   std::string dtype = "f32";       // compute: f32 or f64 (the reference)
   int threads = 0;
+  // Progress (the library prints nothing): notes on data, model and resume,
+  // and a report after every step.
+  std::function<void(const std::string&)> on_message;
+  std::function<void(const TrainStepReport&)> on_step;
 };
 
 // Runs (or resumes) a training run; throws monet::Error on bad input.
@@ -39,6 +53,7 @@ void run_training(const TrainOptions& opts);
 // of T+1 ids) and writes losses, gradients and updated BatchNorm running stats
 // to a safetensors file (F64), as described in docs/training.md.
 void compute_gradients_to_file(const std::string& model_dir, const std::vector<std::vector<int32_t>>& tokens,
-                               const std::string& out_path, const std::string& dtype, double aux_weight);
+                               const std::string& out_path, const std::string& dtype, double aux_weight,
+                               int threads = 0);
 
 }  // namespace monet

@@ -1,41 +1,110 @@
 #include "monet/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace monet {
 
 namespace {
-struct DTypeName {
-  DType type;
-  const char* name;
-  size_t size;
-};
-constexpr DTypeName kDTypes[] = {
-    {DType::F64, "F64", 8}, {DType::F32, "F32", 4}, {DType::F16, "F16", 2}, {DType::BF16, "BF16", 2},
-    {DType::I64, "I64", 8}, {DType::I32, "I32", 4}, {DType::I16, "I16", 2}, {DType::I8, "I8", 1},
-    {DType::U8, "U8", 1},   {DType::BOOL, "BOOL", 1},
-};
-}  // namespace
 
-size_t dtype_size(DType t) {
-  for (const auto& d : kDTypes)
-    if (d.type == t) return d.size;
-  return 0;
+template <class T>
+void plain_to_f32(const void* src, float* dst, int64_t n) {
+  const T* s = static_cast<const T*>(src);
+  for (int64_t i = 0; i < n; i++) dst[i] = float(s[i]);
+}
+template <class T>
+void plain_from_f32(const float* src, void* dst, int64_t n) {
+  T* d = static_cast<T*>(dst);
+  for (int64_t i = 0; i < n; i++) d[i] = T(src[i]);
 }
 
-const char* dtype_name(DType t) {
-  for (const auto& d : kDTypes)
-    if (d.type == t) return d.name;
-  return "?";
+void f32_to_f32(const void* src, float* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
+void f32_from_f32(const float* src, void* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
+
+// Source data may be unaligned (a safetensors payload is only byte-aligned).
+template <float (*Widen)(uint16_t)>
+void half_to_f32(const void* src, float* dst, int64_t n) {
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < n; i++) {
+    uint16_t h;
+    std::memcpy(&h, s + 2 * i, 2);
+    dst[i] = Widen(h);
+  }
+}
+template <uint16_t (*Narrow)(float)>
+void half_from_f32(const float* src, void* dst, int64_t n) {
+  uint8_t* d = static_cast<uint8_t*>(dst);
+  for (int64_t i = 0; i < n; i++) {
+    const uint16_t h = Narrow(src[i]);
+    std::memcpy(d + 2 * i, &h, 2);
+  }
+}
+
+void q8_0_to_f32(const void* src, float* dst, int64_t n) {
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  for (int64_t b = 0; b < n / kQ8Block; b++) {
+    BlockQ8_0 blk;
+    std::memcpy(&blk, s + size_t(b) * sizeof(BlockQ8_0), sizeof blk);
+    const float d = f16_to_f32(blk.d);
+    for (int64_t i = 0; i < kQ8Block; i++) dst[b * kQ8Block + i] = d * float(blk.q[i]);
+  }
+}
+
+void q8_0_from_f32(const float* src, void* dst, int64_t n) {
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  for (int64_t b = 0; b < n / kQ8Block; b++) {
+    const float* x = src + b * kQ8Block;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kQ8Block; i++) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f;
+    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+    BlockQ8_0 blk;
+    blk.d = f32_to_f16(d);
+    for (int64_t i = 0; i < kQ8Block; i++) blk.q[i] = int8_t(std::lround(x[i] * inv));
+    std::memcpy(out + size_t(b) * sizeof(BlockQ8_0), &blk, sizeof blk);
+  }
+}
+
+constexpr DTypeTraits kTraits[] = {
+    {DType::F64, "F64", 1, 8, false, plain_to_f32<double>, plain_from_f32<double>},
+    {DType::F32, "F32", 1, 4, true, f32_to_f32, f32_from_f32},
+    {DType::F16, "F16", 1, 2, true, half_to_f32<f16_to_f32>, half_from_f32<f32_to_f16>},
+    {DType::BF16, "BF16", 1, 2, true, half_to_f32<bf16_to_f32>, half_from_f32<f32_to_bf16>},
+    {DType::I64, "I64", 1, 8, false, nullptr, nullptr},
+    {DType::I32, "I32", 1, 4, false, nullptr, nullptr},
+    {DType::I16, "I16", 1, 2, false, nullptr, nullptr},
+    {DType::I8, "I8", 1, 1, false, nullptr, nullptr},
+    {DType::U8, "U8", 1, 1, false, nullptr, nullptr},
+    {DType::BOOL, "BOOL", 1, 1, false, nullptr, nullptr},
+    {DType::Q8_0, "Q8_0", kQ8Block, sizeof(BlockQ8_0), true, q8_0_to_f32, q8_0_from_f32},
+};
+
+}  // namespace
+
+const DTypeTraits& dtype_traits(DType t) {
+  for (const DTypeTraits& d : kTraits)
+    if (d.type == t) return d;
+  return kTraits[1];  // unreachable: every enumerator is in the table
 }
 
 bool dtype_from_name(std::string_view name, DType* out) {
-  for (const auto& d : kDTypes)
+  for (const DTypeTraits& d : kTraits)
     if (name == d.name) {
       *out = d.type;
       return true;
     }
   return false;
+}
+
+size_t dtype_size(DType t) {
+  const DTypeTraits& d = dtype_traits(t);
+  return d.block_elems == 1 ? d.block_bytes : 0;
+}
+
+size_t dtype_row_bytes(DType t, int64_t n) {
+  const DTypeTraits& d = dtype_traits(t);
+  if (n < 0 || n % d.block_elems != 0) return 0;
+  return size_t(n / d.block_elems) * d.block_bytes;
 }
 
 float f16_to_f32(uint16_t h) {

@@ -40,7 +40,7 @@ std::vector<ExpertMask> domain_experts(const MonetConfig& c, const std::vector<R
         bool dominant = true;
         for (size_t o = 0; o < domains.size() && dominant; o++)
           if (o != d && p < ratio * domains[o].mean(g, id)) dominant = false;
-        if (dominant) m.pairs[g].push_back(int64_t(id));
+        if (dominant) m.add_expert(int64_t(g), int64_t(id));
       }
     masks.push_back(std::move(m));
   }

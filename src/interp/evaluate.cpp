@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "core/monet_math.h"
 #include "monet/error.h"
 
 namespace monet {
@@ -16,19 +17,20 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
   const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
   std::vector<size_t> starts;
   for (size_t start = begin; start < std::min(end, ids.size()); start += step) starts.push_back(start);
-  // Windows are independent: on several cores, whole windows run side by side
-  // (one thread each, so GEMMs of a few hundred rows do not pay for thread
-  // synchronisation); fn still sees them in order.
-  const size_t batch = std::max<size_t>(1, std::min<size_t>(size_t(model.threads()), starts.size()));
+  // Windows are independent: a few run as one batch of sequences, so the
+  // GEMMs get more rows; fn still sees them in order.
+  const size_t batch = std::max<size_t>(2, size_t(model.threads()));
   struct Result {
     std::vector<int32_t> window;
     std::vector<float> logits;
     RouterCapture routing;
+    KvCache cache;
   };
   std::vector<Result> results(batch);
   for (size_t b0 = 0; b0 < starts.size(); b0 += batch) {
     const size_t nb = std::min(batch, starts.size() - b0);
-    auto run = [&](size_t i) {
+    std::vector<Sequence> seqs(nb);
+    for (size_t i = 0; i < nb; i++) {
       Result& r = results[i];
       const size_t start = starts[b0 + i];
       r.window.clear();
@@ -36,26 +38,21 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
       r.window.insert(r.window.end(), ids.begin() + ptrdiff_t(start),
                       ids.begin() + ptrdiff_t(std::min(ids.size(), start + step)));
       r.routing = RouterCapture();
-      ForwardOptions fo = opts;
-      fo.capture = &r.routing;
-      KvCache cache = model.new_cache(int64_t(r.window.size()));
-      model.forward(cache, r.window.data(), int64_t(r.window.size()), r.logits, fo);
-    };
-    if (nb == 1) {
-      run(0);
-    } else {
-      std::string error;
-#pragma omp parallel for num_threads(int(nb)) schedule(static, 1)
-      for (size_t i = 0; i < nb; i++) {
-        try {
-          run(i);
-        } catch (const std::exception& e) {
-#pragma omp critical
-          error = e.what();
-        }
-      }
-      if (!error.empty()) throw Error(error);
+      if (r.cache.capacity < int64_t(r.window.size())) r.cache = model.new_cache(context);
+      r.cache.length = 0;
+      Sequence& s = seqs[i];
+      s.cache = &r.cache;
+      s.ids = r.window.data();
+      s.n = int64_t(r.window.size());
+      s.logits = opts.routing_only ? Logits::None : opts.all_logits ? Logits::All : Logits::Last;
+      s.logits_out = &r.logits;
+      s.routing = &r.routing;
+      s.mask = opts.mask;
     }
+    BatchOptions bo;
+    bo.expert_path = opts.expert_path;
+    bo.routing_only = opts.routing_only;
+    model.forward_batch(seqs, bo);
     for (size_t i = 0; i < nb; i++) fn(results[i].window, first, starts[b0 + i], results[i].logits, results[i].routing);
   }
 }
@@ -69,11 +66,7 @@ LossResult evaluate_loss(const Model& model, const std::vector<int32_t>& ids, in
   for_each_window(model, ids, context, bos, fo, [&](const std::vector<int32_t>& window, size_t, size_t,
                                                     const std::vector<float>& logits, const RouterCapture&) {
     for (size_t t = 0; t + 1 < window.size(); t++) {
-      const float* row = logits.data() + t * size_t(V);
-      const float mx = *std::max_element(row, row + V);
-      double sum = 0;
-      for (int64_t v = 0; v < V; v++) sum += std::exp(double(row[v]) - mx);
-      r.total_nll += std::log(sum) + mx - double(row[window[t + 1]]);
+      r.total_nll += nll_from_logits(logits.data() + t * size_t(V), V, window[t + 1]);
       r.tokens++;
     }
   });

@@ -1,5 +1,8 @@
 #include <algorithm>
 
+#include "backend/backend.h"
+#include "monet/error.h"
+
 #include "monet/interp.h"
 
 namespace monet {
@@ -37,6 +40,55 @@ TokenExperts token_experts(const RouterCapture& cap, size_t t, size_t g, int64_t
   for (const ExpertActivation& a : active_experts(cap.g1[g].data() + t * HE, cap.g2[g].data() + t * HE, H, E, threshold))
     (mask && mask->removed(int64_t(g), a.i, a.j) ? out.removed : out.kept).push_back(a);
   return out;
+}
+
+std::vector<float> expert_output_logits(const Model& model, int64_t group, int64_t id) {
+  const MonetConfig& c = model.config();
+  const int64_t E = c.moe_experts, d = c.hidden_size;
+  if (group < 0 || group >= c.num_router_layers()) fail("router group ", group, " is outside [0, ", c.num_router_layers(), ")");
+  if (id < 0 || id >= E * E) fail("expert ", id, " is outside [0, ", E * E, ")");
+  const int64_t i = id / E, j = id % E;
+  Backend& be = model.backend();
+  std::vector<float> dir(static_cast<size_t>(d), 0.0f);
+  // dir[col0 ..] += sum of rows [row0, row0 + n) of w (one expert's slice of a v matrix)
+  auto add_rows = [&](const Weight& w, int64_t row0, int64_t n, int64_t col0) {
+    std::vector<int32_t> rows(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; r++) rows[size_t(r)] = int32_t(row0 + r);
+    const size_t bytes = size_t(n * w.cols) * sizeof(float);
+    Buffer buf = be.alloc(bytes);
+    be.embed(w, rows.data(), n, buf.f32());
+    std::vector<float> host(size_t(n * w.cols));
+    be.to_host(host.data(), buf.data(), bytes);
+    for (int64_t r = 0; r < n; r++)
+      for (int64_t k = 0; k < w.cols; k++) dir[size_t(col0 + k)] += host[size_t(r * w.cols + k)];
+  };
+  for (int64_t l = group * c.moe_groups; l < std::min(c.num_hidden_layers, (group + 1) * c.moe_groups); l++) {
+    const ExpertWeights& ew = model.weights().layers[size_t(l)].experts;
+    if (c.moe_decompose == Decompose::Vertical) {
+      const int64_t w = c.moe_dim / 2;
+      add_rows(ew.v11, i * w, w, 0);
+      add_rows(ew.v12, i * w, w, 0);
+      add_rows(ew.v21, j * w, w, d / 2);
+      add_rows(ew.v22, j * w, w, d / 2);
+    } else {
+      add_rows(ew.v, j * c.moe_dim, c.moe_dim, 0);
+    }
+  }
+  // Through the final norm's weights (the direction, not a normalised state) and lm_head.
+  std::vector<float> norm(static_cast<size_t>(d));
+  {
+    Buffer buf = be.alloc(size_t(d) * sizeof(float));
+    const int32_t row0 = 0;
+    be.embed(model.weights().final_norm, &row0, 1, buf.f32());
+    be.to_host(norm.data(), buf.data(), size_t(d) * sizeof(float));
+  }
+  for (int64_t k = 0; k < d; k++) dir[size_t(k)] *= norm[size_t(k)];
+  Buffer x = be.alloc(size_t(d) * sizeof(float)), y = be.alloc(size_t(c.vocab_size) * sizeof(float));
+  be.from_host(x.data(), dir.data(), size_t(d) * sizeof(float));
+  be.linear(model.weights().lm_head, x.f32(), 1, y.f32());
+  std::vector<float> logits(size_t(c.vocab_size));
+  be.to_host(logits.data(), y.data(), logits.size() * sizeof(float));
+  return logits;
 }
 
 }  // namespace monet

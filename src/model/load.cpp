@@ -1,10 +1,10 @@
 // Loading a checkpoint directory into ModelWeights: every tensor checked for
 // presence, shape and dtype against config.json, with messages naming both.
-#include <omp.h>
-
 #include <cstring>
 #include <filesystem>
 
+#include "backend/backend.h"
+#include "model/tensor_table.h"
 #include "monet/error.h"
 #include "monet/model.h"
 #include "monet/safetensors.h"
@@ -27,76 +27,53 @@ class Loader {
     return t;
   }
 
-  // A matrix as stored: F32 and BF16 are used in place; F16 is widened once.
+  // A matrix as stored (any weight dtype), used in place from the mapping.
   Weight matrix(const std::string& name, int64_t rows, int64_t cols) {
     const TensorInfo& t = tensor(name, {rows, cols});
-    Weight w{t.dtype, rows, cols, t.data, nullptr};
-    if (t.dtype == DType::F16) w = widened(t, rows, cols);
+    Weight w;
+    w.dtype = t.dtype;
+    w.rows = rows;
+    w.cols = cols;
+    w.data = t.data;
     return w;
   }
 
-  // HF stores v.. as [rows, cols]; we keep [cols, rows] so that one expert's
-  // columns become one contiguous block of rows.
+  // HF stores v.. as [rows, cols]; we keep [cols, rows] in the same dtype so
+  // that one expert's columns become one contiguous block of rows.
   Weight matrix_transposed(const std::string& name, int64_t rows, int64_t cols) {
     const TensorInfo& t = tensor(name, {rows, cols});
-    const bool keep_bf16 = t.dtype == DType::BF16;
-    Weight w{keep_bf16 ? DType::BF16 : DType::F32, cols, rows, nullptr, nullptr};
-    const size_t n = size_t(rows) * size_t(cols);
-    if (keep_bf16) {
-      auto buf = std::shared_ptr<uint16_t[]>(new uint16_t[n]);
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(t.data);
-      transpose(src, rows, cols, buf.get());
-      w.data = buf.get();
-      w.owned = std::shared_ptr<void>(buf, buf.get());
-    } else {
-      Weight wide = t.dtype == DType::F16 ? widened(t, rows, cols) : Weight{DType::F32, rows, cols, t.data, nullptr};
-      auto buf = std::shared_ptr<float[]>(new float[n]);
-      transpose(wide.f32(), rows, cols, buf.get());
-      w.data = buf.get();
-      w.owned = std::shared_ptr<void>(buf, buf.get());
-    }
+    const size_t esize = dtype_size(t.dtype);
+    auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(rows) * size_t(cols) * esize]);
+    if (esize == 2) transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 2>());
+    else transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 4>());
+    Weight w;
+    w.dtype = t.dtype;
+    w.rows = cols;
+    w.cols = rows;
+    w.data = buf.get();
+    w.owned = std::shared_ptr<const void>(buf, buf.get());
     return w;
   }
 
-  std::vector<float> vector(const std::string& name, int64_t n) {
-    return to_f32(tensor(name, {n}));
-  }
-
-  // BatchNorm buffers: float32 [H] in every released checkpoint.
-  std::vector<float> buffer(const std::string& name, int64_t n) {
+  // A vector (norm weight, bias, BatchNorm statistic) as an F32 weight [1, n].
+  Weight vector(const std::string& name, int64_t n) {
     const TensorInfo& t = tensor(name, {n});
-    return to_f32(t);
+    std::vector<float> v(static_cast<size_t>(n));
+    dtype_traits(t.dtype).to_f32(t.data, v.data(), n);
+    return Weight::from_f32(v.data(), 1, n, DType::F32);
   }
 
  private:
-  static std::vector<float> to_f32(const TensorInfo& t) {
-    std::vector<float> out(size_t(t.numel()));
-    for (size_t i = 0; i < out.size(); i++) out[i] = float(t.element(i));
-    return out;
-  }
-
-  static Weight widened(const TensorInfo& t, int64_t rows, int64_t cols) {
-    const size_t n = size_t(rows) * size_t(cols);
-    auto buf = std::shared_ptr<float[]>(new float[n]);
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) buf[i] = float(t.element(i));
-    Weight w{DType::F32, rows, cols, buf.get(), nullptr};
-    w.owned = std::shared_ptr<void>(buf, buf.get());
-    return w;
-  }
-
-  template <class T>
-  static void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  // dst[c, r] = src[r, c] for elements of Size bytes; the source may be unaligned.
+  template <size_t Size>
+  void transpose(const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst, std::integral_constant<size_t, Size>) {
     constexpr int64_t B = 64;  // tiles keep both sides cache-resident
-#pragma omp parallel for collapse(2) schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += B)
       for (int64_t c0 = 0; c0 < cols; c0 += B)
         for (int64_t r = r0; r < std::min(rows, r0 + B); r++)
-          for (int64_t c = c0; c < std::min(cols, c0 + B); c++) {
-            T v;
-            std::memcpy(&v, src + r * cols + c, sizeof(T));  // source may be unaligned
-            dst[c * rows + r] = v;
-          }
+          for (int64_t c = c0; c < std::min(cols, c0 + B); c++)
+            std::memcpy(dst + (size_t(c) * size_t(rows) + size_t(r)) * Size, src + (size_t(r) * size_t(cols) + size_t(c)) * Size,
+                        Size);
   }
 
   const TensorStore& store_;
@@ -111,61 +88,66 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   std::unique_ptr<Model> m(new Model());
   m->dir_ = dir;
   m->config_ = load_config((fs::path(dir) / "config.json").string());
-  m->threads_ = opts.threads > 0 ? opts.threads : omp_get_num_procs();
-  omp_set_num_threads(m->threads_);
+  BackendOptions bo;
+  bo.device = opts.device;
+  bo.threads = opts.threads;
+  bo.cpu_kernels = opts.cpu_kernels;
+  m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
 
   const MonetConfig& c = m->config_;
-  const int64_t d = c.hidden_size, hd = c.head_dim(), nh = c.num_attention_heads, nkv = c.num_key_value_heads;
-  const int64_t H = c.moe_heads, E = c.moe_experts, mdim = c.moe_dim, V = c.vocab_size;
   Loader ld(*m->store_, c);
   ModelWeights& w = m->weights_;
-  w.embed = ld.matrix("model.embed_tokens.weight", V, d);
-  w.lm_head = c.tie_word_embeddings ? w.embed : ld.matrix("lm_head.weight", V, d);
-  w.final_norm = ld.vector("model.norm.weight", d);
   w.layers.resize(size_t(c.num_hidden_layers));
-  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
-    LayerWeights& lw = w.layers[size_t(l)];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    lw.input_norm = ld.vector(p + "input_layernorm.weight", d);
-    lw.post_norm = ld.vector(p + "post_attention_layernorm.weight", d);
-    lw.wq = ld.matrix(p + "self_attn.q_proj.weight", nh * hd, d);
-    lw.wk = ld.matrix(p + "self_attn.k_proj.weight", nkv * hd, d);
-    lw.wv = ld.matrix(p + "self_attn.v_proj.weight", nkv * hd, d);
-    lw.wo = ld.matrix(p + "self_attn.o_proj.weight", d, nh * hd);
-    lw.has_router = c.has_router(l);
-    if (lw.has_router) {
-      RouterWeights& r = lw.router;
-      r.w1 = ld.matrix(p + "router.w1.weight", H * E, d);
-      r.w2 = ld.matrix(p + "router.w2.weight", H * E, d);
-      r.mean1 = ld.buffer(p + "router.norm1.running_mean", H);
-      r.var1 = ld.buffer(p + "router.norm1.running_var", H);
-      r.mean2 = ld.buffer(p + "router.norm2.running_mean", H);
-      r.var2 = ld.buffer(p + "router.norm2.running_var", H);
-      for (int64_t h = 0; h < H; h++)
-        if (!(r.var1[size_t(h)] >= 0.0f) || !(r.var2[size_t(h)] >= 0.0f))
-          fail(m->store_->get(p + "router.norm1.running_var").file, ": ", p,
-               "router.norm{1,2}.running_var must be non-negative");
+  for (const TensorSpec& t : tensor_table(c)) {
+    const int64_t rows = t.shape[0], cols = t.shape.size() > 1 ? t.shape[1] : 0;
+    LayerWeights* lw = t.layer >= 0 ? &w.layers[size_t(t.layer)] : nullptr;
+    auto matrix = [&] { return ld.matrix(t.name, rows, cols); };
+    auto transposed = [&] { return ld.matrix_transposed(t.name, rows, cols); };
+    auto vector = [&] { return ld.vector(t.name, rows); };
+    Weight* dst = nullptr;
+    Weight value;
+    switch (t.role) {
+      case TensorRole::Embed: dst = &w.embed, value = matrix(); break;
+      case TensorRole::LmHead: dst = &w.lm_head, value = matrix(); break;
+      case TensorRole::FinalNorm: dst = &w.final_norm, value = vector(); break;
+      case TensorRole::InputNorm: dst = &lw->input_norm, value = vector(); break;
+      case TensorRole::PostNorm: dst = &lw->post_norm, value = vector(); break;
+      case TensorRole::Wq: dst = &lw->wq, value = matrix(); break;
+      case TensorRole::Wk: dst = &lw->wk, value = matrix(); break;
+      case TensorRole::Wv: dst = &lw->wv, value = matrix(); break;
+      case TensorRole::Wo: dst = &lw->wo, value = matrix(); break;
+      case TensorRole::RouterW1: dst = &lw->router.w1, value = matrix(); break;
+      case TensorRole::RouterW2: dst = &lw->router.w2, value = matrix(); break;
+      case TensorRole::RouterMean1: dst = &lw->router.mean1, value = vector(); break;
+      case TensorRole::RouterVar1: dst = &lw->router.var1, value = vector(); break;
+      case TensorRole::RouterMean2: dst = &lw->router.mean2, value = vector(); break;
+      case TensorRole::RouterVar2: dst = &lw->router.var2, value = vector(); break;
+      case TensorRole::U1: dst = &lw->experts.u1, value = matrix(); break;
+      case TensorRole::U1Bias: dst = &lw->experts.u1_bias, value = vector(); break;
+      case TensorRole::U2: dst = &lw->experts.u2, value = matrix(); break;
+      case TensorRole::U2Bias: dst = &lw->experts.u2_bias, value = vector(); break;
+      case TensorRole::V11: dst = &lw->experts.v11, value = transposed(); break;
+      case TensorRole::V12: dst = &lw->experts.v12, value = transposed(); break;
+      case TensorRole::V21: dst = &lw->experts.v21, value = transposed(); break;
+      case TensorRole::V22: dst = &lw->experts.v22, value = transposed(); break;
+      case TensorRole::B1: dst = &lw->experts.b1, value = matrix(); break;
+      case TensorRole::B2: dst = &lw->experts.b2, value = matrix(); break;
+      case TensorRole::U: dst = &lw->experts.u, value = matrix(); break;
+      case TensorRole::UBias: dst = &lw->experts.u_bias, value = vector(); break;
+      case TensorRole::V: dst = &lw->experts.v, value = transposed(); break;
+      case TensorRole::B: dst = &lw->experts.b, value = matrix(); break;
     }
-    if (c.moe_decompose == Decompose::Vertical) {
-      const int64_t half = E * mdim / 2;
-      lw.u1 = ld.matrix(p + "moe.u1.weight", half, d);
-      lw.u2 = ld.matrix(p + "moe.u2.weight", half, d);
-      lw.u1_bias = ld.vector(p + "moe.u1.bias", half);
-      lw.u2_bias = ld.vector(p + "moe.u2.bias", half);
-      lw.v11 = ld.matrix_transposed(p + "moe.v11.weight", d / 2, half);
-      lw.v12 = ld.matrix_transposed(p + "moe.v12.weight", d / 2, half);
-      lw.v21 = ld.matrix_transposed(p + "moe.v21.weight", d / 2, half);
-      lw.v22 = ld.matrix_transposed(p + "moe.v22.weight", d / 2, half);
-      lw.b1 = ld.matrix(p + "moe.b1", E, d / 2);
-      lw.b2 = ld.matrix(p + "moe.b2", E, d / 2);
-    } else {
-      lw.u = ld.matrix(p + "moe.u.weight", E * mdim, d);
-      lw.u_bias = ld.vector(p + "moe.u.bias", E * mdim);
-      lw.v = ld.matrix_transposed(p + "moe.v.weight", d, E * mdim);
-      lw.b = ld.matrix(p + "moe.b", E, d);
+    if (t.kind == TensorKind::RunningStat && t.name.find("running_var") != std::string::npos) {
+      const float* v = static_cast<const float*>(value.data);
+      for (int64_t h = 0; h < rows; h++)
+        if (!(v[h] >= 0.0f))
+          fail(m->store_->get(t.name).file, ": ", t.name, " must be non-negative (found ", v[h], " at index ", h, ")");
     }
+    *dst = m->backend_->prepare(value);
   }
+  if (c.tie_word_embeddings) w.lm_head = w.embed;
+  for (int64_t l = 0; l < c.num_hidden_layers; l++) w.layers[size_t(l)].has_router = c.has_router(l);
   return m;
 }
 
@@ -187,12 +169,18 @@ size_t Model::weight_bytes() const {
 }
 
 KvCache Model::new_cache(int64_t capacity) const {
+  if (capacity < 0) fail("a KV cache capacity must be at least 0, got ", capacity);
   KvCache kv;
   kv.capacity = capacity;
-  const size_t row = size_t(config_.num_key_value_heads * config_.head_dim());
-  kv.k.assign(size_t(config_.num_hidden_layers), std::vector<float>(size_t(capacity) * row));
-  kv.v.assign(size_t(config_.num_hidden_layers), std::vector<float>(size_t(capacity) * row));
+  const size_t row_bytes = size_t(config_.num_key_value_heads * config_.head_dim()) * sizeof(float);
+  for (int64_t l = 0; l < config_.num_hidden_layers; l++) {
+    kv.k.push_back(backend_->alloc(size_t(capacity) * row_bytes));
+    kv.v.push_back(backend_->alloc(size_t(capacity) * row_bytes));
+  }
   return kv;
 }
+
+int Model::threads() const { return backend_->threads(); }
+std::string Model::backend_name() const { return backend_->name(); }
 
 }  // namespace monet

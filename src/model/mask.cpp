@@ -1,9 +1,8 @@
 #include "monet/mask.h"
 
 #include <algorithm>
-#include <fstream>
+#include <cmath>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "monet/error.h"
 #include "monet/safetensors.h"
@@ -14,14 +13,52 @@ ExpertMask ExpertMask::none(const MonetConfig& c) {
   ExpertMask m;
   m.experts = c.moe_experts;
   const size_t groups = size_t(c.num_router_layers());
-  m.side1.assign(groups, std::vector<uint8_t>(size_t(c.moe_experts), 0));
+  m.side1.assign(groups, std::vector<float>(size_t(c.moe_experts), 1.0f));
   m.side2 = m.side1;
   m.pairs.assign(groups, {});
+  m.touched_.assign(groups, 0);
   return m;
 }
 
 ExpertMask ExpertMask::load_json(const std::string& path, const MonetConfig& c) {
   return parse_json(read_file(path), path, c);
+}
+
+namespace {
+void check_scale(float scale, const std::string& where) {
+  if (!std::isfinite(scale)) fail(where, ": the scale must be a finite number, got ", scale);
+}
+}  // namespace
+
+void ExpertMask::add_expert(int64_t group, int64_t id, float scale) {
+  const std::string where = "expert " + std::to_string(id) + " of group " + std::to_string(group);
+  if (group < 0 || group >= int64_t(pairs.size()))
+    fail(where, ": the group is outside [0, ", pairs.size(), ")");
+  if (id < 0 || id >= experts * experts) fail(where, ": the expert id is outside [0, ", experts * experts, ")");
+  check_scale(scale, where);
+  auto& p = pairs[size_t(group)];
+  auto it = std::lower_bound(p.begin(), p.end(), std::make_pair(id, -INFINITY));
+  if (it != p.end() && it->first == id) {
+    if (it->second != scale) fail(where, " is listed twice with different scales (", it->second, ", ", scale, ")");
+    return;
+  }
+  p.insert(it, {id, scale});
+  touched_[size_t(group)] = 1;
+}
+
+void ExpertMask::add_component(int64_t group, int side, int64_t index, float scale) {
+  const std::string where = "component (side " + std::to_string(side) + ", index " + std::to_string(index) +
+                            ") of group " + std::to_string(group);
+  if (group < 0 || group >= int64_t(pairs.size()))
+    fail(where, ": the group is outside [0, ", pairs.size(), ")");
+  if (side != 1 && side != 2) fail(where, ": the side must be 1 or 2");
+  if (index < 0 || index >= experts) fail(where, ": the index is outside [0, ", experts, ")");
+  check_scale(scale, where);
+  float& s = (side == 1 ? side1 : side2)[size_t(group)][size_t(index)];
+  const bool listed = touched_[size_t(group)] && s != 1.0f;
+  if (listed && s != scale) fail(where, " is listed twice with different scales (", s, ", ", scale, ")");
+  s = scale;
+  touched_[size_t(group)] = 1;
 }
 
 ExpertMask ExpertMask::parse_json(const std::string& text, const std::string& source, const MonetConfig& c) {
@@ -33,44 +70,48 @@ ExpertMask ExpertMask::parse_json(const std::string& text, const std::string& so
   }
   if (!j.is_object()) fail(source, ": a mask file is a JSON object with \"experts\" and/or \"components\"");
   ExpertMask m = none(c);
-  const int64_t groups = c.num_router_layers(), E = c.moe_experts;
-  auto integer = [&](const nlohmann::json& item, const char* key, const std::string& where, int64_t lo, int64_t hi) {
+  auto integer = [&](const nlohmann::json& item, const char* key, const std::string& where) {
     if (!item.contains(key) || !item[key].is_number_integer())
       fail(source, ": ", where, " needs an integer \"", key, "\"");
-    const int64_t v = item[key].get<int64_t>();
-    if (v < lo || v >= hi) fail(source, ": ", where, " \"", key, "\" = ", v, " is outside [", lo, ", ", hi, ")");
-    return v;
+    return item[key].get<int64_t>();
+  };
+  auto scale_of = [&](const nlohmann::json& item, const std::string& where) {
+    if (!item.contains("scale")) return 0.0f;
+    if (!item["scale"].is_number()) fail(source, ": ", where, " \"scale\" must be a number");
+    const double s = item["scale"].get<double>();
+    if (!std::isfinite(s) || std::fabs(s) > 1e30) fail(source, ": ", where, " \"scale\" = ", s, " is not a finite float");
+    return float(s);
   };
   for (const auto& [key, value] : j.items())
     if (key != "experts" && key != "components")
       fail(source, ": unknown key \"", key, "\" (expected \"experts\" and/or \"components\")");
-  if (j.contains("experts")) {
-    if (!j["experts"].is_array()) fail(source, ": \"experts\" must be an array");
-    for (size_t n = 0; n < j["experts"].size(); n++) {
-      const auto& item = j["experts"][n];
-      const std::string where = "experts[" + std::to_string(n) + "]";
-      if (!item.is_object()) fail(source, ": ", where, " must be an object {\"group\": g, \"expert\": id}");
-      const int64_t g = integer(item, "group", where, 0, groups);
-      const int64_t id = integer(item, "expert", where, 0, E * E);
-      m.pairs[size_t(g)].push_back(id);
+  auto entries = [&](const char* key, const char* shape, auto&& add) {
+    if (!j.contains(key)) return;
+    if (!j[key].is_array()) fail(source, ": \"", key, "\" must be an array");
+    for (size_t n = 0; n < j[key].size(); n++) {
+      const auto& item = j[key][n];
+      const std::string where = std::string(key) + "[" + std::to_string(n) + "]";
+      if (!item.is_object()) fail(source, ": ", where, " must be an object ", shape);
+      for (const auto& [k, v] : item.items())
+        if (k != "group" && k != "expert" && k != "side" && k != "index" && k != "scale")
+          fail(source, ": ", where, " has an unknown key \"", k, "\"");
+      try {
+        add(item, where);
+      } catch (const Error& e) {
+        fail(source, ": ", where, ": ", e.what());
+      }
     }
-  }
-  if (j.contains("components")) {
-    if (!j["components"].is_array()) fail(source, ": \"components\" must be an array");
-    for (size_t n = 0; n < j["components"].size(); n++) {
-      const auto& item = j["components"][n];
-      const std::string where = "components[" + std::to_string(n) + "]";
-      if (!item.is_object()) fail(source, ": ", where, " must be an object {\"group\": g, \"side\": 1|2, \"index\": i}");
-      const int64_t g = integer(item, "group", where, 0, groups);
-      const int64_t side = integer(item, "side", where, 1, 3);
-      const int64_t i = integer(item, "index", where, 0, E);
-      (side == 1 ? m.side1 : m.side2)[size_t(g)][size_t(i)] = 1;
-    }
-  }
-  for (auto& p : m.pairs) {
-    std::sort(p.begin(), p.end());
-    p.erase(std::unique(p.begin(), p.end()), p.end());
-  }
+  };
+  entries("experts", "{\"group\": g, \"expert\": id}", [&](const nlohmann::json& item, const std::string& where) {
+    m.add_expert(integer(item, "group", where), integer(item, "expert", where), scale_of(item, where));
+  });
+  entries("components", "{\"group\": g, \"side\": 1|2, \"index\": i}",
+          [&](const nlohmann::json& item, const std::string& where) {
+            const int64_t side = integer(item, "side", where);
+            if (side != 1 && side != 2) fail("\"side\" = ", side, " must be 1 or 2");
+            m.add_component(integer(item, "group", where), int(side), integer(item, "index", where),
+                            scale_of(item, where));
+          });
   return m;
 }
 
@@ -78,36 +119,41 @@ std::string ExpertMask::to_json() const {
   nlohmann::json j;
   j["experts"] = nlohmann::json::array();
   j["components"] = nlohmann::json::array();
+  auto entry = [](nlohmann::json e, float scale) {
+    if (scale != 0.0f) e["scale"] = scale;  // removal is the default
+    return e;
+  };
   for (size_t g = 0; g < pairs.size(); g++) {
-    for (int64_t id : pairs[g]) j["experts"].push_back({{"group", g}, {"expert", id}});
-    for (size_t i = 0; i < side1[g].size(); i++)
-      if (side1[g][i]) j["components"].push_back({{"group", g}, {"side", 1}, {"index", i}});
-    for (size_t i = 0; i < side2[g].size(); i++)
-      if (side2[g][i]) j["components"].push_back({{"group", g}, {"side", 2}, {"index", i}});
+    for (const auto& [id, scale] : pairs[g]) j["experts"].push_back(entry({{"group", g}, {"expert", id}}, scale));
+    for (int side = 1; side <= 2; side++) {
+      const std::vector<float>& s = (side == 1 ? side1 : side2)[g];
+      for (size_t i = 0; i < s.size(); i++)
+        if (s[i] != 1.0f) j["components"].push_back(entry({{"group", g}, {"side", side}, {"index", i}}, s[i]));
+    }
   }
   return j.dump(1);
 }
 
 bool ExpertMask::group_empty(int64_t g) const {
-  if (size_t(g) >= pairs.size()) return true;
-  if (!pairs[size_t(g)].empty()) return false;
-  for (uint8_t v : side1[size_t(g)]) if (v) return false;
-  for (uint8_t v : side2[size_t(g)]) if (v) return false;
-  return true;
+  return g < 0 || size_t(g) >= touched_.size() || !touched_[size_t(g)];
 }
 
-bool ExpertMask::removed(int64_t g, int64_t i, int64_t j) const {
-  if (side1[size_t(g)][size_t(i)] || side2[size_t(g)][size_t(j)]) return true;
+float ExpertMask::weight(int64_t g, int64_t i, int64_t j) const {
+  if (group_empty(g)) return 1.0f;
+  float w = side1[size_t(g)][size_t(i)] * side2[size_t(g)][size_t(j)];
   const auto& p = pairs[size_t(g)];
-  return std::binary_search(p.begin(), p.end(), i * experts + j);
+  const int64_t id = i * experts + j;
+  auto it = std::lower_bound(p.begin(), p.end(), std::make_pair(id, -INFINITY));
+  if (it != p.end() && it->first == id) w *= it->second;
+  return w;
 }
 
-int64_t ExpertMask::removed_count() const {
+int64_t ExpertMask::entry_count() const {
   int64_t n = 0;
   for (size_t g = 0; g < pairs.size(); g++) {
     n += int64_t(pairs[g].size());
-    for (uint8_t v : side1[g]) n += v;
-    for (uint8_t v : side2[g]) n += v;
+    for (float s : side1[g]) n += s != 1.0f;
+    for (float s : side2[g]) n += s != 1.0f;
   }
   return n;
 }

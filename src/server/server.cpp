@@ -5,11 +5,12 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
-#include "backend/cpu/ops.h"
 #include "monet/error.h"
 #include "monet/interp.h"
 #include "monet/mask.h"
@@ -22,42 +23,40 @@ namespace {
 
 using json = nlohmann::json;
 
+// An integer query parameter: absent -> fallback; present -> exactly an integer in [lo, hi].
 int64_t int_param(const httplib::Request& req, const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   if (!req.has_param(name)) return fallback;
   const std::string v = req.get_param_value(name);
   char* end = nullptr;
+  errno = 0;
   const long long x = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || x < lo || x > hi)
+  if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > hi)
     fail("parameter ", name, "=", v, " must be an integer in [", lo, ", ", hi, "]");
   return x;
 }
 
-// Sum of an expert's output columns in every layer of its group: the
-// direction it writes into the residual stream (its inputs are relu^2 >= 0).
-std::vector<float> expert_direction(const Model& model, int64_t group, int64_t i, int64_t j) {
-  const MonetConfig& c = model.config();
-  const int64_t d = c.hidden_size;
-  std::vector<float> dir(size_t(d), 0.0f), row;
-  auto add_rows = [&](const Weight& w, int64_t row0, int64_t n, float* out) {
-    row.resize(size_t(w.cols));
-    for (int64_t r = 0; r < n; r++) {
-      cpu::widen(w, (row0 + r) * w.cols, w.cols, row.data());
-      for (int64_t k = 0; k < w.cols; k++) out[k] += row[size_t(k)];
-    }
-  };
-  for (int64_t l = group * c.moe_groups; l < std::min(c.num_hidden_layers, (group + 1) * c.moe_groups); l++) {
-    const LayerWeights& lw = model.weights().layers[size_t(l)];
-    if (c.moe_decompose == Decompose::Vertical) {
-      const int64_t w = c.moe_dim / 2;
-      add_rows(lw.v11, i * w, w, dir.data());
-      add_rows(lw.v12, i * w, w, dir.data());
-      add_rows(lw.v21, j * w, w, dir.data() + d / 2);
-      add_rows(lw.v22, j * w, w, dir.data() + d / 2);
-    } else {
-      add_rows(lw.v, j * c.moe_dim, c.moe_dim, dir.data());
-    }
-  }
-  return dir;
+int64_t required_int_param(const httplib::Request& req, const char* name, int64_t lo, int64_t hi) {
+  if (!req.has_param(name)) fail("parameter ", name, " is required (an integer in [", lo, ", ", hi, "])");
+  return int_param(req, name, 0, lo, hi);
+}
+
+// Fields of a JSON request body: exactly the type asked for, in range.
+int64_t json_int(const json& body, const char* key, int64_t fallback, int64_t lo, int64_t hi) {
+  if (!body.contains(key) || body[key].is_null()) return fallback;
+  const json& v = body[key];
+  if (!v.is_number_integer()) fail("\"", key, "\" must be an integer in [", lo, ", ", hi, "], got ", v.dump());
+  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+    fail("\"", key, "\" = ", v.dump(), " is outside [", lo, ", ", hi, "]");
+  return v.get<int64_t>();
+}
+
+double json_number(const json& body, const char* key, double fallback, double lo, double hi) {
+  if (!body.contains(key) || body[key].is_null()) return fallback;
+  const json& v = body[key];
+  if (!v.is_number()) fail("\"", key, "\" must be a number in [", lo, ", ", hi, "], got ", v.dump());
+  const double x = v.get<double>();
+  if (!(x >= lo && x <= hi)) fail("\"", key, "\" = ", v.dump(), " is outside [", lo, ", ", hi, "]");
+  return x;
 }
 
 // Indices of the n largest scores, largest first.
@@ -72,15 +71,15 @@ std::vector<int32_t> top_ids(const std::vector<float>& scores, size_t n) {
 }
 
 json top_output_tokens(const Model& model, const Tokenizer& tok, int64_t group, int64_t id, int n) {
-  const MonetConfig& c = model.config();
-  std::vector<float> dir = expert_direction(model, group, id / c.moe_experts, id % c.moe_experts);
-  for (int64_t k = 0; k < c.hidden_size; k++) dir[size_t(k)] *= model.weights().final_norm[size_t(k)];
-  std::vector<float> logits(size_t(c.vocab_size));
-  cpu::linear(model.weights().lm_head, dir.data(), 1, logits.data());
+  const std::vector<float> logits = expert_output_logits(model, group, id);
   json out = json::array();
   for (int32_t k : top_ids(logits, size_t(n)))
     out.push_back({{"id", k}, {"token", tok.token_text(k)}, {"logit", logits[size_t(k)]}});
   return out;
+}
+
+json summary_json(const ExpertSummary& e) {
+  return {{"expert", e.expert}, {"count", e.count}, {"density", e.density}, {"max_prob", e.max_prob}};
 }
 
 }  // namespace
@@ -88,7 +87,6 @@ json top_output_tokens(const Model& model, const Tokenizer& tok, int64_t group, 
 void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, const ServeOptions& opts) {
   httplib::Server server;
   server.set_payload_max_length(1 << 20);  // probe texts are small; refuse huge bodies early
-  std::mutex model_mutex;  // the forward pass uses the shared OpenMP pool: one at a time
   const MonetConfig& c = model.config();
 
   auto handle = [](auto fn) {
@@ -113,8 +111,11 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
                  {"experts_per_group", c.moe_experts * c.moe_experts}, {"groups", c.num_router_layers()},
                  {"layers_per_group", c.moe_groups}, {"layers", c.num_hidden_layers}, {"has_index", index != nullptr}};
     if (index) {
-      info["tokens_indexed"] = std::stoll(index->meta("tokens").empty() ? "0" : index->meta("tokens"));
-      info["index_settings"] = json::parse(index->meta("settings"));
+      const IndexSettings& st = index->settings();
+      info["tokens_indexed"] = index->tokens();
+      info["index_settings"] = {{"model", st.model}, {"experts", st.experts}, {"groups", st.groups},
+                                {"moe_groups", st.moe_groups}, {"top_k", st.top_k}, {"window", st.window},
+                                {"context", st.context}, {"threshold", st.threshold}};
     }
     return info.dump();
   }));
@@ -122,23 +123,42 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     if (!index) fail("no index loaded: start monet serve with --index INDEX.db");
     const std::string order = req.has_param("order") ? req.get_param_value("order") : "count";
     if (order != "count" && order != "max" && order != "id") fail("parameter order must be count, max or id");
-    return index->experts_json(group_param(req), order, int_param(req, "limit", 100, 1, 10000),
-                               int_param(req, "offset", 0, 0, c.moe_experts * c.moe_experts));
+    const ExpertOrder by = order == "max" ? ExpertOrder::MaxProb : order == "id" ? ExpertOrder::Id : ExpertOrder::Count;
+    const int64_t g = group_param(req);
+    int64_t total = 0;
+    json experts = json::array();
+    for (const ExpertSummary& e : index->experts(g, by, int_param(req, "limit", 100, 1, 10000),
+                                                 int_param(req, "offset", 0, 0, c.moe_experts * c.moe_experts), &total))
+      experts.push_back(summary_json(e));
+    return json({{"group", g}, {"total", total}, {"experts", experts}}).dump();
   }));
   server.Get("/api/expert", handle([&](const httplib::Request& req) {
     const int64_t g = group_param(req);
-    const int64_t id = int_param(req, "expert", -1, 0, c.moe_experts * c.moe_experts - 1);
-    json out = index ? json::parse(index->expert_json(g, id)) : json({{"group", g}, {"expert", id}});
+    const int64_t id = required_int_param(req, "expert", 0, c.moe_experts * c.moe_experts - 1);
+    json out = {{"group", g}, {"expert", id}};
+    if (index) {
+      const ExpertDetail e = index->expert(g, id);
+      out = summary_json(e.summary);
+      out["group"] = g;
+      json contexts = json::array();
+      for (const ExpertContext& x : e.contexts)
+        contexts.push_back({{"prob", x.prob}, {"doc", x.doc}, {"pos", x.pos}, {"token", x.token},
+                            {"context", x.context}, {"focus", x.focus}});
+      out["contexts"] = contexts;
+    }
     out["i"] = id / c.moe_experts;
     out["j"] = id % c.moe_experts;
-    std::lock_guard<std::mutex> lock(model_mutex);
     out["outputs"] = top_output_tokens(model, tok, g, id, 12);
     return out.dump();
   }));
   server.Get("/api/search", handle([&](const httplib::Request& req) {
     if (!index) fail("no index loaded");
     if (!req.has_param("token") || req.get_param_value("token").empty()) fail("parameter token is required");
-    return index->search_json(req.get_param_value("token"), int_param(req, "limit", 50, 1, 1000));
+    const std::string token = req.get_param_value("token");
+    json experts = json::array();
+    for (const TokenMatch& m : index->search(token, int_param(req, "limit", 50, 1, 1000)))
+      experts.push_back({{"group", m.group}, {"expert", m.expert}, {"contexts", m.contexts}, {"max_prob", m.max_prob}});
+    return json({{"token", token}, {"experts", experts}}).dump();
   }));
   server.Post("/api/probe", handle([&](const httplib::Request& req) {
     json body;
@@ -148,10 +168,8 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
       fail("the body must be JSON {\"text\": \"...\"}");
     }
     if (!body.is_object() || !body.contains("text") || !body["text"].is_string()) fail("the body needs a string \"text\"");
-    const float threshold = body.value("threshold", 0.01f);
-    const int top = body.value("top", 8), n_next = body.value("next", 10);
-    if (!(threshold >= 0) || top < 0 || n_next < 0 || n_next > 100)
-      fail("threshold must be >= 0, top >= 0 and next in [0, 100]");
+    const float threshold = float(json_number(body, "threshold", 0.01, 0.0, 1.0));
+    const int64_t top = json_int(body, "top", 8, 0, 1000), n_next = json_int(body, "next", 10, 0, 100);
     // An optional mask, as in a mask file: the probe runs the model with those experts removed.
     ExpertMask mask = ExpertMask::none(c);
     if (body.contains("mask") && !body["mask"].is_null()) mask = ExpertMask::parse_json(body["mask"].dump(), "the request's mask", c);
@@ -166,14 +184,11 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     fo.all_logits = false;
     fo.mask = &mask;
     std::vector<float> logits;
-    {
-      std::lock_guard<std::mutex> lock(model_mutex);
-      KvCache cache = model.new_cache(int64_t(ids.size()));
-      model.forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
-    }
-    auto experts_json = [top](const std::vector<ExpertActivation>& list) {
+    KvCache cache = model.new_cache(int64_t(ids.size()));
+    model.forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
+    auto experts_json = [top = size_t(top)](const std::vector<ExpertActivation>& list) {
       json ex = json::array();
-      for (size_t k = 0; k < list.size() && int(k) < top; k++) ex.push_back({{"expert", list[k].id}, {"p", list[k].prob}});
+      for (size_t k = 0; k < list.size() && k < top; k++) ex.push_back({{"expert", list[k].id}, {"p", list[k].prob}});
       return ex;
     };
     json tokens = json::array();
@@ -193,7 +208,7 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     json next = json::array();
     for (int32_t k : top_ids(logits, size_t(n_next)))
       next.push_back({{"id", k}, {"token", tok.token_text(k)}, {"p", std::exp(double(logits[size_t(k)] - mx)) / sum}});
-    return json({{"tokens", tokens}, {"next", next}, {"masked", mask.removed_count()}}).dump();
+    return json({{"tokens", tokens}, {"next", next}, {"masked", mask.entry_count()}}).dump();
   }));
 
   if (!server.bind_to_port(opts.host, opts.port)) fail("cannot listen on ", opts.host, ":", opts.port);

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/monet_math.h"
+#include "model/tensor_table.h"
 #include "monet/error.h"
 
 namespace monet::train {
@@ -116,57 +118,50 @@ void zeroed(std::vector<R>& v, size_t n) {
 }  // namespace
 
 ParamLayout::ParamLayout(const MonetConfig& c) {
-  const int64_t d = c.hidden_size, hd = c.head_dim(), nh = c.num_attention_heads, nkv = c.num_key_value_heads;
-  const int64_t E = c.moe_experts, m = c.moe_dim, H = c.moe_heads, V = c.vocab_size;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool decay) {
+  layers.resize(size_t(c.num_hidden_layers));
+  for (const TensorSpec& t : tensor_table(c)) {
+    if (t.kind == TensorKind::RunningStat) continue;  // buffers, kept apart (running_mean / running_var)
     ParamInfo p;
-    p.name = name;
-    p.shape = std::move(shape);
+    p.name = t.name;
+    p.shape = t.shape;
     p.numel = 1;
     for (int64_t s : p.shape) p.numel *= size_t(s);
     p.offset = total;
-    p.decay = decay;
+    p.decay = t.kind == TensorKind::Matrix;
     total += p.numel;
     params.push_back(p);
-    return p.offset;
-  };
-  embed = add("model.embed_tokens.weight", {V, d}, true);
-  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    LayerOffsets o;
-    o.ln1 = add(p + "input_layernorm.weight", {d}, false);
-    o.wq = add(p + "self_attn.q_proj.weight", {nh * hd, d}, true);
-    o.wk = add(p + "self_attn.k_proj.weight", {nkv * hd, d}, true);
-    o.wv = add(p + "self_attn.v_proj.weight", {nkv * hd, d}, true);
-    o.wo = add(p + "self_attn.o_proj.weight", {d, nh * hd}, true);
-    o.ln2 = add(p + "post_attention_layernorm.weight", {d}, false);
-    o.has_router = c.has_router(l);
-    if (o.has_router) {
-      o.w1 = add(p + "router.w1.weight", {H * E, d}, true);
-      o.w2 = add(p + "router.w2.weight", {H * E, d}, true);
+    LayerOffsets* o = t.layer >= 0 ? &layers[size_t(t.layer)] : nullptr;
+    switch (t.role) {
+      case TensorRole::Embed: embed = p.offset; break;
+      case TensorRole::LmHead: lm_head = p.offset; break;
+      case TensorRole::FinalNorm: final_norm = p.offset; break;
+      case TensorRole::InputNorm: o->ln1 = p.offset; break;
+      case TensorRole::PostNorm: o->ln2 = p.offset; break;
+      case TensorRole::Wq: o->wq = p.offset; break;
+      case TensorRole::Wk: o->wk = p.offset; break;
+      case TensorRole::Wv: o->wv = p.offset; break;
+      case TensorRole::Wo: o->wo = p.offset; break;
+      case TensorRole::RouterW1: o->w1 = p.offset, o->has_router = true; break;
+      case TensorRole::RouterW2: o->w2 = p.offset; break;
+      case TensorRole::U1: o->u1 = p.offset; break;
+      case TensorRole::U1Bias: o->u1b = p.offset; break;
+      case TensorRole::U2: o->u2 = p.offset; break;
+      case TensorRole::U2Bias: o->u2b = p.offset; break;
+      case TensorRole::V11: o->v11 = p.offset; break;
+      case TensorRole::V12: o->v12 = p.offset; break;
+      case TensorRole::V21: o->v21 = p.offset; break;
+      case TensorRole::V22: o->v22 = p.offset; break;
+      case TensorRole::B1: o->b1 = p.offset; break;
+      case TensorRole::B2: o->b2 = p.offset; break;
+      case TensorRole::U: o->u = p.offset; break;
+      case TensorRole::UBias: o->ub = p.offset; break;
+      case TensorRole::V: o->v = p.offset; break;
+      case TensorRole::B: o->b = p.offset; break;
+      case TensorRole::RouterMean1: case TensorRole::RouterVar1: case TensorRole::RouterMean2: case TensorRole::RouterVar2:
+        break;
     }
-    if (c.moe_decompose == Decompose::Vertical) {
-      const int64_t Eh = E * m / 2;
-      o.u1 = add(p + "moe.u1.weight", {Eh, d}, true);
-      o.u1b = add(p + "moe.u1.bias", {Eh}, false);
-      o.u2 = add(p + "moe.u2.weight", {Eh, d}, true);
-      o.u2b = add(p + "moe.u2.bias", {Eh}, false);
-      o.v11 = add(p + "moe.v11.weight", {d / 2, Eh}, true);
-      o.v12 = add(p + "moe.v12.weight", {d / 2, Eh}, true);
-      o.v21 = add(p + "moe.v21.weight", {d / 2, Eh}, true);
-      o.v22 = add(p + "moe.v22.weight", {d / 2, Eh}, true);
-      o.b1 = add(p + "moe.b1", {E, d / 2}, false);
-      o.b2 = add(p + "moe.b2", {E, d / 2}, false);
-    } else {
-      o.u = add(p + "moe.u.weight", {E * m, d}, true);
-      o.ub = add(p + "moe.u.bias", {E * m}, false);
-      o.v = add(p + "moe.v.weight", {d, E * m}, true);
-      o.b = add(p + "moe.b", {E, d}, false);
-    }
-    layers.push_back(o);
   }
-  final_norm = add("model.norm.weight", {d}, false);
-  lm_head = c.tie_word_embeddings ? embed : add("lm_head.weight", {V, d}, true);
+  if (c.tie_word_embeddings) lm_head = embed;
 }
 
 const ParamInfo* ParamLayout::find(const std::string& name) const {
@@ -331,20 +326,7 @@ void TrainModel<R>::router_forward(int64_t l, const StepOptions& opts) {
       const int64_t h = nh % H;
       const R* zr = z.data() + nh * E;
       R* gr = g.data() + nh * E;
-      const double inv = 1.0 / std::sqrt(var[h] + 1e-5);
-      double nmax = -INFINITY;
-      for (int64_t i = 0; i < E; i++) nmax = std::max(nmax, (double(zr[i]) - mean[h]) * inv);
-      const double s = std::min(nmax, sigma);
-      R zmax = -INFINITY;
-      for (int64_t i = 0; i < E; i++)
-        if ((double(zr[i]) - mean[h]) * inv >= s) zmax = std::max(zmax, zr[i]);
-      R sum = 0;
-      for (int64_t i = 0; i < E; i++) {
-        const bool kept = (double(zr[i]) - mean[h]) * inv >= s;
-        gr[i] = kept ? std::exp(zr[i] - zmax) : R(0);
-        sum += gr[i];
-      }
-      for (int64_t i = 0; i < E; i++) gr[i] /= sum;
+      router_select_row<R, double>(zr, E, mean[h], 1.0 / std::sqrt(var[h] + 1e-5), sigma, gr);
     }
   }
 }
@@ -743,12 +725,7 @@ Losses TrainModel<R>::step(const int32_t* tokens, int64_t B, int64_t T, const St
   if (int64_t(rope_cos_.size()) != T * half) {
     rope_cos_.resize(static_cast<size_t>(T * half));
     rope_sin_.resize(static_cast<size_t>(T * half));
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t i = 0; i < half; i++) {
-        const double inv_freq = std::pow(c_.rope_theta, -2.0 * double(i) / double(hd));
-        rope_cos_[t * half + i] = R(std::cos(double(t) * inv_freq));
-        rope_sin_[t * half + i] = R(std::sin(double(t) * inv_freq));
-      }
+    rope_angles<R>(0, T, hd, c_.rope_theta, rope_cos_.data(), rope_sin_.data());
   }
   auto input = [&](int64_t n) { return tokens[(n / T) * (T + 1) + n % T]; };
   auto target = [&](int64_t n) { return tokens[(n / T) * (T + 1) + n % T + 1]; };
@@ -774,10 +751,10 @@ Losses TrainModel<R>::step(const int32_t* tokens, int64_t B, int64_t T, const St
 #pragma omp parallel for reduction(+ : lm_sum)
   for (int64_t n = 0; n < N; n++) {  // cross-entropy; probs_ becomes softmax(logits)
     R* p = probs_.data() + n * V;
+    lm_sum += nll_from_logits(p, V, target(n));
     const R mx = *std::max_element(p, p + V);
     R sum = 0;
     for (int64_t v = 0; v < V; v++) sum += (p[v] = std::exp(p[v] - mx));
-    lm_sum += std::log(double(sum)) - double(std::log(p[target(n)]));
     for (int64_t v = 0; v < V; v++) p[v] /= sum;
   }
   Losses losses;

@@ -1,9 +1,7 @@
 // `monet train`: data cache, AdamW with warm-up + cosine, gradient clipping
 // and accumulation, validation, atomic checkpoints and exact resume
 // (docs/training.md). The model math is in train_model.cpp.
-#include <omp.h>
 #include <signal.h>
-#include <unistd.h>
 
 #include <cerrno>
 
@@ -20,6 +18,8 @@
 #include <regex>
 #include <sstream>
 
+#include "core/threads.h"
+#include "model/tensor_table.h"
 #include "monet/error.h"
 #include "monet/safetensors.h"
 #include "monet/tokenizer.h"
@@ -38,6 +38,16 @@ using train::StepOptions;
 using train::TrainModel;
 using train::splitmix64;
 
+void message(const TrainOptions& o, const std::string& text) {
+  if (o.on_message) o.on_message(text);
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
 const char* kTokenizerFiles[] = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                                  "special_tokens_map.json", "generation_config.json"};
 
@@ -51,9 +61,8 @@ void read_into(const TensorInfo& t, const std::vector<int64_t>& shape, R* out) {
   for (size_t i = 0; i < size_t(t.numel()); i++) out[i] = R(t.element(i));
 }
 
-std::string norm_name(int64_t layer, int side, const char* stat) {
-  return "model.layers." + std::to_string(layer) + ".router.norm" + std::to_string(side + 1) + "." + stat;
-}
+// side 0 / 1: router.norm1 / norm2
+std::string norm_name(int64_t layer, int side, const char* stat) { return router_norm_name(layer, side + 1, stat); }
 
 // BatchNorm running stats of every router from tensors named prefix + HF name.
 template <class R>
@@ -178,8 +187,8 @@ Corpus prepare_data(const TrainOptions& o, const Tokenizer& tok) {
     if (old == meta) {
       corpus.train = read_tokens((dir / "train.bin").string());
       corpus.val = read_tokens((dir / "val.bin").string());
-      std::fprintf(stderr, "data: %zu train + %zu validation tokens (cached in %s)\n", corpus.train.size(),
-                   corpus.val.size(), dir.c_str());
+      message(o, "data: " + std::to_string(corpus.train.size()) + " train + " + std::to_string(corpus.val.size()) +
+                     " validation tokens (cached in " + dir.string() + ")");
       return corpus;
     }
   }
@@ -187,7 +196,7 @@ Corpus prepare_data(const TrainOptions& o, const Tokenizer& tok) {
   std::vector<std::vector<uint32_t>> docs(files.size());
   size_t bytes = 0;
   for (const fs::path& f : files) bytes += fs::file_size(f, ec);
-  std::fprintf(stderr, "data: tokenizing %zu file(s), %.1f MB ...\n", files.size(), double(bytes) / 1e6);
+  message(o, "data: tokenizing " + std::to_string(files.size()) + " file(s), " + fixed(double(bytes) / 1e6, 1) + " MB ...");
   std::string error;
 #pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < files.size(); i++) {
@@ -215,8 +224,8 @@ Corpus prepare_data(const TrainOptions& o, const Tokenizer& tok) {
   meta["counts"] = {{"train", corpus.train.size()}, {"val", corpus.val.size()}};
   write_file_atomic(meta_path.string(), meta.dump(2) + "\n");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::fprintf(stderr, "data: %zu train + %zu validation tokens in %.1f s (%.2f MB/s)\n", corpus.train.size(),
-               corpus.val.size(), secs, double(bytes) / 1e6 / secs);
+  message(o, "data: " + std::to_string(corpus.train.size()) + " train + " + std::to_string(corpus.val.size()) +
+                 " validation tokens in " + fixed(secs, 1) + " s (" + fixed(double(bytes) / 1e6 / secs, 2) + " MB/s)");
   return corpus;
 }
 
@@ -402,13 +411,6 @@ json options_json(const TrainOptions& o) {
               {"val_fraction", o.val_fraction}};
 }
 
-std::string format_duration(double s) {
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(std::fmod(s, 3600) / 60));
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(std::fmod(s, 60)));
-  return buf;
-}
-
 // Keeps the rows of train.csv up to `step` (a resumed run rewrites the rest).
 void truncate_log(const fs::path& path, int64_t step) {
   std::ifstream in(path);
@@ -467,7 +469,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
              " (an exact resume needs the same data, batch, seq, grad-accum, seed and dtype)");
     st = load_checkpoint(fs::path(config_dir), model, opt);
     truncate_log(log_path, st.step);
-    std::fprintf(stderr, "resuming from %s (step %lld)\n", config_dir.c_str(), (long long)st.step);
+    message(o, "resuming from " + config_dir + " (step " + std::to_string(st.step) + ")");
   } else {
     if (!checkpoints.empty())
       fail(o.out, ": already holds checkpoints (", checkpoints.back().second.filename().string(),
@@ -479,13 +481,13 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
                       "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s\n");
   }
   const auto n_params = model.layout().total;  // the flat buffer holds each parameter once
-  std::fprintf(stderr, "model: %s, %lld parameters, %lld layers, d=%lld, E=%lld (%lld experts per router), %s\n",
-               cfg.decompose_name(), (long long)n_params, (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size,
-               (long long)cfg.moe_experts, (long long)(cfg.moe_experts * cfg.moe_experts), o.dtype.c_str());
+  message(o, std::string("model: ") + cfg.decompose_name() + ", " + std::to_string(n_params) + " parameters, " +
+                 std::to_string(cfg.num_hidden_layers) + " layers, d=" + std::to_string(cfg.hidden_size) + ", E=" +
+                 std::to_string(cfg.moe_experts) + " (" + std::to_string(cfg.moe_experts * cfg.moe_experts) +
+                 " experts per router), " + o.dtype);
 
   std::FILE* log = std::fopen(log_path.c_str(), "a");
   if (!log) fail(log_path.string(), ": cannot open for appending (", std::strerror(errno), ")");
-  const bool tty = isatty(fileno(stderr));
   const int64_t B = o.batch, A = o.grad_accum;
   std::vector<int32_t> batch(size_t(B * (T + 1)));
   const auto t_start = std::chrono::steady_clock::now();
@@ -550,19 +552,22 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
                  (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
                  val_text, tok_s, elapsed);
     std::fflush(log);
-    const double eta = elapsed / double(st.step - first_step) * double(o.steps - st.step);
-    if (tty || st.step % o.log_every == 0 || !std::isnan(val_loss) || st.step == o.steps) {
-      std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f (lm %.4f unif %.3f amb %.3f) | lr %.2e | %.0f tok/s | ETA %s%s",
-                   tty ? "\r\033[K" : "", (long long)st.step, (long long)o.steps, mean.total, mean.lm, mean.unif,
-                   mean.amb, lr, tok_s, format_duration(eta).c_str(), tty ? "" : "\n");
-      if (!std::isnan(val_loss))
-        std::fprintf(stderr, "%sval loss %.4f (perplexity %.2f)\n", tty ? "\n" : "", val_loss, std::exp(val_loss));
-    }
+    TrainStepReport report;
+    report.step = st.step;
+    report.steps = o.steps;
+    report.loss = mean.total;
+    report.loss_lm = mean.lm;
+    report.loss_unif = mean.unif;
+    report.loss_amb = mean.amb;
+    report.lr = lr;
+    report.tokens_per_s = tok_s;
+    report.eta_seconds = elapsed / double(st.step - first_step) * double(o.steps - st.step);
+    report.val_loss = val_loss;
     if ((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) {
       save_checkpoint(o, model, opt, st);
-      if (tty) std::fprintf(stderr, "\n");
-      std::fprintf(stderr, "saved %s\n", (fs::path(o.out) / step_dir_name(st.step)).c_str());
+      report.saved = (fs::path(o.out) / step_dir_name(st.step)).string();
     }
+    if (o.on_step) o.on_step(report);
   }
   std::fclose(log);
 }
@@ -584,7 +589,7 @@ void check_options(const TrainOptions& o) {
 void run_training(const TrainOptions& opts) {
   TrainOptions o = opts;
   check_options(o);
-  omp_set_num_threads(o.threads > 0 ? o.threads : omp_get_num_procs());
+  ScopedThreads threads(o.threads);
   std::error_code ec;
   fs::create_directories(o.out, ec);
   if (ec) fail(o.out, ": cannot create the output folder (", ec.message(), ")");
@@ -601,7 +606,8 @@ void run_training(const TrainOptions& opts) {
 }
 
 void compute_gradients_to_file(const std::string& model_dir, const std::vector<std::vector<int32_t>>& tokens,
-                               const std::string& out_path, const std::string& dtype, double aux_weight) {
+                               const std::string& out_path, const std::string& dtype, double aux_weight, int threads) {
+  ScopedThreads scoped(threads);
   if (tokens.empty()) fail("no token rows given");
   const size_t len = tokens[0].size();
   for (size_t b = 0; b < tokens.size(); b++)

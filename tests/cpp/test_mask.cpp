@@ -36,7 +36,7 @@ TEST(Mask, ParsesPairsAndComponents) {
   EXPECT_TRUE(m.removed(0, 4, 7));   // column 7 of group 0
   EXPECT_FALSE(m.removed(0, 4, 6));
   EXPECT_FALSE(m.group_empty(0));
-  EXPECT_EQ(m.removed_count(), 3);  // the duplicate pair counts once
+  EXPECT_EQ(m.entry_count(), 3);  // the duplicate pair counts once
   const auto back = monet::ExpertMask::parse_json(m.to_json(), "round-trip", two_groups());
   EXPECT_EQ(back.pairs, m.pairs);
   EXPECT_EQ(back.side1, m.side1);
@@ -44,7 +44,27 @@ TEST(Mask, ParsesPairsAndComponents) {
   EXPECT_TRUE(monet::ExpertMask::parse_json("{}", "m.json", two_groups()).group_empty(1));
 }
 
+TEST(Mask, ScalesMultiplyAndRoundTrip) {
+  const auto m = monet::ExpertMask::parse_json(
+      R"({"experts": [{"group": 0, "expert": 19, "scale": 2.5}],
+          "components": [{"group": 0, "side": 1, "index": 2, "scale": 0.5}, {"group": 1, "side": 2, "index": 3}]})",
+      "m.json", two_groups());
+  EXPECT_FLOAT_EQ(m.weight(0, 2, 3), 2.5f * 0.5f);  // 19 = (2, 3): its pair scale times its row's
+  EXPECT_FLOAT_EQ(m.weight(0, 2, 4), 0.5f);
+  EXPECT_FLOAT_EQ(m.weight(0, 3, 3), 1.0f);
+  EXPECT_FLOAT_EQ(m.weight(1, 5, 3), 0.0f);         // no scale: removal
+  EXPECT_TRUE(m.removed(1, 5, 3));
+  const auto back = monet::ExpertMask::parse_json(m.to_json(), "round-trip", two_groups());
+  EXPECT_EQ(back.pairs, m.pairs);
+  EXPECT_EQ(back.side1, m.side1);
+  EXPECT_EQ(back.side2, m.side2);
+}
+
 TEST(Mask, RejectsBadFiles) {
+  expect_mask_error(R"({"experts": [{"group": 0, "expert": 1}, {"group": 0, "expert": 1, "scale": 2}]})",
+                    "different scales");
+  expect_mask_error(R"({"experts": [{"group": 0, "expert": 1, "scale": "2"}]})", "\"scale\" must be a number");
+  expect_mask_error(R"({"experts": [{"group": 0, "expert": 1, "weight": 2}]})", "unknown key \"weight\"");
   expect_mask_error("[1, 2]", "JSON object");
   expect_mask_error("{oops", "not valid JSON");
   expect_mask_error(R"({"expert": []})", "unknown key");

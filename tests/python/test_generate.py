@@ -109,7 +109,7 @@ def test_max_tokens_and_stop_string(monet_bin, models):
 
 def test_bad_sampling_options(monet_bin, models):
     proc = generate(monet_bin, "--model", models["vd"], "-p", "x", "--top-p", "0", check=False)
-    assert proc.returncode != 0 and b"top-p" in proc.stderr
+    assert proc.returncode != 0 and b"top_p" in proc.stderr
     proc = generate(monet_bin, "--model", models["vd"], "-p", "x", "--stop", "", check=False)
     assert proc.returncode != 0 and b"stop" in proc.stderr
     proc = generate(monet_bin, "--model", models["vd"], "-n", "5", check=False)

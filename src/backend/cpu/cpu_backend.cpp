@@ -1,0 +1,340 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "core/monet_math.h"
+#include "monet/error.h"
+
+namespace monet::cpu {
+
+float* thread_scratch(int slot, size_t n) {
+  static thread_local std::vector<float> buffers[6];
+  std::vector<float>& b = buffers[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+namespace {
+
+// Weight rows as float32: the row kernels read F32/F16/BF16 in place; other
+// weight types (Q8_0) are widened through their dtype traits.
+const float* row_f32(const Weight& w, int64_t r, float* scratch) {
+  w.rows_to_f32(r, 1, scratch);
+  return scratch;
+}
+
+// Weight rows per GEMM tile: each thread widens its tile (if not F32) into
+// its own scratch and multiplies it with single-threaded sgemm; tiles are
+// small enough to stay in cache and many enough to share among threads.
+int64_t tile_rows(int64_t n, int threads) {
+  return std::clamp<int64_t>((n + 4 * threads - 1) / (4 * threads), 16, 256);
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads, const KernelSet& kernels)
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels) {}
+
+std::string CpuBackend::name() const {
+  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads)";
+}
+
+Buffer CpuBackend::alloc(size_t bytes) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p) fail("out of memory allocating ", bytes, " bytes of activations");
+  return Buffer(p, bytes, std::free);
+}
+
+void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes) std::memmove(dst, src, bytes);
+}
+
+void CpuBackend::embed(const Weight& table, const int32_t* ids, int64_t T, float* x) {
+  const int64_t d = table.cols;
+  for (int64_t t = 0; t < T; t++) table.rows_to_f32(ids[t], 1, x + t * d);
+}
+
+void CpuBackend::dot_rows(const Weight& w, int64_t row0, int64_t nrows, const float* x, float* y) const {
+  const RowKernels* rk = k_.rows(w.dtype);
+  const float* xs[1] = {x};
+  for (int64_t r = 0; r < nrows; r++) {
+    if (rk) rk->dot_multi(w.row(row0 + r), xs, 1, w.cols, y + r, 1);
+    else k_.f32.dot_multi(row_f32(w, row0 + r, thread_scratch(5, size_t(w.cols))), xs, 1, w.cols, y + r, 1);
+  }
+}
+
+void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, float* out, int64_t c0,
+                           int64_t c1) const {
+  const RowKernels* rk = k_.rows(w.dtype);
+  const size_t esize = rk ? dtype_size(w.dtype) : 4;
+  for (int64_t r = 0; r < nrows; r++) {
+    if (coef[r] == 0.0f) continue;
+    const uint8_t* row = rk ? w.row(row0 + r)
+                            : reinterpret_cast<const uint8_t*>(row_f32(w, row0 + r, thread_scratch(5, size_t(w.cols))));
+    (rk ? rk : &k_.f32)->axpy(row + size_t(c0) * esize, coef[r], out + c0, c1 - c0);
+  }
+}
+
+void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias) {
+  const int64_t N = w.rows, K = w.cols;
+  if (T <= kSmallBatch) {
+    // Streaming: every weight row is read once and applied to all T rows.
+    const float* xs[kSmallBatch];
+    for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
+    const RowKernels* rk = k_.rows(w.dtype);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t n = 0; n < N; n++) {
+      if (rk) rk->dot_multi(w.row(n), xs, T, K, y + n, N);
+      else k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
+    }
+  } else {
+    // GEMM tiles of weight rows: y[:, n0:n1] = x . w[n0:n1]^T
+    const int64_t nb = tile_rows(N, threads_), tiles = (N + nb - 1) / nb;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+      const int64_t n0 = tile * nb, rows = std::min(nb, N - n0);
+      const float* wt = reinterpret_cast<const float*>(w.row(n0));
+      if (w.dtype != DType::F32) {
+        float* buf = thread_scratch(0, size_t(rows * K));
+        const RowKernels* rk = k_.rows(w.dtype);
+        for (int64_t r = 0; r < rows; r++) {
+          if (rk) rk->to_f32(w.row(n0 + r), buf + r * K, K);
+          else w.rows_to_f32(n0 + r, 1, buf + r * K);
+        }
+        wt = buf;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(rows), int(K), 1.0f, x, int(K), wt, int(K),
+                  0.0f, y + n0, int(N));
+    }
+  }
+  if (bias) {
+    const float* b = static_cast<const float*>(bias->data);
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * N > (1 << 16))
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t n = 0; n < N; n++) y[t * N + n] += b[n];
+  }
+}
+
+void CpuBackend::matmul_nn(const float* x, int64_t T, const Weight& w, float* y, bool accumulate) {
+  const int64_t K = w.rows, N = w.cols;
+  // Tiles of output columns: y[:, n0:n1] (+)= x . w[:, n0:n1]
+  const int64_t nb = std::clamp<int64_t>((N + 2 * threads_ - 1) / (2 * threads_), 16, 128);
+  const int64_t tiles = (N + nb - 1) / nb;
+  const RowKernels* rk = k_.rows(w.dtype);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
+  for (int64_t tile = 0; tile < tiles; tile++) {
+    const int64_t n0 = tile * nb, cols = std::min(nb, N - n0);
+    const float* wt = reinterpret_cast<const float*>(w.data) + n0;
+    int64_t ldw = N;
+    if (w.dtype != DType::F32) {
+      float* buf = thread_scratch(0, size_t(K * cols));
+      float* row = thread_scratch(1, size_t(N));
+      for (int64_t k = 0; k < K; k++) {
+        if (rk) {
+          rk->to_f32(w.row(k) + size_t(n0) * dtype_size(w.dtype), buf + k * cols, cols);
+        } else {
+          w.rows_to_f32(k, 1, row);
+          std::memcpy(buf + k * cols, row + n0, size_t(cols) * 4);
+        }
+      }
+      wt = buf;
+      ldw = cols;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(cols), int(K), 1.0f, x, int(K), wt, int(ldw),
+                accumulate ? 1.0f : 0.0f, y + n0, int(N));
+  }
+}
+
+void CpuBackend::rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) {
+  const float* wv = static_cast<const float*>(w.data);
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * d > (1 << 15))
+  for (int64_t t = 0; t < T; t++) {
+    const float* xt = x + t * d;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; i++) ss += xt[i] * xt[i];
+    const float inv = 1.0f / std::sqrt(ss / float(d) + float(eps));
+    for (int64_t i = 0; i < d; i++) y[t * d + i] = wv[i] * (xt[i] * inv);
+  }
+}
+
+void CpuBackend::layernorm(const float* x, const Weight& w, const Weight& b, int64_t T, int64_t d, double eps,
+                           float* y) {
+  const float* wv = static_cast<const float*>(w.data);
+  const float* bv = static_cast<const float*>(b.data);
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * d > (1 << 15))
+  for (int64_t t = 0; t < T; t++) {
+    const float* xt = x + t * d;
+    double sum = 0.0, sq = 0.0;
+    for (int64_t i = 0; i < d; i++) sum += xt[i];
+    const double mean = sum / double(d);
+    for (int64_t i = 0; i < d; i++) sq += (xt[i] - mean) * (xt[i] - mean);
+    const float inv = float(1.0 / std::sqrt(sq / double(d) + eps));
+    for (int64_t i = 0; i < d; i++) y[t * d + i] = (xt[i] - float(mean)) * inv * wv[i] + bv[i];
+  }
+}
+
+void CpuBackend::add(float* x, const float* y, int64_t n) {
+#pragma omp parallel for simd schedule(static) num_threads(threads_) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+void CpuBackend::activation(Activation a, float* x, int64_t n) {
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; i++) {
+    const float v = x[i];
+    switch (a) {
+      case Activation::Relu2: {
+        const float r = v > 0.0f ? v : 0.0f;
+        x[i] = r * r;
+        break;
+      }
+      case Activation::GeluQuick: x[i] = v / (1.0f + std::exp(-1.702f * v)); break;
+      case Activation::Gelu: x[i] = 0.5f * v * (1.0f + std::erf(v * float(M_SQRT1_2))); break;
+    }
+  }
+}
+
+void CpuBackend::rope(float* x, int64_t T, int64_t heads, int64_t hd, const float* cos_t, const float* sin_t) {
+  const int64_t half = hd / 2;
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * heads * hd > (1 << 15))
+  for (int64_t t = 0; t < T; t++) {
+    const float* cosv = cos_t + t * half;
+    const float* sinv = sin_t + t * half;
+    for (int64_t h = 0; h < heads; h++) {
+      float* v = x + (t * heads + h) * hd;
+      for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cosv[i] - b * sinv[i];
+        v[i + half] = b * cosv[i] + a * sinv[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_seqs, int64_t nh, int64_t nkv,
+                           int64_t hd, bool causal, float* out) {
+  // Flash-style: each task is (sequence, head, tile of up to kQ queries); it
+  // walks the keys in blocks of kK with an online softmax (running max m and
+  // sum l per query), so no score matrix larger than kQ x kK exists.
+  constexpr int64_t kQ = 32, kK = 128;
+  const int64_t group = nh / nkv, kv_stride = nkv * hd, q_stride = nh * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  struct Task {
+    int64_t seq, head, q0, nq;
+  };
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < n_seqs; s++)
+    for (int64_t h = 0; h < nh; h++)
+      for (int64_t q0 = 0; q0 < seqs[s].n; q0 += kQ) tasks.push_back({s, h, q0, std::min(kQ, seqs[s].n - q0)});
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
+  for (size_t ti = 0; ti < tasks.size(); ti++) {
+    const Task& task = tasks[ti];
+    const AttentionSeq& sq = seqs[task.seq];
+    const int64_t nq = task.nq, kvh = task.head / group;
+    const float* Q = q + (sq.row0 + task.q0) * q_stride + task.head * hd;  // [nq, hd], row stride q_stride
+    const float* Kh = sq.k + kvh * hd;                                       // [P, hd], row stride kv_stride
+    const float* Vh = sq.v + kvh * hd;
+    float* S = thread_scratch(0, size_t(kQ * kK));
+    float* O = thread_scratch(1, size_t(kQ * hd));
+    float* m = thread_scratch(2, size_t(kQ));
+    float* l = thread_scratch(3, size_t(kQ));
+    std::fill(O, O + nq * hd, 0.0f);
+    std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + nq, 0.0f);
+    const int64_t first_pos = sq.pos0 + task.q0;  // position of the tile's first query
+    const int64_t kv_end = causal ? first_pos + nq : sq.pos0 + sq.n;
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kK) {
+      const int64_t nk = std::min(kK, kv_end - k0);
+      // S[nq, nk] = Q . K[k0:k0+nk]^T * scale
+      if (nq >= 4) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nq), int(nk), int(hd), scale, Q, int(q_stride),
+                    Kh + k0 * kv_stride, int(kv_stride), 0.0f, S, int(kK));
+      } else {
+        for (int64_t r = 0; r < nq; r++)
+          for (int64_t j = 0; j < nk; j++) S[r * kK + j] = scale * k_.dot(Q + r * q_stride, Kh + (k0 + j) * kv_stride, hd);
+      }
+      // Online softmax over the keys each query may see in this block.
+      for (int64_t r = 0; r < nq; r++) {
+        float* row = S + r * kK;
+        const int64_t visible = causal ? std::clamp<int64_t>(first_pos + r + 1 - k0, 0, nk) : nk;
+        float block_max = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < visible; j++) block_max = std::max(block_max, row[j]);
+        const float m_new = std::max(m[r], block_max);
+        const float correction = visible == 0 || m[r] == m_new ? 1.0f : std::exp(m[r] - m_new);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < visible; j++) sum += (row[j] = std::exp(row[j] - m_new));
+        std::fill(row + visible, row + nk, 0.0f);
+        if (visible > 0) m[r] = m_new;
+        l[r] = l[r] * correction + sum;
+        if (correction != 1.0f) k_.scale(correction, O + r * hd, hd);
+      }
+      // O[nq, hd] += P[nq, nk] . V[k0:k0+nk]
+      if (nq >= 4) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nq), int(hd), int(nk), 1.0f, S, int(kK),
+                    Vh + k0 * kv_stride, int(kv_stride), 1.0f, O, int(hd));
+      } else {
+        for (int64_t r = 0; r < nq; r++)
+          for (int64_t j = 0; j < nk; j++)
+            if (S[r * kK + j] != 0.0f) k_.axpy(S[r * kK + j], Vh + (k0 + j) * kv_stride, O + r * hd, hd);
+      }
+    }
+    for (int64_t r = 0; r < nq; r++) {
+      const float inv = 1.0f / l[r];
+      float* o = out + (sq.row0 + task.q0 + r) * q_stride + task.head * hd;
+      for (int64_t i = 0; i < hd; i++) o[i] = O[r * hd + i] * inv;
+    }
+  }
+}
+
+void CpuBackend::router_select(const float* z, const Weight& mean, const Weight& var, int64_t T, int64_t H,
+                               int64_t E, double sigma, float* g) {
+  const float* mu = static_cast<const float*>(mean.data);
+  const float* va = static_cast<const float*>(var.data);
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * H * E > (1 << 14))
+  for (int64_t th = 0; th < T * H; th++) {
+    const int64_t h = th % H;
+    const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
+    router_select_row<float, float>(z + th * E, E, mu[h], inv_std, float(sigma), g + th * E);
+  }
+}
+
+void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float* row = x + r * n;
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+      if (row[i] > row[best]) best = i;
+    out[r] = int32_t(best);
+  }
+}
+
+void CpuBackend::log_softmax_rows(const float* x, int64_t rows, int64_t n, float* y) {
+#pragma omp parallel for schedule(static) num_threads(threads_) if (rows > 1)
+  for (int64_t r = 0; r < rows; r++) {
+    const float lse = float(log_sum_exp(x + r * n, n));
+    for (int64_t i = 0; i < n; i++) y[r * n + i] = x[r * n + i] - lse;
+  }
+}
+
+}  // namespace monet::cpu
+
+namespace monet {
+
+std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
+  if (opts.device != "cpu")
+    fail("device \"", opts.device, "\": this build has only the cpu backend (docs/architecture.md says where a ",
+         "device backend goes)");
+  if (opts.threads < 0) fail("threads must be 0 (all cores) or more, got ", opts.threads);
+  return std::make_unique<cpu::CpuBackend>(opts.threads, cpu::select_kernels(opts.cpu_kernels));
+}
+
+}  // namespace monet

@@ -1,0 +1,62 @@
+// The CPU backend: OpenMP threads (a team of `threads` per op, set per
+// backend, never process-wide), OpenBLAS single-threaded inside each team for
+// large GEMM tiles, and the run-time selected row kernels of kernels.h.
+#pragma once
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/kernels.h"
+
+namespace monet::cpu {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int threads, const KernelSet& kernels);
+
+  std::string name() const override;
+  int threads() const override { return threads_; }
+  const KernelSet& kernels() const { return k_; }
+
+  Buffer alloc(size_t bytes) override;
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void to_host(void* host_dst, const void* src, size_t bytes) override { copy(host_dst, src, bytes); }
+  void from_host(void* dst, const void* host_src, size_t bytes) override { copy(dst, host_src, bytes); }
+  Weight prepare(const Weight& w) override { return w; }
+
+  void embed(const Weight& table, const int32_t* ids, int64_t T, float* x) override;
+  void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias) override;
+  void rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) override;
+  void layernorm(const float* x, const Weight& w, const Weight& b, int64_t T, int64_t d, double eps,
+                 float* y) override;
+  void add(float* x, const float* y, int64_t n) override;
+  void activation(Activation a, float* x, int64_t n) override;
+  void rope(float* x, int64_t T, int64_t heads, int64_t hd, const float* cos_t, const float* sin_t) override;
+  void attention(const float* q, const AttentionSeq* seqs, int64_t n_seqs, int64_t nh, int64_t nkv, int64_t hd,
+                 bool causal, float* out) override;
+  void router_select(const float* z, const Weight& mean, const Weight& var, int64_t T, int64_t H, int64_t E,
+                     double sigma, float* g) override;
+  void expert_mix(const ExpertMixArgs& args) override;
+  void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) override;
+  void log_softmax_rows(const float* x, int64_t rows, int64_t n, float* y) override;
+
+  // y[T, w.cols] (+)= x[T, w.rows] . w   (w used as a [K, N] matrix; expert outputs)
+  void matmul_nn(const float* x, int64_t T, const Weight& w, float* y, bool accumulate);
+  // y[r] = w[row0 + r, :] . x   for r < nrows (one token)
+  void dot_rows(const Weight& w, int64_t row0, int64_t nrows, const float* x, float* y) const;
+  // out[c] += sum_r coef[r] * w[row0 + r, c] over columns [c0, c1)
+  void axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, float* out, int64_t c0,
+                 int64_t c1) const;
+
+ private:
+  void expert_mix_dense(const ExpertMixArgs& a);
+  void expert_mix_sparse(const ExpertMixArgs& a);
+
+  int threads_;
+  const KernelSet& k_;
+};
+
+// Per-thread scratch of at least n floats (slot: independent buffers of one
+// thread); reused across calls, so hot loops allocate nothing.
+float* thread_scratch(int slot, size_t n);
+
+}  // namespace monet::cpu

@@ -1,0 +1,351 @@
+// The Monet expert mix (docs/monet.md "Experts") on the CPU, for T tokens.
+//
+// Only experts a token's routers kept (g > 0 for some head) contribute. For
+// each token and side the kept experts are its "entries": expert index,
+// a = sum_h g[h, i] and the head column g[:, i]. The factorised mix turns each
+// entry's activation x (relu2 of its u slice) into coefficients for the v
+// slices (docs/monet.md):
+//   VD: in11[a] = a1 x1[a], in12[a] = sum_h g1[h,a] p2[h], bias1[a] = a1   (left half)
+//       in21[b] = sum_h g2[h,b] p1[h], in22[b] = a2 x2[b], bias2[b] = a2   (right half)
+//       with p1[h] = sum_a g1[h,a] x1[a], p2[h] = sum_b g2[h,b] x2[b]
+//   HD: in21[b] = sum_h g2[h,b] p[h], bias2[b] = a2, p[h] = sum_a g1[h,a] x[a]
+// A mask weight M[i,j] != 1 adds (M - 1) times the pair's term
+// pw E_ij(y), pw = sum_h g1[h,i] g2[h,j], to those coefficients: no extra
+// weights are read.
+//
+// Two ways to read the weights:
+//   dense  - GEMMs over all experts (x for every expert, coefficients
+//            scattered into [T, E*w] matrices with zeros elsewhere);
+//   sparse - entries grouped by expert: each selected u/v slice is read once
+//            and applied to every token that selected it.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "backend/cpu/cpu_backend.h"
+
+namespace monet::cpu {
+
+namespace {
+
+// The entries of T tokens on one side, token-major: token t owns entries
+// [start[t], start[t+1]).
+struct SideEntries {
+  std::vector<int64_t> start;  // [T+1]
+  std::vector<int32_t> expert; // [n] expert index i
+  std::vector<float> total;    // [n] a = sum_h g[h, i]
+  std::vector<float> head;     // [n, H] g[h, i]
+  std::vector<int32_t> token;  // [n] the owning token
+  // The same entries grouped by expert: by_expert[by_start[i] .. by_start[i+1]).
+  std::vector<int64_t> by_start;  // [E+1]
+  std::vector<int64_t> by_expert; // [n] entry ids, tokens ascending within an expert
+  int64_t experts_used = 0;       // experts with at least one entry
+};
+
+SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
+  SideEntries s;
+  s.start.assign(size_t(T + 1), 0);
+  std::vector<int64_t> count(size_t(T), 0);
+#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)
+  for (int64_t t = 0; t < T; t++) {
+    const float* gt = g + t * H * E;
+    int64_t n = 0;
+    for (int64_t i = 0; i < E; i++) {
+      bool kept = false;
+      for (int64_t h = 0; h < H; h++) kept |= gt[h * E + i] > 0.0f;
+      n += kept;
+    }
+    count[size_t(t)] = n;
+  }
+  for (int64_t t = 0; t < T; t++) s.start[size_t(t + 1)] = s.start[size_t(t)] + count[size_t(t)];
+  const int64_t n = s.start[size_t(T)];
+  s.expert.resize(size_t(n));
+  s.total.resize(size_t(n));
+  s.head.resize(size_t(n * H));
+  s.token.resize(size_t(n));
+#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)
+  for (int64_t t = 0; t < T; t++) {
+    const float* gt = g + t * H * E;
+    int64_t e = s.start[size_t(t)];
+    for (int64_t i = 0; i < E; i++) {
+      float a = 0.0f;
+      bool kept = false;
+      for (int64_t h = 0; h < H; h++) {
+        a += gt[h * E + i];
+        kept |= gt[h * E + i] > 0.0f;
+      }
+      if (!kept) continue;
+      s.expert[size_t(e)] = int32_t(i);
+      s.total[size_t(e)] = a;
+      s.token[size_t(e)] = int32_t(t);
+      for (int64_t h = 0; h < H; h++) s.head[size_t(e * H + h)] = gt[h * E + i];
+      e++;
+    }
+  }
+  // Counting sort by expert (stable: tokens stay ascending).
+  s.by_start.assign(size_t(E + 1), 0);
+  for (int64_t e = 0; e < n; e++) s.by_start[size_t(s.expert[size_t(e)] + 1)]++;
+  for (int64_t i = 0; i < E; i++) {
+    s.experts_used += s.by_start[size_t(i + 1)] > 0;
+    s.by_start[size_t(i + 1)] += s.by_start[size_t(i)];
+  }
+  s.by_expert.resize(size_t(n));
+  std::vector<int64_t> fill(s.by_start.begin(), s.by_start.end() - 1);
+  for (int64_t e = 0; e < n; e++) s.by_expert[size_t(fill[size_t(s.expert[size_t(e)])]++)] = e;
+  return s;
+}
+
+// Per-entry coefficients of the v slices (see the file comment), [n, w] / [n].
+struct Coefficients {
+  std::vector<float> in11, in12, in21, in22, bias1, bias2;
+};
+
+struct MixShape {
+  bool vd;
+  int64_t H, E, w, d;
+};
+
+// The coefficients of token t from its entries' activations x1 [n1, w] (and
+// x2 [n2, w] for VD), written at the token's entries. scratch: [2, H, w].
+void token_coefficients(const MixShape& s, const SideEntries& r1, const SideEntries& r2, const float* x1,
+                        const float* x2, const ExpertMask* mask, int64_t group, int64_t t, Coefficients& c,
+                        float* scratch) {
+  const int64_t H = s.H, w = s.w;
+  const int64_t a0 = r1.start[size_t(t)], a1 = r1.start[size_t(t + 1)];
+  const int64_t b0 = r2.start[size_t(t)], b1 = r2.start[size_t(t + 1)];
+  float* p1 = scratch;          // [H, w] sum_a g1[h,a] x1[a]
+  float* p2 = scratch + H * w;  // [H, w] sum_b g2[h,b] x2[b]
+  auto head_mix = [&](const SideEntries& r, int64_t e0, int64_t e1, const float* x, float* p) {
+    std::fill(p, p + H * w, 0.0f);
+    for (int64_t e = e0; e < e1; e++)
+      for (int64_t h = 0; h < H; h++) {
+        const float gh = r.head[size_t(e * H + h)];
+        if (gh == 0.0f) continue;
+        for (int64_t k = 0; k < w; k++) p[h * w + k] += gh * x[e * w + k];
+      }
+  };
+  auto head_spread = [&](const SideEntries& r, int64_t e0, int64_t e1, const float* p, std::vector<float>& in) {
+    for (int64_t e = e0; e < e1; e++) {
+      float* q = in.data() + e * w;
+      std::fill(q, q + w, 0.0f);
+      for (int64_t h = 0; h < H; h++) {
+        const float gh = r.head[size_t(e * H + h)];
+        if (gh == 0.0f) continue;
+        for (int64_t k = 0; k < w; k++) q[k] += gh * p[h * w + k];
+      }
+    }
+  };
+  head_mix(r1, a0, a1, x1, p1);
+  head_spread(r2, b0, b1, p1, c.in21);
+  for (int64_t b = b0; b < b1; b++) c.bias2[size_t(b)] = r2.total[size_t(b)];
+  if (s.vd) {
+    head_mix(r2, b0, b1, x2, p2);
+    head_spread(r1, a0, a1, p2, c.in12);
+    for (int64_t a = a0; a < a1; a++) {
+      c.bias1[size_t(a)] = r1.total[size_t(a)];
+      for (int64_t k = 0; k < w; k++) c.in11[size_t(a * w + k)] = r1.total[size_t(a)] * x1[a * w + k];
+    }
+    for (int64_t b = b0; b < b1; b++)
+      for (int64_t k = 0; k < w; k++) c.in22[size_t(b * w + k)] = r2.total[size_t(b)] * x2[b * w + k];
+  }
+  if (!mask || mask->group_empty(group)) return;
+  for (int64_t a = a0; a < a1; a++)
+    for (int64_t b = b0; b < b1; b++) {
+      const float m = mask->weight(group, r1.expert[size_t(a)], r2.expert[size_t(b)]);
+      if (m == 1.0f) continue;
+      float pw = 0.0f;
+      for (int64_t h = 0; h < H; h++) pw += r1.head[size_t(a * H + h)] * r2.head[size_t(b * H + h)];
+      const float f = (m - 1.0f) * pw;  // the pair's term is added this many times more
+      if (f == 0.0f) continue;
+      for (int64_t k = 0; k < w; k++) {
+        c.in21[size_t(b * w + k)] += f * x1[a * w + k];
+        if (s.vd) {
+          c.in11[size_t(a * w + k)] += f * x1[a * w + k];
+          c.in12[size_t(a * w + k)] += f * x2[b * w + k];
+          c.in22[size_t(b * w + k)] += f * x2[b * w + k];
+        }
+      }
+      if (s.vd) c.bias1[size_t(a)] += f;
+      c.bias2[size_t(b)] += f;
+    }
+}
+
+Coefficients allocate_coefficients(const MixShape& s, int64_t n1, int64_t n2) {
+  Coefficients c;
+  c.in21.resize(size_t(n2 * s.w));
+  c.bias2.resize(size_t(n2));
+  if (s.vd) {
+    c.in11.resize(size_t(n1 * s.w));
+    c.in12.resize(size_t(n1 * s.w));
+    c.in22.resize(size_t(n2 * s.w));
+    c.bias1.resize(size_t(n1));
+  }
+  return c;
+}
+
+const ExpertMask* token_mask(const ExpertMixArgs& a, int64_t t) { return a.masks ? a.masks[t] : nullptr; }
+
+}  // namespace
+
+void CpuBackend::expert_mix(const ExpertMixArgs& a) {
+  ExpertPath path = a.path;
+  if (path == ExpertPath::Auto) path = a.T < kSmallBatch ? ExpertPath::Sparse : ExpertPath::Dense;
+  if (path == ExpertPath::Dense) expert_mix_dense(a);
+  else expert_mix_sparse(a);
+}
+
+void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a) {
+  const MonetConfig& c = *a.config;
+  const ExpertWeights& ew = *a.weights;
+  const MixShape s{c.moe_decompose == Decompose::Vertical, c.moe_heads, c.moe_experts,
+                   c.moe_decompose == Decompose::Vertical ? c.moe_dim / 2 : c.moe_dim, c.hidden_size};
+  const int64_t T = a.T, H = s.H, E = s.E, w = s.w, d = s.d;
+  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
+  const int64_t n1 = r1.start[size_t(T)], n2 = r2.start[size_t(T)];
+
+  // x[e, :] = relu2(u[expert*w .. +w] . y[token] + bias): one pass over each
+  // selected u slice for up to kSmallBatch of its tokens at a time.
+  auto activations = [&](const Weight& u, const Weight& bias, const SideEntries& r, std::vector<float>& x) {
+    x.resize(size_t(r.token.size()) * size_t(w));
+    const float* bv = static_cast<const float*>(bias.data);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
+    for (int64_t i = 0; i < E; i++) {
+      float out[kSmallBatch];
+      const float* rows[kSmallBatch];
+      int64_t ids[kSmallBatch];
+      for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p += kSmallBatch) {
+        const int64_t nt = std::min<int64_t>(kSmallBatch, r.by_start[size_t(i + 1)] - p);
+        for (int64_t k = 0; k < nt; k++) {
+          ids[k] = r.by_expert[size_t(p + k)];
+          rows[k] = a.y + int64_t(r.token[size_t(ids[k])]) * d;
+        }
+        const RowKernels* rk = k_.rows(u.dtype);
+        for (int64_t row = 0; row < w; row++) {
+          const int64_t ur = i * w + row;
+          if (rk) {
+            rk->dot_multi(u.row(ur), rows, nt, d, out, 1);
+          } else {
+            float* wrow = thread_scratch(5, size_t(d));
+            u.rows_to_f32(ur, 1, wrow);
+            k_.f32.dot_multi(wrow, rows, nt, d, out, 1);
+          }
+          for (int64_t k = 0; k < nt; k++) {
+            const float v = std::max(out[k] + bv[ur], 0.0f);
+            x[size_t(ids[k] * w + row)] = v * v;
+          }
+        }
+      }
+    }
+  };
+  std::vector<float> x1, x2;
+  activations(s.vd ? ew.u1 : ew.u, s.vd ? ew.u1_bias : ew.u_bias, r1, x1);
+  if (s.vd) activations(ew.u2, ew.u2_bias, r2, x2);
+
+  Coefficients co = allocate_coefficients(s, n1, n2);
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T > 1)
+  for (int64_t t = 0; t < T; t++)
+    token_coefficients(s, r1, r2, x1.data(), x2.data(), token_mask(a, t), a.group, t, co,
+                       thread_scratch(4, size_t(2 * H * w)));
+
+  // out[token, c0:c1] += v slices . coefficients, expert by expert: each
+  // thread owns a column range, so every slice row is read once per range.
+  struct Term {
+    const Weight* v;
+    const std::vector<float>* coef;
+  };
+  auto project = [&](const SideEntries& r, const Term* terms, int n_terms, const Weight& b,
+                     const std::vector<float>& bias_coef, int64_t col0, int64_t N) {
+#pragma omp parallel num_threads(threads_)
+    {
+      const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t chunk = ((N + nt - 1) / nt + 15) / 16 * 16;  // whole vectors per thread
+      const int64_t c0 = std::min(N, tid * chunk), c1 = std::min(N, c0 + chunk);
+      for (int64_t t = 0; t < T && c0 < c1; t++) std::fill(a.out + t * d + col0 + c0, a.out + t * d + col0 + c1, 0.0f);
+      for (int64_t i = 0; i < E && c0 < c1; i++)
+        for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p++) {
+          const int64_t e = r.by_expert[size_t(p)];
+          float* out = a.out + int64_t(r.token[size_t(e)]) * d + col0;
+          for (int k = 0; k < n_terms; k++) axpy_rows(*terms[k].v, i * w, w, terms[k].coef->data() + e * w, out, c0, c1);
+          axpy_rows(b, i, 1, &bias_coef[size_t(e)], out, c0, c1);
+        }
+    }
+  };
+  if (s.vd) {
+    const Term left[2] = {{&ew.v11, &co.in11}, {&ew.v12, &co.in12}};
+    const Term right[2] = {{&ew.v21, &co.in21}, {&ew.v22, &co.in22}};
+    project(r1, left, 2, ew.b1, co.bias1, 0, d / 2);
+    project(r2, right, 2, ew.b2, co.bias2, d / 2, d / 2);
+  } else {
+    const Term term[1] = {{&ew.v, &co.in21}};
+    project(r2, term, 1, ew.b, co.bias2, 0, d);
+  }
+}
+
+void CpuBackend::expert_mix_dense(const ExpertMixArgs& a) {
+  const MonetConfig& c = *a.config;
+  const ExpertWeights& ew = *a.weights;
+  const MixShape s{c.moe_decompose == Decompose::Vertical, c.moe_heads, c.moe_experts,
+                   c.moe_decompose == Decompose::Vertical ? c.moe_dim / 2 : c.moe_dim, c.hidden_size};
+  const int64_t T = a.T, H = s.H, E = s.E, w = s.w, d = s.d, Ew = E * w;
+  // x for every expert: [T, E*w]
+  std::vector<float> x1(size_t(T * Ew)), x2;
+  linear(s.vd ? ew.u1 : ew.u, a.y, T, x1.data(), s.vd ? &ew.u1_bias : &ew.u_bias);
+  activation(Activation::Relu2, x1.data(), T * Ew);
+  if (s.vd) {
+    x2.resize(size_t(T * Ew));
+    linear(ew.u2, a.y, T, x2.data(), &ew.u2_bias);
+    activation(Activation::Relu2, x2.data(), T * Ew);
+  }
+  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
+  const int64_t n1 = r1.start[size_t(T)], n2 = r2.start[size_t(T)];
+  // The kept experts' activations, entry-major as the coefficients want them.
+  auto gather = [&](const std::vector<float>& x, const SideEntries& r, std::vector<float>& xs) {
+    xs.resize(r.token.size() * size_t(w));
+    for (size_t e = 0; e < r.token.size(); e++)
+      std::memcpy(xs.data() + e * size_t(w), x.data() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w,
+                  size_t(w) * 4);
+  };
+  std::vector<float> xs1, xs2;
+  gather(x1, r1, xs1);
+  if (s.vd) gather(x2, r2, xs2);
+  Coefficients co = allocate_coefficients(s, n1, n2);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t t = 0; t < T; t++)
+    token_coefficients(s, r1, r2, xs1.data(), xs2.data(), token_mask(a, t), a.group, t, co,
+                       thread_scratch(4, size_t(2 * H * w)));
+  // Coefficients scattered into [T, E*w] (and bias coefficients [T, E]); x1/x2 are reused.
+  auto scatter = [&](const SideEntries& r, const std::vector<float>& in, std::vector<float>& dense) {
+    std::fill(dense.begin(), dense.end(), 0.0f);
+    for (size_t e = 0; e < r.token.size(); e++)
+      std::memcpy(dense.data() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w, in.data() + e * size_t(w),
+                  size_t(w) * 4);
+  };
+  auto scatter_bias = [&](const SideEntries& r, const std::vector<float>& in) {
+    std::vector<float> dense(size_t(T * E), 0.0f);
+    for (size_t e = 0; e < r.token.size(); e++) dense[size_t(int64_t(r.token[e]) * E + r.expert[e])] = in[e];
+    return dense;
+  };
+  if (!s.vd) {
+    scatter(r2, co.in21, x1);
+    matmul_nn(x1.data(), T, ew.v, a.out, false);
+    matmul_nn(scatter_bias(r2, co.bias2).data(), T, ew.b, a.out, true);
+    return;
+  }
+  const int64_t d2 = d / 2;
+  std::vector<float> half(size_t(T * d2)), dense(size_t(T * Ew));
+  auto half_out = [&](const SideEntries& r, const std::vector<float>& in_a, const Weight& va,
+                      const std::vector<float>& in_b, const Weight& vb, const std::vector<float>& bias, const Weight& b,
+                      int64_t col0) {
+    scatter(r, in_a, dense);
+    matmul_nn(dense.data(), T, va, half.data(), false);
+    scatter(r, in_b, dense);
+    matmul_nn(dense.data(), T, vb, half.data(), true);
+    matmul_nn(scatter_bias(r, bias).data(), T, b, half.data(), true);
+    for (int64_t t = 0; t < T; t++) std::memcpy(a.out + t * d + col0, half.data() + t * d2, size_t(d2) * 4);
+  };
+  half_out(r1, co.in11, ew.v11, co.in12, ew.v12, co.bias1, ew.b1, 0);
+  half_out(r2, co.in21, ew.v21, co.in22, ew.v22, co.bias2, ew.b2, d2);
+}
+
+}  // namespace monet::cpu

@@ -1,0 +1,37 @@
+#include "backend/cpu/kernels.h"
+
+#include "monet/error.h"
+
+namespace monet::cpu {
+
+namespace avx512bf16 { extern const KernelSet kKernels; }
+namespace avx512 { extern const KernelSet kKernels; }
+namespace avx2 { extern const KernelSet kKernels; }
+namespace generic { extern const KernelSet kKernels; }
+
+std::vector<KernelChoice> kernel_sets() {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return {{&avx512bf16::kKernels, avx512 && __builtin_cpu_supports("avx512bf16")},
+          {&avx512::kKernels, avx512},
+          {&avx2::kKernels, avx2},
+          {&generic::kKernels, true}};
+}
+
+const KernelSet& select_kernels(const std::string& name) {
+  const std::vector<KernelChoice> sets = kernel_sets();
+  std::string known;
+  for (const KernelChoice& k : sets) {
+    if ((name.empty() || name == "auto") && k.supported) return *k.set;
+    if (name == k.set->name) {
+      if (!k.supported) fail("CPU kernels \"", name, "\": this CPU lacks the instructions they need");
+      return *k.set;
+    }
+    known += std::string(known.empty() ? "" : ", ") + k.set->name;
+  }
+  fail("CPU kernels \"", name, "\" are unknown (expected auto, ", known, ")");
+}
+
+}  // namespace monet::cpu

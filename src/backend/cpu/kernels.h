@@ -1,0 +1,54 @@
+// The CPU backend's innermost loops, compiled once per instruction-set level
+// (kernels_*.cpp include kernels_impl.inc with their own -m flags) and picked
+// at run time from what the CPU supports, so one portable binary runs the
+// AVX-512 loops where they exist and plain ones elsewhere.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "monet/dtype.h"
+
+namespace monet::cpu {
+
+// Activation batches up to this many rows take the streaming paths (each
+// weight row read once from memory and applied to every row from
+// registers/L1); larger batches go to GEMMs. The one small-batch cut-off.
+constexpr int64_t kSmallBatch = 8;
+
+// Loops over one weight row in a given dtype. `row` points at the row's
+// first element (F32, F16, BF16; never Q8_0, whose rows are widened first).
+struct RowKernels {
+  // y[t * ystride] = row . x[t][0..K) for t < T <= kSmallBatch
+  void (*dot_multi)(const void* row, const float* const* x, int64_t T, int64_t K, float* y, int64_t ystride);
+  // out[c] += coef * row[c] for c < n
+  void (*axpy)(const void* row, float coef, float* out, int64_t n);
+  // out[c] = float(row[c]) for c < n
+  void (*to_f32)(const void* row, float* out, int64_t n);
+};
+
+struct KernelSet {
+  const char* name;           // "avx512bf16", "avx512", "avx2", "generic"
+  RowKernels f32, f16, bf16;
+  float (*dot)(const float* a, const float* b, int64_t n);           // sum a[i] b[i]
+  void (*axpy)(float a, const float* x, float* y, int64_t n);         // y += a x
+  void (*scale)(float a, float* x, int64_t n);                       // x *= a
+
+  // The row kernels of a weight dtype, or null when rows must be widened
+  // through dtype_traits first (block-quantized types).
+  const RowKernels* rows(DType t) const {
+    return t == DType::F32 ? &f32 : t == DType::BF16 ? &bf16 : t == DType::F16 ? &f16 : nullptr;
+  }
+};
+
+// Kernel sets compiled into this binary, best first, with whether this CPU runs them.
+struct KernelChoice {
+  const KernelSet* set;
+  bool supported;
+};
+std::vector<KernelChoice> kernel_sets();
+// "" or "auto": the best supported set; else the named one (monet::Error
+// when unknown or not supported by this CPU).
+const KernelSet& select_kernels(const std::string& name);
+
+}  // namespace monet::cpu

@@ -1,0 +1,70 @@
+// Formulas that training and inference share, written once (docs/monet.md):
+// rotary angles, the router's selection of one head row, and the loss from
+// logits. Templated on the real type: float for inference and f32 training,
+// double for the training reference.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace monet {
+
+// Rotary angles of T positions: cos_t, sin_t [T, hd/2], row t for position
+// pos0 + t. inv_freq_i = theta^(-2i/hd) and the angle are computed in R, as
+// HF computes them in float32 for inference.
+template <class R>
+void rope_angles(int64_t pos0, int64_t T, int64_t hd, double theta, R* cos_t, R* sin_t) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; i++) {
+    const R inv_freq = R(1.0 / std::pow(theta, double(2 * i) / double(hd)));
+    for (int64_t t = 0; t < T; t++) {
+      const R angle = R(pos0 + t) * inv_freq;
+      cos_t[t * half + i] = std::cos(angle);
+      sin_t[t * half + i] = std::sin(angle);
+    }
+  }
+}
+
+// The router's selection for one head: given raw logits z[E] and the
+// BatchNorm statistics of this head (mean, 1/sqrt(var + eps)), keep every
+// entry whose normalised score n_i = (z_i - mean) * inv_std reaches
+// min(max_i n_i, sigma) (so the top entry always passes), and write the
+// softmax of the raw logits over the kept entries into g (0 elsewhere).
+// The normalisation is computed in N (float at inference, as HF's float32
+// BatchNorm; double in training), the softmax sum in double.
+template <class R, class N>
+void router_select_row(const R* z, int64_t E, N mean, N inv_std, N sigma, R* g) {
+  N max_n = -std::numeric_limits<N>::infinity();
+  for (int64_t i = 0; i < E; i++) max_n = std::max(max_n, (N(z[i]) - mean) * inv_std);
+  const N cut = std::min(max_n, sigma);
+  R max_z = -std::numeric_limits<R>::infinity();
+  for (int64_t i = 0; i < E; i++)
+    if ((N(z[i]) - mean) * inv_std >= cut) max_z = std::max(max_z, z[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < E; i++) {
+    const R e = ((N(z[i]) - mean) * inv_std >= cut) ? R(std::exp(z[i] - max_z)) : R(0);
+    g[i] = e;
+    sum += double(e);
+  }
+  const R inv = R(1.0 / sum);
+  for (int64_t i = 0; i < E; i++) g[i] *= inv;
+}
+
+// log(sum_v exp(x_v)) of a row, computed stably.
+template <class R>
+double log_sum_exp(const R* x, int64_t n) {
+  const R mx = *std::max_element(x, x + n);
+  double sum = 0.0;
+  for (int64_t v = 0; v < n; v++) sum += std::exp(double(x[v]) - double(mx));
+  return std::log(sum) + double(mx);
+}
+
+// Next-token loss from logits: -log_softmax(x)[target], as log-sum-exp minus
+// the target's logit (never the log of an exponentiated probability).
+template <class R>
+double nll_from_logits(const R* logits, int64_t vocab, int64_t target) {
+  return log_sum_exp(logits, vocab) - double(logits[target]);
+}
+
+}  // namespace monet

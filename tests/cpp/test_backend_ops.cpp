@@ -1,0 +1,518 @@
+// The per-op harness (as llama.cpp's test-backend-ops): every op of every
+// backend this build has — for the CPU backend, every kernel level this
+// machine runs — against plain double-precision loops written here from
+// docs/monet.md, on random shapes including odd sizes. A device backend
+// passes by being added to backends() below.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/kernels.h"
+#include "monet/error.h"
+#include "monet/mask.h"
+
+namespace {
+
+using monet::Backend;
+using monet::DType;
+using monet::Weight;
+
+// Backends under test: the CPU backend with each kernel level this CPU runs.
+std::vector<std::string> backends() {
+  std::vector<std::string> names;
+  for (const auto& k : monet::cpu::kernel_sets())
+    if (k.supported) names.push_back(std::string("cpu/") + k.set->name);
+  return names;
+}
+
+std::unique_ptr<Backend> make(const std::string& name) {
+  monet::BackendOptions o;
+  o.device = name.substr(0, name.find('/'));
+  o.cpu_kernels = name.substr(name.find('/') + 1);
+  o.threads = 2;
+  return monet::make_backend(o);
+}
+
+// A weight of random values stored as `dtype`; `values` are the values it
+// holds (after rounding to the dtype), which the reference loops use.
+struct TestWeight {
+  Weight w;
+  std::vector<float> values;
+};
+
+TestWeight random_weight(int64_t rows, int64_t cols, DType dtype, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(size_t(rows * cols));
+  for (float& x : v) x = nd(rng);
+  TestWeight t;
+  t.w = Weight::from_f32(v.data(), rows, cols, dtype);
+  t.values.resize(v.size());
+  t.w.rows_to_f32(0, rows, t.values.data());
+  return t;
+}
+
+std::vector<float> random_vec(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); i++) {
+    num = std::max(num, std::abs(double(got[i]) - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+// Backend memory holding a host vector (host memory on the CPU backend; the
+// copies make the harness right for device backends too).
+struct DeviceVec {
+  Backend& be;
+  monet::Buffer buf;
+  size_t n;
+  DeviceVec(Backend& b, const std::vector<float>& host) : be(b), buf(b.alloc(host.size() * 4)), n(host.size()) {
+    be.from_host(buf.data(), host.data(), n * 4);
+  }
+  DeviceVec(Backend& b, size_t count) : be(b), buf(b.alloc(count * 4)), n(count) {}
+  float* get() const { return buf.f32(); }
+  std::vector<float> host() const {
+    std::vector<float> out(n);
+    be.to_host(out.data(), buf.data(), n * 4);
+    return out;
+  }
+};
+
+class BackendOps : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { be = make(GetParam()); }
+  std::unique_ptr<Backend> be;
+};
+
+const DType kWeightTypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};
+
+TEST_P(BackendOps, Embed) {
+  std::mt19937 rng(1);
+  for (DType dt : kWeightTypes) {
+    const int64_t V = 37, d = 64;  // Q8_0 rows need whole blocks of 32
+    TestWeight table = random_weight(V, d, dt, rng);
+    Weight w = be->prepare(table.w);
+    const std::vector<int32_t> ids = {5, 0, 36, 5, 17};
+    DeviceVec x(*be, ids.size() * size_t(d));
+    be->embed(w, ids.data(), int64_t(ids.size()), x.get());
+    std::vector<double> want;
+    for (int32_t id : ids)
+      for (int64_t k = 0; k < d; k++) want.push_back(table.values[size_t(id * d + k)]);
+    EXPECT_EQ(max_rel_err(x.host(), want), 0.0) << monet::dtype_name(dt);
+  }
+}
+
+TEST_P(BackendOps, Linear) {
+  std::mt19937 rng(2);
+  for (DType dt : kWeightTypes)
+    for (int64_t T : {1, 3, 8, 9, 40, 130}) {
+      const bool q = dt == DType::Q8_0;
+      const int64_t N = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+      const int64_t K = q ? 32 * std::uniform_int_distribution<int64_t>(1, 5)(rng)
+                          : std::uniform_int_distribution<int64_t>(1, 200)(rng);
+      TestWeight w = random_weight(N, K, dt, rng);
+      Weight wp = be->prepare(w.w);
+      const std::vector<float> xh = random_vec(size_t(T * K), rng), bias = random_vec(size_t(N), rng);
+      Weight bw = be->prepare(Weight::from_f32(bias.data(), 1, N, DType::F32));
+      DeviceVec x(*be, xh), y(*be, size_t(T * N));
+      for (bool with_bias : {false, true}) {
+        be->linear(wp, x.get(), T, y.get(), with_bias ? &bw : nullptr);
+        std::vector<double> want(size_t(T * N));
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t n = 0; n < N; n++) {
+            double s = with_bias ? bias[size_t(n)] : 0.0;
+            for (int64_t k = 0; k < K; k++) s += double(w.values[size_t(n * K + k)]) * xh[size_t(t * K + k)];
+            want[size_t(t * N + n)] = s;
+          }
+        EXPECT_LT(max_rel_err(y.host(), want), 2e-6 * std::sqrt(double(K)))
+            << monet::dtype_name(dt) << " T=" << T << " N=" << N << " K=" << K << " bias=" << with_bias;
+      }
+    }
+}
+
+TEST_P(BackendOps, NormsAddActivation) {
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 4; trial++) {
+    const int64_t T = std::uniform_int_distribution<int64_t>(1, 9)(rng), d = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+    const std::vector<float> xh = random_vec(size_t(T * d), rng, 2.0f), wv = random_vec(size_t(d), rng),
+                             bv = random_vec(size_t(d), rng);
+    Weight w = be->prepare(Weight::from_f32(wv.data(), 1, d, DType::F32));
+    Weight b = be->prepare(Weight::from_f32(bv.data(), 1, d, DType::F32));
+    DeviceVec x(*be, xh), y(*be, size_t(T * d));
+    std::vector<double> rms(size_t(T * d)), ln(size_t(T * d));
+    for (int64_t t = 0; t < T; t++) {
+      double ss = 0, sum = 0, var = 0;
+      for (int64_t i = 0; i < d; i++) {
+        ss += double(xh[size_t(t * d + i)]) * xh[size_t(t * d + i)];
+        sum += xh[size_t(t * d + i)];
+      }
+      const double mean = sum / double(d);
+      for (int64_t i = 0; i < d; i++) var += (xh[size_t(t * d + i)] - mean) * (xh[size_t(t * d + i)] - mean);
+      for (int64_t i = 0; i < d; i++) {
+        rms[size_t(t * d + i)] = wv[size_t(i)] * xh[size_t(t * d + i)] / std::sqrt(ss / double(d) + 1e-6);
+        ln[size_t(t * d + i)] = (xh[size_t(t * d + i)] - mean) / std::sqrt(var / double(d) + 1e-5) * wv[size_t(i)] + bv[size_t(i)];
+      }
+    }
+    be->rmsnorm(x.get(), w, T, d, 1e-6, y.get());
+    EXPECT_LT(max_rel_err(y.host(), rms), 1e-5) << "rmsnorm d=" << d;
+    be->layernorm(x.get(), w, b, T, d, 1e-5, y.get());
+    EXPECT_LT(max_rel_err(y.host(), ln), 1e-5) << "layernorm d=" << d;
+
+    const std::vector<float> yh = random_vec(size_t(T * d), rng);
+    DeviceVec z(*be, xh), addend(*be, yh);
+    be->add(z.get(), addend.get(), T * d);
+    std::vector<double> sum(size_t(T * d));
+    for (size_t i = 0; i < sum.size(); i++) sum[i] = double(xh[i]) + yh[i];
+    EXPECT_LT(max_rel_err(z.host(), sum), 1e-7);
+
+    for (monet::Activation a : {monet::Activation::Relu2, monet::Activation::GeluQuick, monet::Activation::Gelu}) {
+      DeviceVec v(*be, xh);
+      be->activation(a, v.get(), T * d);
+      std::vector<double> want(xh.size());
+      for (size_t i = 0; i < xh.size(); i++) {
+        const double u = xh[i];
+        want[i] = a == monet::Activation::Relu2 ? (u > 0 ? u * u : 0.0)
+                  : a == monet::Activation::GeluQuick ? u / (1.0 + std::exp(-1.702 * u))
+                                                      : 0.5 * u * (1.0 + std::erf(u / std::sqrt(2.0)));
+      }
+      EXPECT_LT(max_rel_err(v.host(), want), 1e-6) << "activation " << int(a);
+    }
+  }
+}
+
+TEST_P(BackendOps, Rope) {
+  std::mt19937 rng(4);
+  for (int64_t hd : {2, 8, 64, 128}) {
+    const int64_t T = 5, heads = 3;
+    // Each row's own position, as in a batch of sequences.
+    const std::vector<int64_t> pos = {0, 1, 7, 300, 301};
+    const std::vector<float> xh = random_vec(size_t(T * heads * hd), rng);
+    std::vector<float> cos_t(size_t(T * hd / 2)), sin_t(cos_t.size());
+    std::vector<double> want(xh.size());
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t i = 0; i < hd / 2; i++) {
+        const double angle = double(pos[size_t(t)]) * std::pow(10000.0, -2.0 * double(i) / double(hd));
+        cos_t[size_t(t * hd / 2 + i)] = float(std::cos(angle));
+        sin_t[size_t(t * hd / 2 + i)] = float(std::sin(angle));
+        for (int64_t h = 0; h < heads; h++) {
+          const size_t lo = size_t((t * heads + h) * hd + i), hi = lo + size_t(hd / 2);
+          want[lo] = xh[lo] * std::cos(angle) - xh[hi] * std::sin(angle);
+          want[hi] = xh[hi] * std::cos(angle) + xh[lo] * std::sin(angle);
+        }
+      }
+    DeviceVec x(*be, xh), c(*be, cos_t), s(*be, sin_t);
+    be->rope(x.get(), T, heads, hd, c.get(), s.get());
+    EXPECT_LT(max_rel_err(x.host(), want), 1e-6) << "hd=" << hd;
+  }
+}
+
+// Plain softmax attention of one query row over keys [0, n_keys).
+void attention_ref(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int64_t qrow,
+                   int64_t n_keys, int64_t nh, int64_t nkv, int64_t hd, std::vector<double>& out) {
+  for (int64_t h = 0; h < nh; h++) {
+    const int64_t g = h / (nh / nkv);
+    std::vector<double> s(static_cast<size_t>(n_keys));
+    double mx = -1e300, sum = 0;
+    for (int64_t p = 0; p < n_keys; p++) {
+      double dot = 0;
+      for (int64_t i = 0; i < hd; i++) dot += double(q[size_t((qrow * nh + h) * hd + i)]) * k[size_t((p * nkv + g) * hd + i)];
+      s[size_t(p)] = dot / std::sqrt(double(hd));
+      mx = std::max(mx, s[size_t(p)]);
+    }
+    for (double& e : s) sum += (e = std::exp(e - mx));
+    for (int64_t i = 0; i < hd; i++) {
+      double o = 0;
+      for (int64_t p = 0; p < n_keys; p++) o += s[size_t(p)] / sum * v[size_t((p * nkv + g) * hd + i)];
+      out[size_t((qrow * nh + h) * hd + i)] = o;
+    }
+  }
+}
+
+TEST_P(BackendOps, Attention) {
+  std::mt19937 rng(5);
+  struct Shape {
+    int64_t nh, nkv, hd;
+  };
+  // Sequences (pos0, n): decode tokens and prompts mixed; long ones cross key blocks.
+  const std::vector<std::pair<int64_t, int64_t>> seq_shapes = {{0, 1}, {3, 4}, {0, 20}, {5, 13}, {290, 1}, {0, 300}, {130, 70}};
+  for (Shape sh : {Shape{4, 2, 6}, Shape{3, 3, 17}, Shape{8, 1, 64}})
+    for (bool causal : {true, false}) {
+      const int64_t q_stride = sh.nh * sh.hd, kv_stride = sh.nkv * sh.hd;
+      int64_t rows = 0;
+      for (auto [p0, n] : seq_shapes) rows += n;
+      const std::vector<float> qh = random_vec(size_t(rows * q_stride), rng);
+      DeviceVec q(*be, qh), out(*be, size_t(rows * q_stride));
+      std::vector<DeviceVec> ks, vs;
+      std::vector<std::vector<float>> kh, vh;
+      std::vector<monet::AttentionSeq> seqs;
+      int64_t row0 = 0;
+      for (auto [p0, n] : seq_shapes) {
+        kh.push_back(random_vec(size_t((p0 + n) * kv_stride), rng));
+        vh.push_back(random_vec(size_t((p0 + n) * kv_stride), rng));
+        ks.emplace_back(*be, kh.back());
+        vs.emplace_back(*be, vh.back());
+        seqs.push_back({row0, n, p0, ks.back().get(), vs.back().get()});
+        row0 += n;
+      }
+      be->attention(q.get(), seqs.data(), int64_t(seqs.size()), sh.nh, sh.nkv, sh.hd, causal, out.get());
+      std::vector<double> want(size_t(rows * q_stride));
+      for (size_t s = 0; s < seqs.size(); s++) {
+        // The sequence's queries, each against its own keys.
+        std::vector<float> qs(qh.begin() + seqs[s].row0 * q_stride, qh.begin() + (seqs[s].row0 + seqs[s].n) * q_stride);
+        std::vector<double> o(qs.size());
+        for (int64_t r = 0; r < seqs[s].n; r++)
+          attention_ref(qs, kh[s], vh[s], r, causal ? seqs[s].pos0 + r + 1 : seqs[s].pos0 + seqs[s].n, sh.nh, sh.nkv,
+                        sh.hd, o);
+        std::copy(o.begin(), o.end(), want.begin() + seqs[s].row0 * q_stride);
+      }
+      EXPECT_LT(max_rel_err(out.host(), want), 1e-5) << "nh=" << sh.nh << " nkv=" << sh.nkv << " hd=" << sh.hd
+                                                      << " causal=" << causal;
+    }
+}
+
+TEST_P(BackendOps, RouterSelect) {
+  std::mt19937 rng(6);
+  for (int64_t E : {1, 5, 64, 131}) {
+    const int64_t T = 6, H = 3;
+    const double sigma = 1.5;
+    const std::vector<float> zh = random_vec(size_t(T * H * E), rng, 2.0f);
+    const std::vector<float> mean = {0.1f, -0.2f, 0.0f}, var = {4.0f, 3.5f, 5.0f};
+    Weight mw = be->prepare(Weight::from_f32(mean.data(), 1, H, DType::F32));
+    Weight vw = be->prepare(Weight::from_f32(var.data(), 1, H, DType::F32));
+    DeviceVec z(*be, zh), g(*be, zh.size());
+    be->router_select(z.get(), mw, vw, T, H, E, sigma, g.get());
+    std::vector<double> want(zh.size());
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t h = 0; h < H; h++) {
+        const float* zr = &zh[size_t((t * H + h) * E)];
+        auto norm = [&](int64_t i) { return (zr[i] - mean[size_t(h)]) / std::sqrt(double(var[size_t(h)]) + 1e-5); };
+        double max_n = -1e300, denom = 0;
+        for (int64_t i = 0; i < E; i++) max_n = std::max(max_n, norm(i));
+        const double cut = std::min(max_n, sigma);
+        for (int64_t i = 0; i < E; i++)
+          if (norm(i) >= cut) denom += std::exp(double(zr[i]));
+        for (int64_t i = 0; i < E; i++) want[size_t((t * H + h) * E + i)] = norm(i) >= cut ? std::exp(double(zr[i])) / denom : 0.0;
+      }
+    const std::vector<float> got = g.host();
+    EXPECT_LT(max_rel_err(got, want), 1e-6) << "E=" << E;
+    for (size_t i = 0; i < got.size(); i++) ASSERT_EQ(got[i] > 0.0f, want[i] > 0.0) << "selection differs at " << i;
+  }
+}
+
+TEST_P(BackendOps, SamplingHelpers) {
+  std::mt19937 rng(7);
+  const int64_t rows = 3, n = 1001;
+  std::vector<float> xh = random_vec(size_t(rows * n), rng, 3.0f);
+  xh[size_t(1 * n + 17)] = xh[size_t(1 * n + 900)] = 50.0f;  // a tie: the first maximum wins
+  DeviceVec x(*be, xh), y(*be, xh.size());
+  std::vector<int32_t> best(static_cast<size_t>(rows));
+  be->argmax_rows(x.get(), rows, n, best.data());
+  for (int64_t r = 0; r < rows; r++)
+    EXPECT_EQ(best[size_t(r)], std::max_element(xh.begin() + r * n, xh.begin() + (r + 1) * n) - (xh.begin() + r * n));
+  EXPECT_EQ(best[1], 17);
+  be->log_softmax_rows(x.get(), rows, n, y.get());
+  std::vector<double> want(xh.size());
+  for (int64_t r = 0; r < rows; r++) {
+    double sum = 0;
+    for (int64_t i = 0; i < n; i++) sum += std::exp(double(xh[size_t(r * n + i)]));
+    for (int64_t i = 0; i < n; i++) want[size_t(r * n + i)] = double(xh[size_t(r * n + i)]) - std::log(sum);
+  }
+  EXPECT_LT(max_rel_err(y.host(), want), 1e-6);
+}
+
+// --- the expert mix -------------------------------------------------------
+
+struct ExpertSetup {
+  monet::MonetConfig c;
+  monet::ExpertWeights w;       // as the backend reads them (v.. transposed, expert-contiguous)
+  std::vector<TestWeight> keep; // u1/u, u2, v11, v12, v21, v22 / v, b1, b2 / b: their values
+  std::vector<float> bias1, bias2;
+};
+
+ExpertSetup make_experts(Backend& be, monet::Decompose decompose, DType dt, std::mt19937& rng) {
+  ExpertSetup s;
+  monet::MonetConfig& c = s.c;
+  c.hidden_size = 64;  // Q8_0 rows need whole blocks of 32 (u rows have d values; v^T rows d/2)
+  c.moe_experts = 24;
+  c.moe_heads = 3;
+  c.moe_dim = 6;
+  c.moe_decompose = decompose;
+  c.num_hidden_layers = 1;
+  c.moe_groups = 1;
+  const int64_t d = c.hidden_size, E = c.moe_experts, m = c.moe_dim;
+  auto make = [&](int64_t r, int64_t cols) {
+    s.keep.push_back(random_weight(r, cols, dt, rng, 0.3f));
+    return be.prepare(s.keep.back().w);
+  };
+  auto vec = [&](std::vector<float>& host, int64_t n) {
+    host = random_vec(size_t(n), rng, 0.1f);
+    return be.prepare(Weight::from_f32(host.data(), 1, n, DType::F32));
+  };
+  s.keep.reserve(16);
+  if (decompose == monet::Decompose::Vertical) {
+    s.w.u1 = make(E * m / 2, d);
+    s.w.u2 = make(E * m / 2, d);
+    s.w.u1_bias = vec(s.bias1, E * m / 2);
+    s.w.u2_bias = vec(s.bias2, E * m / 2);
+    s.w.v11 = make(E * m / 2, d / 2);
+    s.w.v12 = make(E * m / 2, d / 2);
+    s.w.v21 = make(E * m / 2, d / 2);
+    s.w.v22 = make(E * m / 2, d / 2);
+    s.w.b1 = make(E, d / 2);
+    s.w.b2 = make(E, d / 2);
+  } else {
+    s.w.u = make(E * m, d);
+    s.w.u_bias = vec(s.bias1, E * m);
+    s.w.v = make(E * m, d);
+    s.w.b = make(E, d);
+  }
+  return s;
+}
+
+// out[t] = sum_h sum_{i,j} M[i,j] g1[h,i] g2[h,j] E_ij(y[t]): the composed
+// experts summed one by one (docs/monet.md, "Experts as sums over composed experts").
+std::vector<double> explicit_sum(const ExpertSetup& s, const std::vector<float>& y, const std::vector<float>& g1,
+                                 const std::vector<float>& g2, int64_t T, const std::vector<const monet::ExpertMask*>& masks) {
+  const monet::MonetConfig& c = s.c;
+  const bool vd = c.moe_decompose == monet::Decompose::Vertical;
+  const int64_t d = c.hidden_size, H = c.moe_heads, E = c.moe_experts, m = c.moe_dim;
+  const int64_t hw = vd ? m / 2 : m;
+  std::vector<double> out(size_t(T * d), 0.0);
+  auto relu2 = [](double v) { return v > 0 ? v * v : 0.0; };
+  for (int64_t t = 0; t < T; t++) {
+    const float* yt = &y[size_t(t * d)];
+    auto expert_in = [&](const TestWeight& u, const std::vector<float>& bias, int64_t i) {
+      std::vector<double> x(static_cast<size_t>(hw));
+      for (int64_t k = 0; k < hw; k++) {
+        double acc = bias[size_t(i * hw + k)];
+        for (int64_t e = 0; e < d; e++) acc += double(u.values[size_t((i * hw + k) * d + e)]) * yt[e];
+        x[size_t(k)] = relu2(acc);
+      }
+      return x;
+    };
+    auto proj = [&](const TestWeight& vt, int64_t e, const std::vector<double>& x, int64_t col) {
+      double acc = 0;
+      for (int64_t k = 0; k < hw; k++) acc += vt.values[size_t((e * hw + k) * vt.w.cols + col)] * x[size_t(k)];
+      return acc;
+    };
+    std::vector<std::vector<double>> x1(static_cast<size_t>(E)), x2(static_cast<size_t>(E));
+    for (int64_t i = 0; i < E; i++) {
+      x1[size_t(i)] = expert_in(s.keep[0], s.bias1, i);
+      if (vd) x2[size_t(i)] = expert_in(s.keep[1], s.bias2, i);
+    }
+    for (int64_t i = 0; i < E; i++)
+      for (int64_t j = 0; j < E; j++) {
+        double pw = 0;
+        for (int64_t h = 0; h < H; h++) pw += double(g1[size_t((t * H + h) * E + i)]) * g2[size_t((t * H + h) * E + j)];
+        if (masks[size_t(t)]) pw *= masks[size_t(t)]->weight(0, i, j);
+        if (pw == 0) continue;
+        if (vd) {
+          const std::vector<double>& xi = x1[size_t(i)];
+          const std::vector<double>& xj = x2[size_t(j)];
+          for (int64_t col = 0; col < d / 2; col++) {
+            out[size_t(t * d + col)] += pw * (proj(s.keep[2], i, xi, col) + proj(s.keep[3], i, xj, col) +
+                                              s.keep[6].values[size_t(i * d / 2 + col)]);
+            out[size_t(t * d + d / 2 + col)] += pw * (proj(s.keep[4], j, xi, col) + proj(s.keep[5], j, xj, col) +
+                                                      s.keep[7].values[size_t(j * d / 2 + col)]);
+          }
+        } else {
+          const std::vector<double>& xi = x1[size_t(i)];
+          for (int64_t col = 0; col < d; col++)
+            out[size_t(t * d + col)] += pw * (proj(s.keep[1], j, xi, col) + s.keep[2].values[size_t(j * d + col)]);
+        }
+      }
+  }
+  return out;
+}
+
+// The dense and sparse paths (and Auto) compute the explicit sum, with and
+// without masks; tokens of one call may carry different masks (a batch of
+// sequences), with removal (scale 0) and amplification (scale 2).
+TEST_P(BackendOps, ExpertMix) {
+  std::mt19937 rng(8);
+  for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
+    for (DType dt : kWeightTypes)
+      for (int64_t T : {1, 5, 12}) {
+        ExpertSetup s = make_experts(*be, dec, dt, rng);
+        const int64_t d = s.c.hidden_size, H = s.c.moe_heads, E = s.c.moe_experts;
+        // Sparse probabilities: each head keeps 1-3 experts.
+        std::vector<float> g1(size_t(T * H * E), 0.0f), g2(g1.size(), 0.0f);
+        std::uniform_int_distribution<int> pick(0, int(E) - 1);
+        for (auto* g : {&g1, &g2})
+          for (int64_t th = 0; th < T * H; th++) {
+            const int n = 1 + int(th % 3);
+            for (int k = 0; k < n; k++) (*g)[size_t(th * E + pick(rng))] += 1.0f / float(n);
+          }
+        const std::vector<float> yh = random_vec(size_t(T * d), rng);
+        // Masks touching experts token 0 routes to: a pair removed, a row amplified, a column removed.
+        std::vector<int> used1, used2;
+        for (int64_t i = 0; i < E; i++) {
+          if (g1[size_t(i)] + g1[size_t(E + i)] + g1[size_t(2 * E + i)] > 0) used1.push_back(int(i));
+          if (g2[size_t(i)] + g2[size_t(E + i)] + g2[size_t(2 * E + i)] > 0) used2.push_back(int(i));
+        }
+        monet::ExpertMask mask = monet::ExpertMask::none(s.c);
+        mask.add_expert(0, int64_t(used1.front()) * E + used2.front());
+        mask.add_component(0, 1, used1.back(), 2.0f);
+        mask.add_component(0, 2, used2.back());
+        DeviceVec y(*be, yh), G1(*be, g1), G2(*be, g2), out(*be, size_t(T * d));
+        for (int masking = 0; masking < 3; masking++) {  // none, all tokens, every other token
+          std::vector<const monet::ExpertMask*> masks(static_cast<size_t>(T), nullptr);
+          for (int64_t t = 0; t < T; t++)
+            if (masking == 1 || (masking == 2 && t % 2 == 0)) masks[size_t(t)] = &mask;
+          const std::vector<double> want = explicit_sum(s, yh, g1, g2, T, masks);
+          for (monet::ExpertPath path : {monet::ExpertPath::Dense, monet::ExpertPath::Sparse, monet::ExpertPath::Auto}) {
+            monet::ExpertMixArgs a;
+            a.config = &s.c;
+            a.weights = &s.w;
+            a.T = T;
+            a.y = y.get();
+            a.g1 = G1.get();
+            a.g2 = G2.get();
+            a.masks = masking ? masks.data() : nullptr;
+            a.group = 0;
+            a.path = path;
+            a.out = out.get();
+            be->expert_mix(a);
+            EXPECT_LT(max_rel_err(out.host(), want), 1e-5)
+                << (dec == monet::Decompose::Vertical ? "VD " : "HD ") << monet::dtype_name(dt) << " T=" << T
+                << " masking=" << masking << " path=" << int(path);
+          }
+          if (masking == 1) {
+            const std::vector<double> unmasked = explicit_sum(s, yh, g1, g2, T, std::vector<const monet::ExpertMask*>(size_t(T)));
+            double diff = 0;
+            for (size_t i = 0; i < want.size(); i++) diff = std::max(diff, std::abs(want[i] - unmasked[i]));
+            EXPECT_GT(diff, 1e-4) << "the mask changed nothing";
+          }
+        }
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends()),
+                         [](const ::testing::TestParamInfo<std::string>& p) {
+                           std::string n = p.param;
+                           std::replace(n.begin(), n.end(), '/', '_');
+                           return n;
+                         });
+
+TEST(Backend, RefusesUnknownDeviceAndKernels) {
+  monet::BackendOptions o;
+  o.device = "cuda";
+  EXPECT_THROW(monet::make_backend(o), monet::Error);
+  o.device = "cpu";
+  o.cpu_kernels = "sse9";
+  EXPECT_THROW(monet::make_backend(o), monet::Error);
+}
+
+}  // namespace
