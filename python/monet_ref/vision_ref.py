@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
+from .safetensors_io import read_safetensors
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's marker for an image in a list of token ids (llava/constants.py)
 IMAGE_PLACEHOLDER = "<image>"
@@ -97,7 +98,10 @@ def tower_from_weights(config: dict, vision: dict, weights: dict, projector_weig
 
 
 def load_vision(path: str, vision_tower_dir: str | None = None) -> Tower:
-    """The tower of a llava_monet checkpoint directory (weights in model.safetensors)."""
+    """The tower of a llava_monet checkpoint directory: the CLIP config from the tower directory
+    (vision_tower_dir, else mm_vision_tower when it is a directory) or KNOWN_TOWERS; the weights from
+    vision_tower_dir's model.safetensors when given, else the checkpoint's, else mm_vision_tower's
+    directory (the engine's order); the projector from the checkpoint."""
     m = reference.load(path)
     cfg = m.config
     name = vision_tower_dir or cfg["mm_vision_tower"]
@@ -108,7 +112,14 @@ def load_vision(path: str, vision_tower_dir: str | None = None) -> Tower:
         vision = vc.get("vision_config", vc)
     else:
         vision = KNOWN_TOWERS[name]
-    return tower_from_weights(cfg, vision, m.w)
+    tower_file = os.path.join(tower_dir, "model.safetensors")
+    has_own = any(k.endswith("vision_model.embeddings.patch_embedding.weight") for k in m.w)
+    if os.path.exists(tower_file) and (vision_tower_dir or not has_own):
+        weights = {k: v for k, v in m.w.items() if "vision_model." not in k}
+        weights.update(read_safetensors(tower_file))
+    else:
+        weights = m.w
+    return tower_from_weights(cfg, vision, weights)
 
 
 def layer_norm(x, w, b, eps):
