@@ -6,11 +6,10 @@
 //   (the selected vision hidden state) and image_embeds.i (projected); with
 //   a prompt, the forward pass over text and image tokens: ids (I32, -200 at
 //   image positions), logits [T, V] and router.{l}.g1/g2 [T, H, E].
-#include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 
 #include "cli_util.h"
+#include "vision_cli.h"
 #include "commands.h"
 #include "monet/error.h"
 #include "monet/image.h"
@@ -20,28 +19,6 @@
 #include "monet/tokenizer.h"
 #include "monet/vision.h"
 
-namespace {
-
-// "1,-200,5": token ids, -200 (LLaVA's IMAGE_TOKEN_INDEX) where an image goes.
-std::vector<int32_t> parse_ids_with_images(const std::string& text) {
-  std::vector<int32_t> ids;
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t end = text.find(',', start);
-    if (end == std::string::npos) end = text.size();
-    const std::string item = text.substr(start, end - start);
-    char* stop = nullptr;
-    errno = 0;
-    const long long v = item.empty() ? 0 : std::strtoll(item.c_str(), &stop, 10);
-    if (item.empty() || *stop != '\0' || errno != 0 || (v < 0 && v != monet::kImageToken) || v > INT32_MAX)
-      monet::fail("--ids: '", item, "' is not a token id or ", monet::kImageToken, " (an image)");
-    ids.push_back(int32_t(v));
-    start = end + 1;
-  }
-  return ids;
-}
-
-}  // namespace
 
 void add_vision_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(

@@ -17,6 +17,8 @@ namespace monet {
 class Backend;
 class Model;
 class Tokenizer;
+struct KvCache;
+struct ExpertMask;
 
 // A CLIP vision transformer's config (HF CLIPVisionConfig).
 struct ClipVisionConfig {
@@ -130,5 +132,13 @@ struct MultimodalPrompt {
 };
 MultimodalPrompt build_multimodal_prompt(const Model& model, const std::vector<int32_t>& ids_with_markers,
                                          const std::vector<std::vector<float>>& images, int64_t tokens_per_image);
+
+// Feeds positions [from, n-1) of a prompt (text and image embeddings) into
+// the cache, which must hold exactly `from` positions (a conversation's
+// earlier turns), and returns the last position's token: generate() goes on
+// from it (it gives the logits the first new token is sampled from). The
+// last position must be text.
+int32_t prefill_multimodal_prompt(const Model& model, KvCache& cache, const MultimodalPrompt& prompt, int64_t from = 0,
+                                  const ExpertMask* mask = nullptr);
 
 }  // namespace monet

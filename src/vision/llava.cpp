@@ -73,3 +73,28 @@ MultimodalPrompt build_multimodal_prompt(const Model& model, const std::vector<i
 }
 
 }  // namespace monet
+
+namespace monet {
+
+int32_t prefill_multimodal_prompt(const Model& model, KvCache& cache, const MultimodalPrompt& prompt, int64_t from,
+                                  const ExpertMask* mask) {
+  const int64_t T = prompt.size(), d = model.config().hidden_size;
+  if (T == 0) fail("the prompt is empty");
+  if (prompt.ids.back() == kImageToken)
+    fail("the prompt ends with an image: generation continues from text, so put some text after the last ",
+         kImagePlaceholder);
+  if (from < 0 || from > T - 1) fail("prefill_multimodal_prompt: start ", from, " outside the prompt of ", T);
+  if (cache.length != from) fail("prefill_multimodal_prompt: the cache holds ", cache.length, " positions, expected ", from);
+  if (from < T - 1) {
+    std::vector<Sequence> seqs(1);
+    seqs[0].cache = &cache;
+    seqs[0].embeds = prompt.embeds.data() + from * d;
+    seqs[0].n = T - 1 - from;
+    seqs[0].logits = Logits::None;
+    seqs[0].mask = mask;
+    model.forward_batch(seqs);
+  }
+  return prompt.ids.back();
+}
+
+}  // namespace monet
