@@ -224,13 +224,16 @@ def forward_llava(model: reference.Model, tower: Tower, ids, images, masks: dict
 
 
 def tokenize_with_images(tokenizer_encode, prompt: str, bos_id: int):
-    """LLaVA's tokenizer_image_token: each chunk between <image> placeholders tokenized on its own (with BOS),
-    the first chunk keeping BOS, the others dropping it; IMAGE_TOKEN_INDEX between chunks."""
+    """LLaVA's tokenizer_image_token: each chunk between <image> placeholders tokenized on its own, the
+    first chunk keeping its BOS, IMAGE_TOKEN_INDEX between chunks. LLaVA drops the first token of every
+    later chunk, which is the BOS the tokenizer gave it; here only a BOS is dropped, which is the same
+    for a tokenizer that adds BOS and keeps the text of chunks tokenized without special tokens (chat
+    templates that spell out <s>)."""
     chunks = [tokenizer_encode(c) for c in prompt.split(IMAGE_PLACEHOLDER)]
-    offset = 1 if chunks and chunks[0] and chunks[0][0] == bos_id else 0
-    ids = [chunks[0][0]] if offset else []
+    bos_first = bool(chunks and chunks[0] and chunks[0][0] == bos_id)
+    ids = []
     for i, c in enumerate(chunks):
         if i:
             ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(c[offset:])
+        ids.extend(c[1:] if i and bos_first and c and c[0] == bos_id else c)
     return ids
