@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential cmake pkg-config git
   nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
-  python3 python3-venv python3-numpy python3-pytest python3-torch
+  libjpeg62-turbo-dev libpng-dev libwebp-dev
+  python3 python3-venv python3-numpy python3-pytest python3-torch python3-pil
   chromium chromium-driver
 )
 missing=()
@@ -26,3 +27,12 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r python/requirements.txt
+
+# Hugging Face's CLIPVisionModel for the vision tests, apart from the main
+# environment (python/requirements-hf-peer.txt says why).
+if ! cmp -s python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt; then
+  rm -rf .venv/hf-peer
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .venv/hf-peer \
+    -r python/requirements-hf-peer.txt
+  cp python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt
+fi

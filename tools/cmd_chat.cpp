@@ -1,6 +1,7 @@
 // monet chat --model DIR [--system TEXT] [--template NAME] [sampling options]
 // Interactive multi-turn chat; the KV cache carries the conversation, so each
-// turn only processes its new tokens. Ctrl-D ends it.
+// turn only processes its new tokens. Ctrl-D ends it. With --image (VisionMonet),
+// the first message starts with one <image> per image, as LLaVA's CLI does.
 #include <unistd.h>
 
 #include <cstdio>
@@ -18,6 +19,8 @@
 #include "monet/model.h"
 #include "monet/safetensors.h"
 #include "monet/tokenizer.h"
+#include "monet/vision.h"
+#include "vision_cli.h"
 
 namespace {
 
@@ -39,6 +42,63 @@ std::vector<monet::ChatMessage> read_conversation(const std::string& path) {
   return msgs;
 }
 
+void print_text(const std::string& text) {
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+}
+
+// ChatSession's loop for prompts with images: the conversation is rendered
+// with the chat template, split at its <image> placeholders, and the cache
+// is reused for the positions (text tokens and image patches) that did not
+// change since the last turn.
+void chat_with_images(const monet::Model& model, const monet::Tokenizer& tok, monet::ChatFormat format,
+                      std::vector<monet::ChatMessage> msgs, monet::GenerateOptions go, const VisionArgs& vision,
+                      bool interactive) {
+  const LoadedImages li = load_images(model, vision);
+  go.stop_ids = monet::chat_stop_ids(model.config(), tok, format);
+  monet::KvCache cache = model.new_cache(0);
+  std::vector<int32_t> cached;  // what the cache holds, per position (kImageToken for image patches)
+  std::string placeholders;
+  for (size_t i = 0; i < li.embeds.size(); i++) placeholders += std::string(monet::kImagePlaceholder) + "\n";
+  if (interactive)
+    std::fprintf(stderr, "monet chat: %s, %s template, %zu image(s). Ctrl-D to quit.\n", model.dir().c_str(),
+                 monet::chat_format_name(format), li.embeds.size());
+  std::string line;
+  bool first = true;
+  while (true) {
+    if (interactive) {
+      std::printf("> ");
+      std::fflush(stdout);
+    }
+    if (!std::getline(std::cin, line)) break;
+    if (line.empty()) continue;
+    msgs.push_back({"user", first ? placeholders + line : line});
+    first = false;
+    const std::string text = monet::render_chat_prompt(tok, format, msgs, true);
+    const monet::MultimodalPrompt mp = monet::build_multimodal_prompt(
+        model, monet::tokenize_with_images(tok, text, false), li.embeds, li.tower->tokens_per_image());
+    size_t common = 0;
+    while (common < cached.size() && common < mp.ids.size() && cached[common] == mp.ids[common]) common++;
+    if (common == mp.ids.size()) common--;  // the last position is fed again for its logits
+    cache.length = int64_t(common);
+    const int32_t last = monet::prefill_multimodal_prompt(model, cache, mp, int64_t(common), go.mask);
+    const monet::GenerateResult r = monet::generate_text(model, tok, cache, {last}, go, [](const std::string& t) {
+      print_text(t);
+      return true;
+    });
+    std::printf("\n");
+    std::fflush(stdout);
+    std::fprintf(stderr, "[%lld new prompt positions (%zu reused), %lld generated, %.1f tokens/s]\n",
+                 (long long)(mp.size() - int64_t(common)), common, (long long)r.stats.generated_tokens,
+                 r.stats.generated_tokens / std::max(r.stats.generate_seconds, 1e-9));
+    cached = mp.ids;
+    cached.insert(cached.end(), r.ids.begin(), r.ids.end());
+    cached.resize(size_t(cache.length));
+    msgs.push_back({"assistant", r.text});
+  }
+  if (interactive) std::printf("\n");
+}
+
 }  // namespace
 
 void add_chat_command(CLI::App& app) {
@@ -48,6 +108,7 @@ void add_chat_command(CLI::App& app) {
   static DeviceArgs device;
   static bool generation_prompt = false;
   static monet::SamplingParams sampling;
+  static VisionArgs vision;
   add_model_option(cmd, model_dir);
   cmd->add_option("--system", system_prompt, "system message");
   cmd->add_option("--template", template_name,
@@ -64,6 +125,7 @@ void add_chat_command(CLI::App& app) {
   cmd->add_option("--render", render_path,
                   "print the prompt of a JSON conversation [{\"role\", \"content\"}, ...] and its ids, then exit");
   cmd->add_flag("--add-generation-prompt", generation_prompt, "with --render: end with the assistant's turn opener");
+  add_vision_options(cmd, vision);
   cmd->callback([] {
     auto tok = monet::Tokenizer::load_dir(model_dir);
     const monet::ChatFormat format = template_name.empty() ? monet::detect_chat_format(tok->chat_template())
@@ -89,6 +151,10 @@ void add_chat_command(CLI::App& app) {
     const bool interactive = isatty(STDIN_FILENO);
     std::vector<monet::ChatMessage> system;
     if (!system_prompt.empty()) system.push_back({"system", system_prompt});
+    if (!vision.images.empty()) {
+      chat_with_images(*model, *tok, format, system, go, vision, interactive);
+      return;
+    }
     monet::ChatSession chat(*model, *tok, format, system);
     if (interactive)
       std::fprintf(stderr, "monet chat: %s, %s template. Ctrl-D to quit.\n", model_dir.c_str(), monet::chat_format_name(format));

@@ -1,4 +1,4 @@
-// monet generate --model DIR (-p TEXT | --ids 1,5,9) [sampling options]
+// monet generate --model DIR (-p TEXT | --ids 1,5,9) [--image FILE...] [sampling options]
 // Streams the continuation to stdout; timing to stderr.
 #include <chrono>
 #include <cstdio>
@@ -10,6 +10,7 @@
 #include "monet/mask.h"
 #include "monet/model.h"
 #include "monet/tokenizer.h"
+#include "vision_cli.h"
 
 namespace {
 
@@ -20,6 +21,7 @@ struct GenerateArgs {
   DeviceArgs device;
   bool print_ids = false;
   monet::SamplingParams sampling;
+  VisionArgs vision;
 };
 
 }  // namespace
@@ -43,6 +45,7 @@ void add_generate_command(CLI::App& app) {
   add_device_options(cmd, a.device);
   cmd->add_option("--mask", a.mask_path, "JSON file of experts to remove");
   cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids, comma-separated, on one line");
+  add_vision_options(cmd, a.vision);
   cmd->callback([] {
     if (a.prompt.empty() && a.ids_text.empty()) monet::fail("generate: give a prompt with -p TEXT or --ids 1,5,9");
     monet::StopMatcher check_stops(a.stops);  // an empty stop string is refused before loading
@@ -50,11 +53,13 @@ void add_generate_command(CLI::App& app) {
     const monet::MonetConfig& c = model->config();
     std::unique_ptr<monet::Tokenizer> tok;
     std::vector<int32_t> prompt;
+    const bool with_images = !a.vision.images.empty();
     if (!a.ids_text.empty()) {
-      prompt = parse_id_list(a.ids_text);
+      prompt = with_images ? parse_ids_with_images(a.ids_text) : parse_id_list(a.ids_text);
     } else {
       tok = monet::Tokenizer::load_dir(a.model_dir);
-      prompt = tok->encode(a.prompt, true);
+      // With images, the text between <image> placeholders is tokenized chunk by chunk, as LLaVA does.
+      prompt = with_images ? monet::tokenize_with_images(*tok, a.prompt) : tok->encode(a.prompt, true);
     }
     if (!tok && !a.print_ids) {
       try {
@@ -72,7 +77,23 @@ void add_generate_command(CLI::App& app) {
     go.sampling = a.sampling;
     go.stop_ids.assign(c.eos_token_ids.begin(), c.eos_token_ids.end());
     go.mask = &mask;
-    monet::KvCache cache = model->new_cache(int64_t(prompt.size()) + a.max_tokens);
+    // With images: the prompt's text and image embeddings fill the cache up
+    // to its last token, from which generation continues.
+    int64_t prompt_size = int64_t(prompt.size());
+    double prefill_seconds = 0;
+    monet::KvCache cache;
+    if (with_images) {
+      const LoadedImages li = load_images(*model, a.vision);
+      const monet::MultimodalPrompt mp =
+          monet::build_multimodal_prompt(*model, prompt, li.embeds, li.tower->tokens_per_image());
+      prompt_size = mp.size();
+      cache = model->new_cache(prompt_size + a.max_tokens);
+      const auto t0 = std::chrono::steady_clock::now();
+      prompt = {monet::prefill_multimodal_prompt(*model, cache, mp, 0, &mask)};
+      prefill_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } else {
+      cache = model->new_cache(prompt_size + a.max_tokens);
+    }
     if (!a.stops.empty() && !tok) monet::fail("generate: --stop needs the tokenizer files in ", a.model_dir);
     monet::GenerateStats stats;
     if (a.print_ids || !tok) {
@@ -93,7 +114,7 @@ void add_generate_command(CLI::App& app) {
       std::fprintf(stderr, "stopped at the end of the context (max_position_embeddings = %lld)\n",
                    (long long)c.max_position_embeddings);
     std::fprintf(stderr, "prompt: %lld tokens, %.1f tokens/s | generated: %lld tokens, %.2f tokens/s\n",
-                 (long long)stats.prompt_tokens, stats.prompt_tokens / std::max(stats.prompt_seconds, 1e-9),
+                 (long long)prompt_size, prompt_size / std::max(stats.prompt_seconds + prefill_seconds, 1e-9),
                  (long long)stats.generated_tokens,
                  stats.generated_tokens / std::max(stats.generate_seconds, 1e-9));
   });

@@ -16,3 +16,5 @@ void add_serve_command(CLI::App& app);
 void add_plot_loss_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
+void add_vision_command(CLI::App& app);
+void add_torch_convert_command(CLI::App& app);

@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
   add_plot_loss_command(app);
   add_train_command(app);
   add_grad_command(app);
+  add_vision_command(app);
+  add_torch_convert_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 
@@ -147,10 +148,13 @@ def write_tiny_tokenizer(out_dir: str, chat_template: str | None = None) -> None
 def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv_heads=None, experts=32,
                     moe_heads=4, moe_dim=8, topk=4, groups=2, decompose="vertical", tie=False, dtype="F32",
                     shards=1, seed=0, calibrate_router=True, max_pos=512, std=0.15, tokenizer=False,
-                    chat_template=None) -> dict:
+                    chat_template=None, extra_weights=None, extra_config=None) -> dict:
+    """extra_weights: more tensors (name -> float64 array) stored beside the backbone's, in `dtype`;
+    extra_config: more config.json fields (a llava_monet checkpoint's, see make_llava_checkpoint)."""
     cfg = make_config(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads or heads,
                       experts=experts, moe_heads=moe_heads, moe_dim=moe_dim, topk=topk, groups=groups,
                       decompose=decompose, tie=tie, dtype=dtype, max_pos=max_pos)
+    cfg.update(extra_config or {})
     rng = np.random.default_rng(seed)
     w = random_weights(cfg, rng, std)
     # Round to the stored dtype first so that calibration sees the stored model.
@@ -158,6 +162,7 @@ def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv
          for k, v in w.items()}
     if calibrate_router:
         calibrate(cfg, w, rng)
+    w.update({k: round_to_dtype(np.asarray(v, dtype=np.float64), dtype) for k, v in (extra_weights or {}).items()})
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -187,6 +192,103 @@ def make_checkpoint(out_dir: str, *, vocab=256, hidden=64, layers=4, heads=4, kv
             total += arr.size * {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}[dt]
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return cfg
+
+
+# The LLaVA layout of VisionMonet (MonetLLM/visionmonet-vd-1.4B-100BT-hf): the CLIP vision tower inside
+# model.safetensors under LlavaMetaModel's module path, the projector as model.mm_projector.{0,2}.*.
+LLAVA_TOWER_PREFIX = "model.vision_tower.vision_tower."
+LLAVA_PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def random_clip_vision(vision: dict, rng: np.random.Generator, std: float = 0.1) -> dict:
+    """CLIPVisionModel state_dict names (vision_model.*) with random values."""
+    D, I, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    n_pos = (vision["image_size"] // p) ** 2 + 1
+
+    def mat(*shape, s=std):
+        return rng.normal(0.0, s, size=shape)
+
+    w = {"vision_model.embeddings.class_embedding": mat(D, s=0.5),
+         "vision_model.embeddings.patch_embedding.weight": mat(D, 3, p, p, s=0.05),
+         "vision_model.embeddings.position_embedding.weight": mat(n_pos, D, s=0.1)}
+    for name in ("pre_layrnorm", "post_layernorm"):
+        w[f"vision_model.{name}.weight"] = 1.0 + 0.1 * rng.normal(size=D)
+        w[f"vision_model.{name}.bias"] = mat(D, s=0.05)
+    for i in range(vision["num_hidden_layers"]):
+        q = f"vision_model.encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            w[q + f"self_attn.{n}.weight"] = mat(D, D)
+            w[q + f"self_attn.{n}.bias"] = mat(D, s=0.05)
+        for n in ("layer_norm1", "layer_norm2"):
+            w[q + f"{n}.weight"] = 1.0 + 0.1 * rng.normal(size=D)
+            w[q + f"{n}.bias"] = mat(D, s=0.05)
+        w[q + "mlp.fc1.weight"] = mat(I, D)
+        w[q + "mlp.fc1.bias"] = mat(I, s=0.05)
+        w[q + "mlp.fc2.weight"] = mat(D, I)
+        w[q + "mlp.fc2.bias"] = mat(D, s=0.05)
+    return w
+
+
+def clip_vision_config(vision: dict) -> dict:
+    """config.json of a CLIPVisionModel (what save_pretrained writes, the fields that matter)."""
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "num_channels": 3,
+            "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu", **vision}
+
+
+def make_llava_checkpoint(out_dir: str, *, vision=None, projector="mlp2x_gelu", select_layer=-2,
+                          select_feature="patch", aspect="pad", tower_in_model=True, projector_in_model=True,
+                          projector_bin=True, tower_dir="vision_tower", dtype="F32", seed=0, **backbone) -> dict:
+    """A random llava_monet checkpoint in VisionMonet's layout: a Monet backbone (make_checkpoint), a CLIP
+    vision tower (in model.safetensors under LLAVA_TOWER_PREFIX when tower_in_model, and always as a
+    CLIPVisionModel directory `tower_dir` with config.json, model.safetensors and preprocessor_config.json,
+    which mm_vision_tower names), and the projector (model.mm_projector.* in model.safetensors when
+    projector_in_model; torch.save'd as mm_projector.bin in bf16 when projector_bin)."""
+    vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     image_size=32, patch_size=8), **(vision or {})}
+    hidden = backbone.get("hidden", 64)
+    rng = np.random.default_rng(seed + 1000)
+    tower = random_clip_vision(vision, rng)
+    D = vision["hidden_size"]
+    m = re.fullmatch(r"mlp(\d+)x_gelu", projector)
+    depth = int(m.group(1)) if m else 1
+    proj = {}
+    for i in range(depth):
+        idx = "" if projector == "linear" else f"{2 * i}."
+        fan_in = D if i == 0 else hidden
+        proj[LLAVA_PROJECTOR_PREFIX + idx + "weight"] = rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=(hidden, fan_in))
+        proj[LLAVA_PROJECTOR_PREFIX + idx + "bias"] = rng.normal(0.0, 0.05, size=hidden)
+    extra = {}
+    if tower_in_model:
+        extra.update({LLAVA_TOWER_PREFIX + k: v for k, v in tower.items()})
+    if projector_in_model:
+        extra.update(proj)
+    llava = {"architectures": ["LlavaMonetForCausalLM"], "model_type": "llava_monet",
+             "mm_vision_tower": tower_dir, "mm_hidden_size": D, "mm_projector_type": projector,
+             "mm_vision_select_layer": select_layer, "mm_vision_select_feature": select_feature,
+             "image_aspect_ratio": aspect, "mm_patch_merge_type": "flat", "mm_use_im_start_end": False,
+             "mm_use_im_patch_token": False, "use_mm_proj": True, "tune_mm_mlp_adapter": False,
+             "freeze_mm_mlp_adapter": False, "tokenizer_model_max_length": backbone.get("max_pos", 512),
+             "tokenizer_padding_side": "right"}
+    cfg = make_checkpoint(out_dir, dtype=dtype, seed=seed, extra_weights=extra, extra_config=llava, **backbone)
+
+    td = os.path.join(out_dir, tower_dir)
+    os.makedirs(td, exist_ok=True)
+    with open(os.path.join(td, "config.json"), "w") as f:
+        json.dump(clip_vision_config(vision), f, indent=2)
+    with open(os.path.join(td, "preprocessor_config.json"), "w") as f:
+        s = vision["image_size"]
+        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": s},
+                   "resample": 3, "do_center_crop": True, "crop_size": {"height": s, "width": s},
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}, f, indent=2)
+    write_safetensors(os.path.join(td, "model.safetensors"),
+                      {k: (dtype, round_to_dtype(v, dtype)) for k, v in tower.items()}, {"format": "pt"})
+    if projector_bin:
+        import torch  # only for this file: what LLaVA's trainer writes (torch.save of a dict of tensors)
+        torch.save({k: torch.from_numpy(round_to_dtype(v, "BF16")).to(torch.bfloat16) for k, v in proj.items()},
+                   os.path.join(out_dir, "mm_projector.bin"))
     return cfg
 
 

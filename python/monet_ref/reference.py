@@ -174,9 +174,14 @@ def experts_explicit(model, l, y, g1, g2, D, mask=None):
 def forward(model: Model, ids, masks: dict | None = None):
     """ids: list of token ids. masks: {group: [E, E] 0/1 matrix} (uses the explicit sum).
     Returns logits [T, V] and {router layer: (g1, g2)}."""
-    D = dims(model.config)
     ids = np.asarray(ids, dtype=np.int64)
-    x = model.w["model.embed_tokens.weight"][ids]                          # [T, d]
+    return forward_embeds(model, model.w["model.embed_tokens.weight"][ids], masks)
+
+
+def forward_embeds(model: Model, x, masks: dict | None = None):
+    """forward() from input embeddings x [T, d] (token rows of embed_tokens, or image features)."""
+    D = dims(model.config)
+    x = np.asarray(x, dtype=np.float64)
     routers, g1, g2 = {}, None, None
     for l in range(D["L"]):
         p = f"model.layers.{l}."
