@@ -1,6 +1,6 @@
 // monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
-//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R]
+//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute auto|f32|bf16]
 // With --batch B, B sequences (each its own P-token prompt and cache) decode
 // together: one batched forward step per token position, B tokens each.
 // Timings are the best of R repeats.
@@ -26,7 +26,7 @@ int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir;
+  std::string model_dir, compute = "auto";
   int threads = 0;
   int64_t prompt = 64, decode = 32, batch = 1, repeat = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--decode")) decode = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--batch")) batch = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--repeat")) repeat = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--compute")) compute = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
     auto t_load = std::chrono::steady_clock::now();
     monet::LoadOptions lo;
     lo.threads = threads;
+    lo.compute = compute;
     auto model = monet::Model::load(model_dir, lo);
     const double load_s = seconds_since(t_load);
     const monet::MonetConfig& c = model->config();
@@ -128,10 +130,10 @@ int main(int argc, char** argv) {
     }
     std::printf("{\"load_s\": %.3f, \"batch\": %lld, \"prefill_tokens\": %lld, \"prefill_s\": %.4f, "
                 "\"prefill_tok_s\": %.2f, \"decode_tokens\": %lld, \"decode_s\": %.4f, \"decode_tok_s\": %.3f, "
-                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"threads\": %d, \"repeat\": %lld}\n",
+                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"threads\": %d, \"repeat\": %lld, \"backend\": \"%s\"}\n",
                 load_s, (long long)batch, (long long)(prompt * batch), best_prefill, double(prompt * batch) / best_prefill,
                 (long long)(decode * batch), best_decode, double(decode * batch) / best_decode, expert_fraction,
-                model->weight_bytes(), model->threads(), (long long)repeat);
+                model->weight_bytes(), model->threads(), (long long)repeat, model->backend_name().c_str());
   } catch (const monet::Error& e) {
     std::fprintf(stderr, "monet_bench: error: %s\n", e.what());
     return 1;

@@ -66,8 +66,11 @@ class Backend {
   // --- ops ----------------------------------------------------------------
   // x[t] = table[ids[t]] as float32. ids is a host array. x: [T, table.cols]
   virtual void embed(const Weight& table, const int32_t* ids, int64_t T, float* x) = 0;
-  // y[T, w.rows] = x[T, w.cols] . w^T (+ bias[1, w.rows])
-  virtual void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias = nullptr) = 0;
+  // y[T, w.rows] = x[T, w.cols] . w^T (+ bias[1, w.rows]). exact: float32
+  // products whatever the compute mode (the router's logits: its selection
+  // is a threshold, so rounding would flip experts in and out).
+  virtual void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias = nullptr,
+                      bool exact = false) = 0;
   // y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps); x, y: [T, d]; w: [1, d]
   virtual void rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) = 0;
   // y[t] = (x[t] - mean) / sqrt(var + eps) * w + b (biased variance); x, y: [T, d]
@@ -98,10 +101,19 @@ class Backend {
   virtual void log_softmax_rows(const float* x, int64_t rows, int64_t n, float* y) = 0;
 };
 
+// The arithmetic of large matrix products: Auto multiplies bf16 weights in
+// bf16 (activations rounded to bf16 per tile, float32 accumulation) where the
+// CPU's bf16 dot product is faster than float32 (measured once per process),
+// everything else in float32; F32 is exact float32 for every weight; BF16
+// rounds every product's inputs to bf16. Decode-sized batches (streamed
+// GEMV) and the routers are float32 in every mode.
+enum class Compute { Auto, F32, BF16 };
+
 struct BackendOptions {
   std::string device = "cpu";    // "cpu" (the only backend of this build; see docs/architecture.md)
   int threads = 0;               // CPU threads; 0: all cores
   std::string cpu_kernels;       // "" / "auto": the best this CPU runs; or "avx512bf16", "avx512", "avx2", "generic"
+  std::string compute = "auto";  // "auto", "f32" or "bf16" (see Compute)
 };
 
 // The backend the options name; monet::Error for a device this build lacks.

@@ -17,9 +17,12 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
   const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
   std::vector<size_t> starts;
   for (size_t start = begin; start < std::min(end, ids.size()); start += step) starts.push_back(start);
-  // Windows are independent: a few run as one batch of sequences, so the
-  // GEMMs get more rows; fn still sees them in order.
-  const size_t batch = std::max<size_t>(2, size_t(model.threads()));
+  // Windows are independent: on several cores, whole windows run side by
+  // side, one per thread (the ops inside a window then run single-threaded:
+  // small models gain most, as no op pays for thread synchronisation); fn
+  // still sees them in order. Each window is its own forward call, so its
+  // results do not depend on which windows run beside it.
+  const size_t batch = std::max<size_t>(1, std::min<size_t>(size_t(model.threads()), starts.size()));
   struct Result {
     std::vector<int32_t> window;
     std::vector<float> logits;
@@ -29,8 +32,7 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
   std::vector<Result> results(batch);
   for (size_t b0 = 0; b0 < starts.size(); b0 += batch) {
     const size_t nb = std::min(batch, starts.size() - b0);
-    std::vector<Sequence> seqs(nb);
-    for (size_t i = 0; i < nb; i++) {
+    auto run = [&](size_t i) {
       Result& r = results[i];
       const size_t start = starts[b0 + i];
       r.window.clear();
@@ -40,19 +42,25 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
       r.routing = RouterCapture();
       if (r.cache.capacity < int64_t(r.window.size())) r.cache = model.new_cache(context);
       r.cache.length = 0;
-      Sequence& s = seqs[i];
-      s.cache = &r.cache;
-      s.ids = r.window.data();
-      s.n = int64_t(r.window.size());
-      s.logits = opts.routing_only ? Logits::None : opts.all_logits ? Logits::All : Logits::Last;
-      s.logits_out = &r.logits;
-      s.routing = &r.routing;
-      s.mask = opts.mask;
+      ForwardOptions fo = opts;
+      fo.capture = &r.routing;
+      model.forward(r.cache, r.window.data(), int64_t(r.window.size()), r.logits, fo);
+    };
+    if (nb == 1) {
+      run(0);
+    } else {
+      std::string error;
+#pragma omp parallel for num_threads(int(nb)) schedule(static, 1)
+      for (size_t i = 0; i < nb; i++) {
+        try {
+          run(i);
+        } catch (const std::exception& e) {
+#pragma omp critical
+          error = e.what();
+        }
+      }
+      if (!error.empty()) throw Error(error);
     }
-    BatchOptions bo;
-    bo.expert_path = opts.expert_path;
-    bo.routing_only = opts.routing_only;
-    model.forward_batch(seqs, bo);
     for (size_t i = 0; i < nb; i++) fn(results[i].window, first, starts[b0 + i], results[i].logits, results[i].routing);
   }
 }

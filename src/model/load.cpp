@@ -92,6 +92,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   bo.device = opts.device;
   bo.threads = opts.threads;
   bo.cpu_kernels = opts.cpu_kernels;
+  bo.compute = opts.compute;
   m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
 

@@ -4,12 +4,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <mutex>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 
+#include "backend/cpu/gemm.h"
 #include "core/monet_math.h"
+#include "core/threads.h"
 #include "monet/error.h"
 
 namespace monet::cpu {
@@ -30,27 +34,114 @@ const float* row_f32(const Weight& w, int64_t r, float* scratch) {
   return scratch;
 }
 
-// Weight rows per GEMM tile: each thread widens its tile (if not F32) into
-// its own scratch and multiplies it with single-threaded sgemm; tiles are
-// small enough to stay in cache and many enough to share among threads.
-int64_t tile_rows(int64_t n, int threads) {
-  return std::clamp<int64_t>((n + 4 * threads - 1) / (4 * threads), 16, 256);
+}  // namespace
+
+namespace {
+
+// Whether bf16 products (vdpbf16ps) outrun float32 ones on this CPU: a small
+// GEMM timed each way, once per process (at the first large product with
+// bf16 weights). (On some CPUs the bf16 dot product
+// has half the issue rate of FMA, so its 2x work per instruction gains nothing.)
+bool bf16_products_faster(const KernelSet& k, int threads) {
+  static std::once_flag once;
+  static bool faster = false;
+  std::call_once(once, [&] {
+    const int64_t M = 128, N = 2048, K = 2048;  // a prefill-sized projection
+    std::vector<float> a(size_t(M * K), 0.5f), c(size_t(M * N)), w(size_t(N * K), 0.25f);
+    const Weight wb = Weight::from_f32(w.data(), N, K, DType::BF16);
+    auto seconds = [&](GemmCompute compute) {
+      double best = 1e30;
+      for (int rep = 0; rep < 3; rep++) {
+        const auto t0 = std::chrono::steady_clock::now();
+        gemm(k, threads, compute, a.data(), K, M, wb, true, c.data(), N, false);
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+      return best;
+    };
+    faster = seconds(GemmCompute::BF16) < seconds(GemmCompute::F32);
+  });
+  return faster;
 }
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads, const KernelSet& kernels)
-    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels) {}
+CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute)
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute) {}
 
 std::string CpuBackend::name() const {
-  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads)";
+  const char* arith = compute_ == Compute::F32 ? "f32" : compute_ == Compute::BF16 ? "bf16"
+                      : k_.gemm_bf16 ? "auto: bf16 for bf16 weights if faster than f32" : "auto: f32";
+  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + " compute)";
 }
 
+namespace {
+
+// Activation buffers come and go with every forward call; fresh large blocks
+// would be page-faulted and zeroed by the kernel each time. Freed blocks are
+// kept by size class (powers of two) for reuse, up to kCacheLimit bytes.
+class BlockCache {
+ public:
+  static constexpr size_t kHeader = 64;           // keeps the payload 64-byte aligned
+  static constexpr size_t kCacheLimit = size_t(1) << 30;
+
+  void* get(size_t bytes) {
+    const int cls = size_class(bytes);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto& list = free_[size_t(cls)];
+      if (!list.empty()) {
+        void* p = list.back();
+        list.pop_back();
+        cached_ -= size_t(1) << cls;
+        return p;
+      }
+    }
+    uint8_t* block = static_cast<uint8_t*>(std::aligned_alloc(64, kHeader + (size_t(1) << cls)));
+    if (!block) return nullptr;
+    std::memcpy(block, &cls, sizeof cls);
+    return block + kHeader;
+  }
+
+  void put(void* p) {
+    uint8_t* block = static_cast<uint8_t*>(p) - kHeader;
+    int cls;
+    std::memcpy(&cls, block, sizeof cls);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + (size_t(1) << cls) <= kCacheLimit) {
+        free_[size_t(cls)].push_back(p);
+        cached_ += size_t(1) << cls;
+        return;
+      }
+    }
+    std::free(block);
+  }
+
+ private:
+  static int size_class(size_t bytes) {
+    int cls = 6;  // 64 bytes at least
+    while ((size_t(1) << cls) < bytes) cls++;
+    return cls;
+  }
+  std::mutex mutex_;
+  std::vector<void*> free_[64];
+  size_t cached_ = 0;
+};
+
+BlockCache& block_cache() {
+  static BlockCache* cache = new BlockCache();  // never destroyed: buffers may outlive static destruction
+  return *cache;
+}
+
+void cached_free(void* p) { block_cache().put(p); }
+
+}  // namespace
+
 Buffer CpuBackend::alloc(size_t bytes) {
-  const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded);
+  if (bytes > (size_t(1) << 46)) fail("cannot allocate ", bytes, " bytes of activations");
+  void* p = block_cache().get(std::max<size_t>(bytes, 1));
   if (!p) fail("out of memory allocating ", bytes, " bytes of activations");
-  return Buffer(p, bytes, std::free);
+  return Buffer(p, bytes, cached_free);
 }
 
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
@@ -83,37 +174,29 @@ void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const f
   }
 }
 
-void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias) {
+void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
   if (T <= kSmallBatch) {
     // Streaming: every weight row is read once and applied to all T rows.
     const float* xs[kSmallBatch];
     for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
     const RowKernels* rk = k_.rows(w.dtype);
+    if (rk) {
+      // Blocks of 64 rows: each thread streams long runs of consecutive rows.
+      const int64_t blocks = (N + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(threads_)
-    for (int64_t n = 0; n < N; n++) {
-      if (rk) rk->dot_multi(w.row(n), xs, T, K, y + n, N);
-      else k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
+      for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * 64;
+        rk->dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xs, T, K, y + n0, N);
+      }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+      for (int64_t n = 0; n < N; n++)
+        k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
     }
   } else {
-    // GEMM tiles of weight rows: y[:, n0:n1] = x . w[n0:n1]^T
-    const int64_t nb = tile_rows(N, threads_), tiles = (N + nb - 1) / nb;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-      const int64_t n0 = tile * nb, rows = std::min(nb, N - n0);
-      const float* wt = reinterpret_cast<const float*>(w.row(n0));
-      if (w.dtype != DType::F32) {
-        float* buf = thread_scratch(0, size_t(rows * K));
-        const RowKernels* rk = k_.rows(w.dtype);
-        for (int64_t r = 0; r < rows; r++) {
-          if (rk) rk->to_f32(w.row(n0 + r), buf + r * K, K);
-          else w.rows_to_f32(n0 + r, 1, buf + r * K);
-        }
-        wt = buf;
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(rows), int(K), 1.0f, x, int(K), wt, int(K),
-                  0.0f, y + n0, int(N));
-    }
+    gemm(k_, threads_, exact ? GemmCompute::F32 : gemm_compute(w), x, K, T, w, /*transposed=*/true, y, N,
+         /*accumulate=*/false);
   }
   if (bias) {
     const float* b = static_cast<const float*>(bias->data);
@@ -124,33 +207,15 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
 }
 
 void CpuBackend::matmul_nn(const float* x, int64_t T, const Weight& w, float* y, bool accumulate) {
-  const int64_t K = w.rows, N = w.cols;
-  // Tiles of output columns: y[:, n0:n1] (+)= x . w[:, n0:n1]
-  const int64_t nb = std::clamp<int64_t>((N + 2 * threads_ - 1) / (2 * threads_), 16, 128);
-  const int64_t tiles = (N + nb - 1) / nb;
-  const RowKernels* rk = k_.rows(w.dtype);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
-  for (int64_t tile = 0; tile < tiles; tile++) {
-    const int64_t n0 = tile * nb, cols = std::min(nb, N - n0);
-    const float* wt = reinterpret_cast<const float*>(w.data) + n0;
-    int64_t ldw = N;
-    if (w.dtype != DType::F32) {
-      float* buf = thread_scratch(0, size_t(K * cols));
-      float* row = thread_scratch(1, size_t(N));
-      for (int64_t k = 0; k < K; k++) {
-        if (rk) {
-          rk->to_f32(w.row(k) + size_t(n0) * dtype_size(w.dtype), buf + k * cols, cols);
-        } else {
-          w.rows_to_f32(k, 1, row);
-          std::memcpy(buf + k * cols, row + n0, size_t(cols) * 4);
-        }
-      }
-      wt = buf;
-      ldw = cols;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(cols), int(K), 1.0f, x, int(K), wt, int(ldw),
-                accumulate ? 1.0f : 0.0f, y + n0, int(N));
-  }
+  gemm(k_, threads_, gemm_compute(w), x, w.rows, T, w, /*transposed=*/false, y, w.cols, accumulate);
+}
+
+GemmCompute CpuBackend::gemm_compute(const Weight& w) const {
+  if (compute_ == Compute::F32) return GemmCompute::F32;
+  if (compute_ == Compute::BF16) return GemmCompute::BF16;
+  // Auto: bf16 products for bf16 weights where the CPU multiplies bf16 faster than float32.
+  return w.dtype == DType::BF16 && k_.gemm_bf16 && bf16_products_faster(k_, threads_) ? GemmCompute::BF16
+                                                                                     : GemmCompute::F32;
 }
 
 void CpuBackend::rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) {
@@ -188,18 +253,23 @@ void CpuBackend::add(float* x, const float* y, int64_t n) {
 }
 
 void CpuBackend::activation(Activation a, float* x, int64_t n) {
-#pragma omp parallel for schedule(static) num_threads(threads_) if (n > (1 << 16))
-  for (int64_t i = 0; i < n; i++) {
-    const float v = x[i];
-    switch (a) {
-      case Activation::Relu2: {
-        const float r = v > 0.0f ? v : 0.0f;
+  // One loop per kind, so that each vectorises.
+  switch (a) {
+    case Activation::Relu2:
+#pragma omp parallel for simd schedule(static) num_threads(threads_) if (n > (1 << 16))
+      for (int64_t i = 0; i < n; i++) {
+        const float r = x[i] > 0.0f ? x[i] : 0.0f;
         x[i] = r * r;
-        break;
       }
-      case Activation::GeluQuick: x[i] = v / (1.0f + std::exp(-1.702f * v)); break;
-      case Activation::Gelu: x[i] = 0.5f * v * (1.0f + std::erf(v * float(M_SQRT1_2))); break;
-    }
+      break;
+    case Activation::GeluQuick:
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n > (1 << 16))
+      for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + std::exp(-1.702f * x[i]));
+      break;
+    case Activation::Gelu:
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n > (1 << 16))
+      for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * float(M_SQRT1_2)));
+      break;
   }
 }
 
@@ -231,6 +301,9 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
   struct Task {
     int64_t seq, head, q0, nq;
   };
+  // OpenBLAS (OpenMP build) runs single-threaded inside an active team; a
+  // one-thread team is inactive, so tell it so, or it starts threads of its own.
+  ScopedThreads blas_single(1);
   std::vector<Task> tasks;
   for (int64_t s = 0; s < n_seqs; s++)
     for (int64_t h = 0; h < nh; h++)
@@ -334,7 +407,13 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
     fail("device \"", opts.device, "\": this build has only the cpu backend (docs/architecture.md says where a ",
          "device backend goes)");
   if (opts.threads < 0) fail("threads must be 0 (all cores) or more, got ", opts.threads);
-  return std::make_unique<cpu::CpuBackend>(opts.threads, cpu::select_kernels(opts.cpu_kernels));
+  Compute compute = Compute::Auto;
+  if (opts.compute == "f32") compute = Compute::F32;
+  else if (opts.compute == "bf16") compute = Compute::BF16;
+  else if (!opts.compute.empty() && opts.compute != "auto")
+    fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU has them), f32 or bf16");
+  const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
+  return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute);
 }
 
 }  // namespace monet

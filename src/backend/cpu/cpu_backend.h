@@ -5,13 +5,14 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/gemm.h"
 #include "backend/cpu/kernels.h"
 
 namespace monet::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, const KernelSet& kernels);
+  CpuBackend(int threads, const KernelSet& kernels, Compute compute);
 
   std::string name() const override;
   int threads() const override { return threads_; }
@@ -24,7 +25,8 @@ class CpuBackend final : public Backend {
   Weight prepare(const Weight& w) override { return w; }
 
   void embed(const Weight& table, const int32_t* ids, int64_t T, float* x) override;
-  void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias) override;
+  void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias = nullptr,
+              bool exact = false) override;
   void rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) override;
   void layernorm(const float* x, const Weight& w, const Weight& b, int64_t T, int64_t d, double eps,
                  float* y) override;
@@ -48,11 +50,13 @@ class CpuBackend final : public Backend {
                  int64_t c1) const;
 
  private:
+  GemmCompute gemm_compute(const Weight& w) const;
   void expert_mix_dense(const ExpertMixArgs& a);
   void expert_mix_sparse(const ExpertMixArgs& a);
 
   int threads_;
   const KernelSet& k_;
+  Compute compute_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one

@@ -288,22 +288,23 @@ void CpuBackend::expert_mix_dense(const ExpertMixArgs& a) {
   const MixShape s{c.moe_decompose == Decompose::Vertical, c.moe_heads, c.moe_experts,
                    c.moe_decompose == Decompose::Vertical ? c.moe_dim / 2 : c.moe_dim, c.hidden_size};
   const int64_t T = a.T, H = s.H, E = s.E, w = s.w, d = s.d, Ew = E * w;
-  // x for every expert: [T, E*w]
-  std::vector<float> x1(size_t(T * Ew)), x2;
-  linear(s.vd ? ew.u1 : ew.u, a.y, T, x1.data(), s.vd ? &ew.u1_bias : &ew.u_bias);
-  activation(Activation::Relu2, x1.data(), T * Ew);
+  // x for every expert: [T, E*w] (buffers from the backend's cache: no page faults per call)
+  const size_t dense_bytes = size_t(T * Ew) * sizeof(float);
+  Buffer x1 = alloc(dense_bytes), x2;
+  linear(s.vd ? ew.u1 : ew.u, a.y, T, x1.f32(), s.vd ? &ew.u1_bias : &ew.u_bias);
+  activation(Activation::Relu2, x1.f32(), T * Ew);
   if (s.vd) {
-    x2.resize(size_t(T * Ew));
-    linear(ew.u2, a.y, T, x2.data(), &ew.u2_bias);
-    activation(Activation::Relu2, x2.data(), T * Ew);
+    x2 = alloc(dense_bytes);
+    linear(ew.u2, a.y, T, x2.f32(), &ew.u2_bias);
+    activation(Activation::Relu2, x2.f32(), T * Ew);
   }
   const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
   const int64_t n1 = r1.start[size_t(T)], n2 = r2.start[size_t(T)];
   // The kept experts' activations, entry-major as the coefficients want them.
-  auto gather = [&](const std::vector<float>& x, const SideEntries& r, std::vector<float>& xs) {
+  auto gather = [&](const Buffer& x, const SideEntries& r, std::vector<float>& xs) {
     xs.resize(r.token.size() * size_t(w));
     for (size_t e = 0; e < r.token.size(); e++)
-      std::memcpy(xs.data() + e * size_t(w), x.data() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w,
+      std::memcpy(xs.data() + e * size_t(w), x.f32() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w,
                   size_t(w) * 4);
   };
   std::vector<float> xs1, xs2;
@@ -314,35 +315,36 @@ void CpuBackend::expert_mix_dense(const ExpertMixArgs& a) {
   for (int64_t t = 0; t < T; t++)
     token_coefficients(s, r1, r2, xs1.data(), xs2.data(), token_mask(a, t), a.group, t, co,
                        thread_scratch(4, size_t(2 * H * w)));
-  // Coefficients scattered into [T, E*w] (and bias coefficients [T, E]); x1/x2 are reused.
-  auto scatter = [&](const SideEntries& r, const std::vector<float>& in, std::vector<float>& dense) {
-    std::fill(dense.begin(), dense.end(), 0.0f);
+  // Coefficients scattered into [T, E*w] (and bias coefficients [T, E]).
+  auto scatter = [&](const SideEntries& r, const std::vector<float>& in, float* dense) {
+    std::memset(dense, 0, dense_bytes);
     for (size_t e = 0; e < r.token.size(); e++)
-      std::memcpy(dense.data() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w, in.data() + e * size_t(w),
-                  size_t(w) * 4);
+      std::memcpy(dense + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w, in.data() + e * size_t(w), size_t(w) * 4);
   };
+  Buffer bias_dense = alloc(size_t(T * E) * sizeof(float));
   auto scatter_bias = [&](const SideEntries& r, const std::vector<float>& in) {
-    std::vector<float> dense(size_t(T * E), 0.0f);
-    for (size_t e = 0; e < r.token.size(); e++) dense[size_t(int64_t(r.token[e]) * E + r.expert[e])] = in[e];
-    return dense;
+    std::memset(bias_dense.data(), 0, size_t(T * E) * sizeof(float));
+    for (size_t e = 0; e < r.token.size(); e++) bias_dense.f32()[int64_t(r.token[e]) * E + r.expert[e]] = in[e];
+    return bias_dense.f32();
   };
   if (!s.vd) {
-    scatter(r2, co.in21, x1);
-    matmul_nn(x1.data(), T, ew.v, a.out, false);
-    matmul_nn(scatter_bias(r2, co.bias2).data(), T, ew.b, a.out, true);
+    scatter(r2, co.in21, x1.f32());
+    matmul_nn(x1.f32(), T, ew.v, a.out, false);
+    matmul_nn(scatter_bias(r2, co.bias2), T, ew.b, a.out, true);
     return;
   }
   const int64_t d2 = d / 2;
-  std::vector<float> half(size_t(T * d2)), dense(size_t(T * Ew));
+  Buffer half = alloc(size_t(T * d2) * sizeof(float));
+  float* dense = x1.f32();  // x1 and x2 were gathered: their memory holds the coefficients now
   auto half_out = [&](const SideEntries& r, const std::vector<float>& in_a, const Weight& va,
                       const std::vector<float>& in_b, const Weight& vb, const std::vector<float>& bias, const Weight& b,
                       int64_t col0) {
     scatter(r, in_a, dense);
-    matmul_nn(dense.data(), T, va, half.data(), false);
-    scatter(r, in_b, dense);
-    matmul_nn(dense.data(), T, vb, half.data(), true);
-    matmul_nn(scatter_bias(r, bias).data(), T, b, half.data(), true);
-    for (int64_t t = 0; t < T; t++) std::memcpy(a.out + t * d + col0, half.data() + t * d2, size_t(d2) * 4);
+    matmul_nn(dense, T, va, half.f32(), false);
+    scatter(r, in_b, x2.f32());
+    matmul_nn(x2.f32(), T, vb, half.f32(), true);
+    matmul_nn(scatter_bias(r, bias), T, b, half.f32(), true);
+    for (int64_t t = 0; t < T; t++) std::memcpy(a.out + t * d + col0, half.f32() + t * d2, size_t(d2) * 4);
   };
   half_out(r1, co.in11, ew.v11, co.in12, ew.v12, co.bias1, ew.b1, 0);
   half_out(r2, co.in21, ew.v21, co.in22, ew.v22, co.bias2, ew.b2, d2);
