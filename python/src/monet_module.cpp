@@ -121,9 +121,6 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
   if (logits_mode != "all" && logits_mode != "last" && logits_mode != "none")
     throw monet::Error("logits must be \"all\", \"last\" or None, got \"" + logits_mode + "\"");
   if (T == 0) throw monet::Error("forward: no tokens given");
-  if (T > c.max_position_embeddings)
-    throw monet::Error("forward: " + std::to_string(T) + " tokens exceed max_position_embeddings = " +
-                       std::to_string(c.max_position_embeddings));
   ForwardResult r;
   without_gil([&] {
     m.use_threads();
@@ -411,10 +408,6 @@ class Stream {
 std::tuple<double, int64_t> eval_loss(const Model& m, const std::string& text, int64_t context,
                                       const std::optional<std::string>& mask_json, const std::string& mask_source) {
   const auto mask = m.mask_of(mask_json, mask_source);
-  const monet::MonetConfig& c = m.model->config();
-  if (context < 2 || context > c.max_position_embeddings)
-    throw monet::Error("context must hold between 2 and max_position_embeddings = " +
-                       std::to_string(c.max_position_embeddings) + " tokens, got " + std::to_string(context));
   return without_gil([&] {
     m.use_threads();
     const monet::Tokenizer& tok = m.tok();

@@ -251,6 +251,9 @@ def test_eval_loss_equals_cli(default_model, monet_bin, tmp_path):
     want = json.loads(run(monet_bin, "eval-loss", "--data", tmp_path / "t.txt", "--context", "128", "--json").stdout)
     loss, ppl = default_model.eval_loss(text, context=128)
     assert abs(loss - want["loss"]) < 2e-6 and abs(ppl - np.exp(loss)) < 1e-9 * ppl
+    for bad in (1, 513):
+        with pytest.raises(monet.Error, match="context"):
+            default_model.eval_loss(text, context=bad)
 
 
 def test_model_basics(default_model):
@@ -278,8 +281,6 @@ def test_errors(checkpoints, tmp_path):
             m.forward(bad)
     with pytest.raises(monet.Error, match="no tokens"):
         m.forward([])
-    with pytest.raises(monet.Error, match="max_position_embeddings"):
-        m.forward([1] * 513)
     with pytest.raises(TypeError):
         m.forward([1.5, 2.0])
     with pytest.raises(monet.Error, match="logits"):
