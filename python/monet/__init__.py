@@ -36,11 +36,13 @@ TokensOrText = Union[str, Sequence[int], np.ndarray]
 
 
 class Mask:
-    """Experts removed from a model: composed experts (group, expert id) and
-    whole components (group, side 1|2, index), as in `monet ... --mask FILE`.
-    A removed expert's weight is zero in every layer of its router group.
+    """Experts scaled or removed in a model: composed experts (group, expert
+    id[, scale]) and whole components (group, side 1|2, index[, scale]), as
+    in `monet ... --mask FILE`. Every expert's term is multiplied, in every
+    layer of its group, by the scales of the entries covering it: scale 0
+    (the default) removes it, 2.0 doubles it (steering).
 
-        mask = monet.Mask(experts=[(0, 1234)], components=[(1, 2, 17)])
+        mask = monet.Mask(experts=[(0, 1234), (1, 77, 2.0)], components=[(1, 2, 17)])
         mask.save("law.json"); monet.Mask.load("law.json")
 
     Expert ids are i * E + j for the pair (i, j) of a group's E x E experts.
@@ -48,17 +50,24 @@ class Mask:
     """
 
     def __init__(self, experts=(), components=()):
+        def entry(e, n):
+            e = tuple(e)
+            if len(e) not in (n, n + 1):
+                raise ValueError(f"{e!r} has {len(e)} values")
+            return tuple(int(x) for x in e[:n]) + (float(e[n]) if len(e) > n else 0.0,)
+
         try:
-            self.experts = [(int(g), int(e)) for g, e in experts]
-            self.components = [(int(g), int(s), int(i)) for g, s, i in components]
+            self.experts = [entry(e, 2) for e in experts]        # (group, expert, scale)
+            self.components = [entry(c, 3) for c in components]  # (group, side, index, scale)
         except (TypeError, ValueError) as e:
-            raise Error(f"Mask: experts are (group, expert) pairs and components (group, side, index) triples ({e})") from None
+            raise Error("Mask: experts are (group, expert[, scale]) and components (group, side, index[, scale]) "
+                        f"tuples ({e})") from None
         self.source = "mask"  # names the mask in error messages (the file it was loaded from)
 
     @classmethod
     def load(cls, path) -> "Mask":
-        """A mask file: {"experts": [{"group": g, "expert": id}],
-        "components": [{"group": g, "side": 1|2, "index": i}]}."""
+        """A mask file: {"experts": [{"group": g, "expert": id, "scale": s}],
+        "components": [{"group": g, "side": 1|2, "index": i, "scale": s}]} ("scale" optional, default 0)."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -79,9 +88,14 @@ class Mask:
                 raise Error(f'{path}: "{key}" must be an array')
             out = []
             for n, e in enumerate(entries):
-                if not isinstance(e, dict) or any(not isinstance(e.get(k), int) or isinstance(e.get(k), bool) for k in fields):
-                    raise Error(f"{path}: {key}[{n}] must be an object with integer " + ", ".join(f'"{k}"' for k in fields))
-                out.append(tuple(e[k] for k in fields))
+                ok = isinstance(e, dict) and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool)
+                                                 for k in fields)
+                unknown = [k for k in (e if isinstance(e, dict) else ()) if k not in fields + ("scale",)]
+                scale = e.get("scale", 0.0) if isinstance(e, dict) else 0.0
+                if not ok or unknown or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                    raise Error(f"{path}: {key}[{n}] must be an object with integer " +
+                                ", ".join(f'"{k}"' for k in fields) + ' and an optional number "scale"')
+                out.append(tuple(e[k] for k in fields) + (float(scale),))
             return out
 
         mask = cls(items("experts", ("group", "expert")), items("components", ("group", "side", "index")))
@@ -89,8 +103,14 @@ class Mask:
         return mask
 
     def to_json(self) -> str:
-        return json.dumps({"experts": [{"group": g, "expert": e} for g, e in self.experts],
-                           "components": [{"group": g, "side": s, "index": i} for g, s, i in self.components]})
+        def with_scale(d, scale):
+            if scale != 0.0:
+                d["scale"] = scale
+            return d
+
+        return json.dumps({"experts": [with_scale({"group": g, "expert": e}, s) for g, e, s in self.experts],
+                           "components": [with_scale({"group": g, "side": side, "index": i}, s)
+                                          for g, side, i, s in self.components]})
 
     def save(self, path) -> None:
         """Writes the mask file (to a temporary file, then renamed into place)."""
@@ -123,12 +143,18 @@ def _mask_args(mask):
     return mask.to_json(), mask.source
 
 
+def _stops(stop) -> list:
+    if isinstance(stop, str):
+        return [stop]
+    return [str(s) for s in stop]
+
+
 @dataclass
 class Generation:
     """The result of Model.generate."""
     text: str                 #: the generated text (the prompt not included)
     ids: list = field(default_factory=list)  #: the generated token ids (without the EOS that ended it)
-    finish_reason: str = ""   #: "stop" (EOS) or "length" (max_tokens or the end of the context)
+    finish_reason: str = ""   #: "stop" (EOS or a stop string) or "length" (max_tokens or the end of the context)
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
@@ -228,21 +254,23 @@ class Model:
 
     def generate(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
-                 mask: Mask | None = None, repeat_last_n: int = 64) -> Generation:
+                 stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Generation:
         """Continues prompt (a text, tokenized with BOS, or token ids) by up to max_tokens tokens,
-        as `monet generate`: temperature 0 is greedy; EOS or the end of the context stops it;
-        the same seed gives the same text (seed None: a random one)."""
+        as `monet generate`: temperature 0 is greedy; EOS, a stop string (not part of the text)
+        or the end of the context stops it; the same seed gives the same text (seed None: a
+        random one)."""
         s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        ids, text, reason, n_prompt, t_prompt, t_gen = self._m.generate(self._tokens(prompt), s, *_mask_args(mask))
+        ids, text, reason, n_prompt, t_prompt, t_gen = self._m.generate(self._tokens(prompt), s, _stops(stop),
+                                                                        *_mask_args(mask))
         return Generation(text, ids, reason, n_prompt, t_prompt, t_gen)
 
     def stream(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
-               mask: Mask | None = None, repeat_last_n: int = 64) -> Iterator[str]:
+               stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Iterator[str]:
         """generate(), yielding the text as it is generated (pieces of whole characters);
         the pieces joined are generate()'s text for the same seed."""
         s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        stream = self._m.stream(self._tokens(prompt), s, *_mask_args(mask))
+        stream = self._m.stream(self._tokens(prompt), s, _stops(stop), *_mask_args(mask))
         try:
             while True:
                 piece = stream.next()

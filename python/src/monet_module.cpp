@@ -8,7 +8,6 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -78,8 +77,6 @@ struct Model {
     if (!tokenizer) throw monet::Error(tokenizer_error);
     return *tokenizer;
   }
-  // OpenMP's thread count is per calling thread: set it on each thread that computes.
-  void use_threads() const { omp_set_num_threads(model->threads()); }
 
   // The mask of a JSON text (monet.Mask), checked against this model.
   std::optional<monet::ExpertMask> mask_of(const std::optional<std::string>& json, const std::string& source) const {
@@ -123,7 +120,6 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
   if (T == 0) throw monet::Error("forward: no tokens given");
   ForwardResult r;
   without_gil([&] {
-    m.use_threads();
     const bool chunked = T > kForwardChunk;
     monet::KvCache cache = m.model->new_cache(T);
     monet::ForwardOptions fo;
@@ -242,9 +238,14 @@ struct Sampling {  // monet::SamplingParams and max_tokens, as Python sets them
   int64_t max_tokens = 64;
 };
 
-monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const monet::ExpertMask* mask) {
+monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const std::vector<std::string>& stops,
+                                        const monet::ExpertMask* mask) {
   if (s.max_tokens < 0) throw monet::Error("max_tokens must be >= 0, got " + std::to_string(s.max_tokens));
+  for (const std::string& stop : stops)
+    if (stop.empty()) throw monet::Error("stop: a stop string cannot be empty");
+  if (!stops.empty()) m.tok();  // stop strings are text: they need the tokenizer
   monet::GenerateOptions go;
+  go.stop_strings = stops;
   go.max_tokens = s.max_tokens;
   go.sampling.temperature = s.temperature;
   go.sampling.top_k = s.top_k;
@@ -259,46 +260,49 @@ monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const
   return go;
 }
 
-// "stop" when a stop id (EOS) ended the generation, else "length" (max_tokens
-// or the end of the context).
-std::string finish_reason(const std::vector<int32_t>& out, const monet::GenerateStats& st, int64_t max_tokens,
-                          bool cancelled) {
-  if (cancelled) return "cancelled";
-  if (st.hit_context_end || int64_t(out.size()) >= max_tokens) return "length";
-  return "stop";
+// (ids, text, finish_reason, prompt_tokens, prompt_seconds, generate_seconds)
+using Generation = std::tuple<std::vector<int32_t>, std::string, std::string, int64_t, double, double>;
+
+Generation to_tuple(const monet::GenerateResult& r) {
+  return Generation(r.ids, r.text, r.finish_reason, r.stats.prompt_tokens, r.stats.prompt_seconds,
+                    r.stats.generate_seconds);
 }
 
-// (ids, text, finish_reason, prompt_tokens, prompt_seconds, generate_seconds)
-using GenerateResult = std::tuple<std::vector<int32_t>, std::string, std::string, int64_t, double, double>;
-
-GenerateResult generate(const Model& m, const std::vector<int32_t>& prompt, const Sampling& s,
-                        const std::optional<std::string>& mask_json, const std::string& mask_source) {
+// monet::generate_text (stop strings, finish reason); with no tokenizer, ids only.
+Generation generate(const Model& m, const std::vector<int32_t>& prompt, const Sampling& s,
+                    const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
+                    const std::string& mask_source) {
   const auto mask = m.mask_of(mask_json, mask_source);
-  const monet::GenerateOptions go = generate_options(m, s, mask ? &*mask : nullptr);
+  const monet::GenerateOptions go = generate_options(m, s, stops, mask ? &*mask : nullptr);
   return without_gil([&] {
-    m.use_threads();
     monet::KvCache cache = m.model->new_cache(int64_t(prompt.size()) + s.max_tokens);
-    monet::GenerateStats st;
-    std::vector<int32_t> out = monet::generate(*m.model, cache, prompt, go, [](int32_t) {
+    if (m.tokenizer)
+      return to_tuple(monet::generate_text(*m.model, *m.tokenizer, cache, prompt, go, [](const std::string&) {
+        check_signals();
+        return true;
+      }));
+    monet::GenerateResult r;
+    r.ids = monet::generate(*m.model, cache, prompt, go, [](int32_t) {
       check_signals();
       return true;
-    }, &st);
-    const std::string text = m.tokenizer ? m.tokenizer->decode(out) : std::string();
-    return GenerateResult(out, text, finish_reason(out, st, s.max_tokens, false), st.prompt_tokens, st.prompt_seconds,
-                          st.generate_seconds);
+    }, &r.stats);
+    const bool hit_length = int64_t(r.ids.size()) >= s.max_tokens || r.stats.hit_context_end;
+    r.finish_reason = hit_length ? "length" : "stop";
+    return to_tuple(r);
   });
 }
 
-// m.stream(): monet::generate on a worker thread; the consumer takes text
-// pieces (complete UTF-8 characters, as StreamDecoder releases them) from a
-// queue. close() (the Python generator's end) stops the worker at its next
-// token and joins it.
+// m.stream(): monet::generate_text on a worker thread; the consumer takes
+// its text pieces (complete characters, nothing of a possible stop string
+// early) from a queue. close() (the Python generator's end) stops the worker
+// at its next piece and joins it.
 class Stream {
  public:
-  Stream(const Model& m, std::vector<int32_t> prompt, const Sampling& s, std::optional<monet::ExpertMask> mask)
+  Stream(const Model& m, std::vector<int32_t> prompt, const Sampling& s, const std::vector<std::string>& stops,
+         std::optional<monet::ExpertMask> mask)
       : model_(m), prompt_(std::move(prompt)), sampling_(s), mask_(std::move(mask)) {
     model_.tok();  // a stream is text: fail now without a tokenizer
-    go_ = generate_options(model_, sampling_, mask_ ? &*mask_ : nullptr);
+    go_ = generate_options(model_, sampling_, stops, mask_ ? &*mask_ : nullptr);
     worker_ = std::thread([this] { run(); });
   }
   ~Stream() { close(); }
@@ -361,27 +365,21 @@ class Stream {
   }
 
   void run() {
-    std::vector<int32_t> out;
-    monet::GenerateStats st;
-    std::string error, reason;
+    monet::GenerateResult r;
+    std::string error;
     try {
-      model_.use_threads();
-      monet::StreamDecoder decoder(model_.tok());
       monet::KvCache cache = model_.model->new_cache(int64_t(prompt_.size()) + sampling_.max_tokens);
-      out = monet::generate(*model_.model, cache, prompt_, go_, [&](int32_t id) {
-        if (cancel_) return false;
-        push(decoder.feed(id));
-        return true;
-      }, &st);
-      push(decoder.flush());
-      reason = finish_reason(out, st, sampling_.max_tokens, cancel_);
+      r = monet::generate_text(*model_.model, model_.tok(), cache, prompt_, go_, [&](const std::string& piece) {
+        push(piece);
+        return !cancel_;
+      });
     } catch (const std::exception& e) {
       error = e.what();
     }
     std::lock_guard<std::mutex> lock(mu_);
-    ids_ = std::move(out);
-    stats_ = st;
-    reason_ = reason;
+    ids_ = std::move(r.ids);
+    stats_ = r.stats;
+    reason_ = r.finish_reason;
     error_ = error;
     done_ = true;
     cv_.notify_one();
@@ -409,14 +407,13 @@ std::tuple<double, int64_t> eval_loss(const Model& m, const std::string& text, i
                                       const std::optional<std::string>& mask_json, const std::string& mask_source) {
   const auto mask = m.mask_of(mask_json, mask_source);
   return without_gil([&] {
-    m.use_threads();
     const monet::Tokenizer& tok = m.tok();
     const std::vector<int32_t> ids = tok.encode(text, false);
     if (ids.empty()) throw monet::Error("eval_loss: the text has no tokens");
     // Slices of whole windows: evaluate_loss over each gives the windows of
     // one run over all ids (a window holds `step` stream tokens after BOS).
     const size_t step = size_t(context) - (tok.bos_id() >= 0 ? 1 : 0);
-    const size_t slice = step * size_t(std::max(1, m.model->threads())) * 4;
+    const size_t slice = step * size_t(std::max(1, m.model->threads()));  // the windows one batch runs side by side
     monet::LossResult total;
     for (size_t start = 0; start < ids.size(); start += slice) {
       check_signals();
@@ -470,11 +467,12 @@ NB_MODULE(_monet, mod) {
       .def("token_text", [](const Model& m, int32_t id) { return m.tok().token_text(id); }, "id"_a)
       .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a)
-      .def("generate", &generate, "prompt"_a, "sampling"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("stream", [](const Model& m, std::vector<int32_t> prompt, const Sampling& s,
-                        const std::optional<std::string>& mask_json, const std::string& mask_source) {
-        return new Stream(m, std::move(prompt), s, m.mask_of(mask_json, mask_source));
-      }, "prompt"_a, "sampling"_a, "mask_json"_a.none(), "mask_source"_a)
+                        const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
+                        const std::string& mask_source) {
+        return new Stream(m, std::move(prompt), s, stops, m.mask_of(mask_json, mask_source));
+      }, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("eval_loss", &eval_loss, "text"_a, "context"_a, "mask_json"_a.none(), "mask_source"_a);
 
   nb::class_<Stream>(mod, "Stream")

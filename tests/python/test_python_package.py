@@ -140,16 +140,17 @@ def test_long_forward_in_chunks(tmp_path, monet_bin):
 
 
 def mask_matrices(mask, E):
-    """{group: [E, E] 0/1} of a monet.Mask, for reference.forward."""
+    """{group: [E, E] expert weights} of a monet.Mask (the product of the scales covering each
+    expert), for reference.forward's explicit sum."""
     M = {}
-    for g, e in mask.experts:
-        M.setdefault(g, np.ones((E, E)))[e // E, e % E] = 0
-    for g, side, i in mask.components:
+    for g, e, scale in mask.experts:
+        M.setdefault(g, np.ones((E, E)))[e // E, e % E] *= scale
+    for g, side, i, scale in mask.components:
         m = M.setdefault(g, np.ones((E, E)))
         if side == 1:
-            m[i, :] = 0
+            m[i, :] *= scale
         else:
-            m[:, i] = 0
+            m[:, i] *= scale
     return M
 
 
@@ -181,6 +182,36 @@ def test_mask(checkpoints, monet_bin, tmp_path):
         for g, w in zip(g_tok["groups"], w_tok["groups"]):
             assert [e[0] for e in g["removed"]] == [e["id"] for e in w["removed"]]
             assert [e[0] for e in g["experts"]] == [e["id"] for e in w["experts"]]
+
+
+@pytest.mark.parametrize("name", ["vd", "hd"])
+def test_mask_scale(checkpoints, name):
+    """Scale 0 is removal; scale s multiplies the expert's term (steering): the explicitly
+    scaled sum of the float64 reference."""
+    path, _ = checkpoints[name]
+    m = monet.Model(path)
+    strong = [g["experts"][0][0] for g in m.experts(IDS, threshold=0.0)[5]["groups"]]  # token 5's top expert per group
+    removal = monet.Mask(experts=[(0, strong[0])])
+    assert monet.Mask(experts=[(0, strong[0], 0.0)]) == removal
+    np.testing.assert_array_equal(m.forward(IDS, mask=removal)["logits"],
+                                  m.forward(IDS, mask=monet.Mask(experts=[(0, strong[0], 0)]))["logits"])
+    steer = monet.Mask(experts=[(0, strong[0], 2.0), (1, strong[1], 3.5)], components=[(0, 2, 4, 0.5), (1, 1, 9, 0.0)])
+    ref = reference.load(path)
+    want, want_routers = reference.forward(ref, IDS, masks=mask_matrices(steer, 32))
+    got = m.forward(IDS, mask=steer)
+    assert rel_err(got["logits"], want) < 1e-5
+    for l, (g1, g2) in want_routers.items():
+        assert rel_err(got[f"router.{l}.g1"], g1) < 1e-5 and rel_err(got[f"router.{l}.g2"], g2) < 1e-5
+    plain, _ = reference.forward(ref, IDS)
+    assert rel_err(want, plain) > 1e-3  # the scales change the output
+    assert monet.Mask.load(_saved(steer)) == steer
+
+
+def _saved(mask):
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "mask.json")
+    mask.save(path)
+    return path
 
 
 def test_experts_equal_cli(default_model, monet_bin):
@@ -220,6 +251,19 @@ def test_generate_equals_cli(default_model, monet_bin):
     assert default_model.generate(ids, max_tokens=24, temperature=0).ids == g.ids
     pieces = list(default_model.stream(prompt, **kw))
     assert len(pieces) > 3 and "".join(pieces) == s.text
+
+
+def test_stop_strings(default_model, monet_bin):
+    prompt = "It was a fine morning, and"
+    full = default_model.generate(prompt, max_tokens=24, temperature=0)
+    stop = full.text[10:14]  # a string the greedy continuation contains
+    g = default_model.generate(prompt, max_tokens=24, temperature=0, stop=[stop, "zzz-never"])
+    assert g.finish_reason == "stop" and g.text == full.text[:full.text.index(stop)]
+    cli = run(monet_bin, "generate", "-p", prompt, "-n", "24", "--temperature", "0", "--stop", stop).stdout
+    assert cli.rstrip("\n") == g.text
+    assert "".join(default_model.stream(prompt, max_tokens=24, temperature=0, stop=stop)) == g.text
+    with pytest.raises(monet.Error, match="stop"):
+        default_model.generate(prompt, stop=[""])
 
 
 def test_greedy_generate_matches_reference(checkpoints):
