@@ -205,11 +205,12 @@ class Model:
         a = np.asarray(ids)
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
             raise TypeError("token ids must be a 1-D sequence of integers")
-        ids = a.astype(np.int64).tolist()
-        for pos, t in enumerate(ids):
-            if not -2**31 <= t < 2**31:
-                raise Error(f"token id {t} at position {pos} is outside the vocabulary [0, {self._m.vocab_size})")
-        return ids
+        a = a.astype(np.int64)
+        bad = np.flatnonzero((a < -2**31) | (a >= 2**31))  # beyond int32: the library never sees them
+        if bad.size:
+            pos = int(bad[0])
+            raise Error(f"token id {int(a[pos])} at position {pos} is outside the vocabulary [0, {self._m.vocab_size})")
+        return a.tolist()
 
     def _tokens(self, ids_or_text: TokensOrText) -> list:
         if isinstance(ids_or_text, str):
