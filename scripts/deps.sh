@@ -8,7 +8,7 @@ APT_PACKAGES=(
   build-essential cmake pkg-config git
   nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
   libjpeg62-turbo-dev libpng-dev libwebp-dev
-  python3 python3-venv python3-numpy python3-pytest python3-torch python3-pil
+  python3 python3-dev python3-venv python3-numpy python3-pytest python3-torch python3-pil
   chromium chromium-driver
 )
 missing=()
@@ -36,3 +36,9 @@ if ! cmp -s python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt; then
     -r python/requirements-hf-peer.txt
   cp python/requirements-hf-peer.txt .venv/hf-peer/requirements.txt
 fi
+
+# transformers 4.44 (the released Monet code's version) for the Hugging Face interop tests
+if [ ! -x .venv-hf444/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv-hf444
+fi
+.venv-hf444/bin/python -m pip install -q --disable-pip-version-check -r python/requirements-hf444.txt

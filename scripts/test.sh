@@ -2,7 +2,8 @@
 # The whole test suite:
 #  1. the native build (build/): C++ unit and per-op tests (CTest/GoogleTest),
 #     then the Python tests (golden tests against the float64 reference,
-#     tokenizer parity, training vs PyTorch, the viewer in Chromium, ...);
+#     tokenizer parity, training vs PyTorch, the viewer in Chromium, the
+#     Python package (built by scripts/build_python.sh), ...);
 #  2. the portable build (build-portable/, -DMONET_NATIVE=OFF, kernels chosen
 #     at run time): C++ tests and the golden tests;
 #  3. the AddressSanitizer + UndefinedBehaviorSanitizer build (build-asan/):
@@ -10,11 +11,13 @@
 # MONET_TEST_QUICK=1 runs only the first stage. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/deps.sh
+[ -x .venv/bin/python ] && [ -x .venv-hf444/bin/python ] && .venv/bin/python -c "import nanobind, scikit_build_core" 2>/dev/null ||
+  bash scripts/deps.sh
 JOBS="$(nproc)"
 PYTEST=(.venv/bin/python -W ignore::DeprecationWarning -m pytest -q)
 
 bash scripts/build.sh
+bash scripts/build_python.sh   # the Python package, installed into .venv
 (cd build && ctest --output-on-failure -j"$JOBS")
 MONET_BIN="$PWD/build/monet" "${PYTEST[@]}" tests/python "$@"
 [ "${MONET_TEST_QUICK:-0}" = 1 ] && exit 0

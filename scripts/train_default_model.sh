@@ -18,7 +18,7 @@ build/monet train --data data/corpus --tokenizer data/tokenizer --out "$run" $re
   --eval-every 200 --val-tokens 16384 --save-every 200 --keep 2 --save-dtype bf16 --seed 1234 --threads 2 --log-every 20
 final=$(ls -d "$run"/step-* | sort | tail -1)
 mkdir -p "$dest"
-for f in config.json model.safetensors tokenizer.model tokenizer_config.json special_tokens_map.json; do
+for f in config.json model.safetensors tokenizer.model tokenizer.json tokenizer_config.json special_tokens_map.json; do
   cp "$final/$f" "$dest/$f"
 done
 cp "$run/train.csv" "$dest/train.csv"

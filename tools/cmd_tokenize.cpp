@@ -1,5 +1,6 @@
 // monet tokenize --model DIR --text "..." [--pieces] [--no-special]
 //                 [--file PATH] [--decode IDS|@PATH] [--jsonl]
+// monet tokenize --model DIR --save-json PATH   (tokenizer.json of DIR/tokenizer.model)
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -51,7 +52,7 @@ void decode_jsonl(const monet::Tokenizer& tok, const std::string& path, bool ski
 
 void add_tokenize_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("tokenize", "Print the token ids of a text (as HF tokenizer(text).input_ids)");
-  static std::string model_dir, text, file, decode_ids;
+  static std::string model_dir, text, file, decode_ids, save_json;
   static bool pieces = false, no_special = false, jsonl = false;
   add_model_option(cmd, model_dir, "checkpoint or tokenizer directory");
   auto* t = cmd->add_option("--text", text, "text to tokenize");
@@ -60,12 +61,21 @@ void add_tokenize_command(CLI::App& app) {
                   "print the text of these comma-separated ids instead (@PATH reads them from a file)")
       ->excludes(t)
       ->excludes(f);
+  cmd->add_option("--save-json", save_json,
+                  "write the tokenizer.json that transformers makes of DIR/tokenizer.model to this path, "
+                  "and nothing else")
+      ->excludes(t)
+      ->excludes(f);
   cmd->add_flag("--pieces", pieces, "also print each token's vocabulary entry, one per line (id<TAB>piece)");
   cmd->add_flag("--no-special", no_special, "do not add BOS/EOS (with --decode: keep special tokens)");
   cmd->add_flag("--jsonl", jsonl,
                 "--file holds one JSON string per line: print one line of ids for each; "
                 "--decode @PATH holds one id list per line: print each text as a JSON string");
   cmd->callback([t, f] {
+    if (!save_json.empty()) {
+      const std::string model_path = model_dir + "/tokenizer.model";
+      return monet::write_file_atomic(save_json, monet::sentencepiece_to_tokenizer_json(model_path));
+    }
     if (t->count() == 0 && f->count() == 0 && decode_ids.empty())
       monet::fail("tokenize: give --text TEXT, --file PATH or --decode IDS");
     if (jsonl && (t->count() > 0 || pieces || (!decode_ids.empty() && decode_ids[0] != '@')))

@@ -137,6 +137,13 @@ class Tokenizer {
   std::string chat_template_;
 };
 
+// The tokenizer.json that transformers makes of a SentencePiece BPE
+// tokenizer.model (LlamaTokenizerFast converting it with LlamaConverter, then
+// save_pretrained), for the tokenizer_config.json beside it (legacy,
+// add_prefix_space, add_bos_token / add_eos_token, added_tokens_decoder).
+// With it, AutoTokenizer needs neither sentencepiece nor protobuf.
+std::string sentencepiece_to_tokenizer_json(const std::string& model_path);
+
 // Incremental detokenizer: feed ids one at a time, get text as soon as it is
 // final: a character split over byte-fallback tokens is held back until
 // complete (with tokenizer.json, a run of byte tokens until it ends, since HF

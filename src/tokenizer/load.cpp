@@ -1,5 +1,5 @@
-// Loading tokenizers: HF tokenizer.json, SentencePiece tokenizer.model (a
-// small protobuf reader for its ModelProto) and tokenizer_config.json.
+// Loading tokenizers: HF tokenizer.json, SentencePiece tokenizer.model
+// (sentencepiece_model.h reads its ModelProto) and tokenizer_config.json.
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -10,6 +10,7 @@
 #include "monet/error.h"
 #include "monet/safetensors.h"
 #include "monet/tokenizer.h"
+#include "tokenizer/sentencepiece_model.h"
 #include "tokenizer/utf8.h"
 
 namespace monet {
@@ -37,55 +38,6 @@ std::string byte_piece(int b) {
   std::snprintf(buf, sizeof buf, "<0x%02X>", b);
   return buf;
 }
-
-// --- a minimal protobuf wire-format reader for SentencePiece's ModelProto ---
-struct ProtoReader {
-  const uint8_t* p;
-  const uint8_t* end;
-  const std::string& src;
-
-  ProtoReader(std::string_view bytes, const std::string& source)
-      : p(reinterpret_cast<const uint8_t*>(bytes.data())), end(p + bytes.size()), src(source) {}
-  bool done() const { return p >= end; }
-  uint64_t varint() {
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-      if (p >= end) fail(src, ": truncated protobuf (not a SentencePiece model?)");
-      const uint8_t b = *p++;
-      v |= uint64_t(b & 0x7f) << shift;
-      if (!(b & 0x80)) return v;
-    }
-    fail(src, ": malformed protobuf varint (not a SentencePiece model?)");
-  }
-  uint32_t key(uint32_t* wire) {  // field number; sets the wire type
-    const uint64_t k = varint();
-    *wire = uint32_t(k & 7);
-    return uint32_t(k >> 3);
-  }
-  std::string_view bytes() {
-    const uint64_t n = varint();
-    if (n > uint64_t(end - p)) fail(src, ": truncated protobuf field (not a SentencePiece model?)");
-    std::string_view s(reinterpret_cast<const char*>(p), size_t(n));
-    p += n;
-    return s;
-  }
-  float f32() {
-    if (end - p < 4) fail(src, ": truncated protobuf field");
-    float f;
-    std::memcpy(&f, p, 4);
-    p += 4;
-    return f;
-  }
-  void skip(uint32_t wire) {
-    switch (wire) {
-      case 0: varint(); break;
-      case 1: if (end - p < 8) fail(src, ": truncated protobuf"); p += 8; break;
-      case 2: bytes(); break;
-      case 5: if (end - p < 4) fail(src, ": truncated protobuf"); p += 4; break;
-      default: fail(src, ": unsupported protobuf wire type ", wire, " (not a SentencePiece model?)");
-    }
-  }
-};
 
 std::string token_content(const json& v) {
   if (v.is_string()) return v.get<std::string>();
@@ -317,61 +269,19 @@ std::unique_ptr<Tokenizer> TokenizerBuilder::from_hf_json(const std::string& pat
 }
 
 std::unique_ptr<Tokenizer> TokenizerBuilder::from_sentencepiece(const std::string& path) {
-  const std::string data = read_file(path);
+  const SentencePieceModel sp = read_sentencepiece_model(path);
   auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
   t->kind_ = Tokenizer::Kind::SentencePieceBpe;
   t->source_ = path;
-  ProtoReader r(data, path);
-  std::vector<int> types;
-  int model_type = 1;  // UNIGRAM is the proto default
-  bool add_dummy_prefix = true, remove_extra_ws = true, escape_ws = true, treat_ws_as_suffix = false;
-  std::string normalizer_name;
-  size_t charsmap = 0;
-  while (!r.done()) {
-    uint32_t wire;
-    const uint32_t field = r.key(&wire);
-    if (field == 1 && wire == 2) {  // repeated SentencePiece pieces
-      ProtoReader pr(r.bytes(), path);
-      std::string piece;
-      float score = 0;
-      int type = 1;  // NORMAL
-      while (!pr.done()) {
-        uint32_t w;
-        const uint32_t f = pr.key(&w);
-        if (f == 1 && w == 2) piece = std::string(pr.bytes());
-        else if (f == 2 && w == 5) score = pr.f32();
-        else if (f == 3 && w == 0) type = int(pr.varint());
-        else pr.skip(w);
-      }
-      t->pieces_.push_back(piece);
-      t->scores_.push_back(score);
-      types.push_back(type);
-    } else if (field == 2 && wire == 2) {  // TrainerSpec
-      ProtoReader tr(r.bytes(), path);
-      while (!tr.done()) {
-        uint32_t w;
-        const uint32_t f = tr.key(&w);
-        if (f == 3 && w == 0) model_type = int(tr.varint());
-        else if (f == 24 && w == 0) treat_ws_as_suffix = tr.varint() != 0;
-        else if (f == 35 && w == 0) t->byte_fallback_ = tr.varint() != 0;
-        else tr.skip(w);
-      }
-    } else if (field == 3 && wire == 2) {  // NormalizerSpec
-      ProtoReader nr(r.bytes(), path);
-      while (!nr.done()) {
-        uint32_t w;
-        const uint32_t f = nr.key(&w);
-        if (f == 1 && w == 2) normalizer_name = std::string(nr.bytes());
-        else if (f == 2 && w == 2) charsmap = nr.bytes().size();
-        else if (f == 3 && w == 0) add_dummy_prefix = nr.varint() != 0;
-        else if (f == 4 && w == 0) remove_extra_ws = nr.varint() != 0;
-        else if (f == 5 && w == 0) escape_ws = nr.varint() != 0;
-        else nr.skip(w);
-      }
-    } else {
-      r.skip(wire);
-    }
-  }
+  t->pieces_ = sp.pieces;
+  t->scores_ = sp.scores;
+  t->byte_fallback_ = sp.byte_fallback;
+  const std::vector<int>& types = sp.types;
+  const int model_type = sp.model_type;
+  const bool add_dummy_prefix = sp.add_dummy_prefix, remove_extra_ws = sp.remove_extra_whitespaces;
+  const bool escape_ws = sp.escape_whitespaces, treat_ws_as_suffix = sp.treat_whitespace_as_suffix;
+  const std::string& normalizer_name = sp.normalizer_name;
+  const size_t charsmap = sp.charsmap_bytes;
   if (t->pieces_.empty()) fail(path, ": no pieces: not a SentencePiece model");
   if (model_type != 2)
     fail(path, ": SentencePiece model type ", model_type == 1 ? "UNIGRAM" : std::to_string(model_type),

@@ -51,6 +51,56 @@ std::string fixed(double v, int digits) {
 const char* kTokenizerFiles[] = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                                  "special_tokens_map.json", "generation_config.json"};
 
+// The released Monet modeling code (modeling_monet.py, VD and HD) on the
+// Hugging Face hub: checkpoints point their auto_map at it ("repo--module.Class"),
+// so that AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+// loads them as it loads the released ones, with no code in the folder.
+const char* kMonetCodeRepo = "MonetLLM/monet-vd-1.4B-100BT-hf";
+
+// What a checkpoint needs to load in transformers with trust_remote_code: an
+// auto_map naming the modeling code and the code files it names locally.
+struct HfCode {
+  json auto_map;
+  std::vector<fs::path> module_files;  // copied beside config.json
+};
+
+// The auto_map of the checkpoint a run starts from (--init, --resume) is
+// kept, with the local modules it names ("modeling_monet.MonetConfig", as the
+// released checkpoints have) copied along, as save_pretrained does; without
+// one, or when a module it names is missing, the hub's code.
+HfCode hf_code_of(const std::string& config_dir) {
+  HfCode code;
+  const std::string repo = kMonetCodeRepo;
+  code.auto_map = {{"AutoConfig", repo + "--modeling_monet.MonetConfig"},
+                   {"AutoModelForCausalLM", repo + "--modeling_monet.MonetForCausalLM"}};
+  if (config_dir.empty()) return code;
+  const std::string path = (fs::path(config_dir) / "config.json").string();
+  json cfg;
+  try {
+    cfg = json::parse(read_file(path));
+  } catch (const json::exception& e) {
+    fail(path, ": not valid JSON (", e.what(), ")");
+  }
+  if (!cfg.is_object() || !cfg.contains("auto_map") || !cfg["auto_map"].is_object()) return code;
+  std::vector<fs::path> files;
+  bool complete = true;
+  for (const auto& [key, value] : cfg["auto_map"].items()) {
+    std::vector<json> refs = value.is_array() ? std::vector<json>(value.begin(), value.end()) : std::vector<json>{value};
+    for (const json& ref : refs) {
+      if (!ref.is_string()) continue;  // e.g. null for a tokenizer class without a fast variant
+      const std::string name = ref.get<std::string>();
+      if (name.find("--") != std::string::npos) continue;  // code in another repository
+      const fs::path module = fs::path(config_dir) / (name.substr(0, name.find('.')) + ".py");
+      if (!fs::exists(module)) complete = false;
+      else if (std::find(files.begin(), files.end(), module) == files.end()) files.push_back(module);
+    }
+  }
+  if (!complete) return code;
+  code.auto_map = cfg["auto_map"];
+  code.module_files = files;
+  return code;
+}
+
 // ------------------------------------------------------------ tensors
 
 using TensorLookup = std::function<const TensorInfo&(const std::string& name)>;
@@ -333,7 +383,8 @@ DType parse_save_dtype(const std::string& s) {
 }
 
 template <class R>
-void save_checkpoint(const TrainOptions& o, const TrainModel<R>& model, const AdamW<R>& opt, const RunState& st) {
+void save_checkpoint(const TrainOptions& o, const TrainModel<R>& model, const AdamW<R>& opt, const RunState& st,
+                     const HfCode& code) {
   const fs::path final_dir = fs::path(o.out) / step_dir_name(st.step);
   const fs::path tmp = fs::path(o.out) / ("." + step_dir_name(st.step) + ".tmp-" + std::to_string(getpid()));
   std::error_code ec;
@@ -345,7 +396,11 @@ void save_checkpoint(const TrainOptions& o, const TrainModel<R>& model, const Ad
     const DType exact = sizeof(R) == 8 ? DType::F64 : DType::F32;
     MonetConfig c = model.config();
     c.torch_dtype = save == DType::BF16 ? "bfloat16" : "float32";
-    write_file_atomic((tmp / "config.json").string(), config_to_json(c));
+    json config = json::parse(config_to_json(c));
+    config["auto_map"] = code.auto_map;
+    write_file_atomic((tmp / "config.json").string(), config.dump(2) + "\n");
+    for (const fs::path& module : code.module_files)
+      write_file_atomic((tmp / module.filename()).string(), read_file(module.string()));
     TensorBuffers weights;
     for (const ParamInfo& p : model.layout().params)
       weights.add(p.name, p.shape, model.params.data() + p.offset, p.numel, save);
@@ -366,6 +421,10 @@ void save_checkpoint(const TrainOptions& o, const TrainModel<R>& model, const Ad
       const fs::path src = fs::path(o.tokenizer) / name;
       if (fs::exists(src)) write_file_atomic((tmp / name).string(), read_file(src.string()));
     }
+    // tokenizer.json beside tokenizer.model, so that AutoTokenizer needs
+    // neither sentencepiece nor protobuf
+    if (fs::exists(tmp / "tokenizer.model") && !fs::exists(tmp / "tokenizer.json"))
+      write_file_atomic((tmp / "tokenizer.json").string(), sentencepiece_to_tokenizer_json((tmp / "tokenizer.model").string()));
     discard_dir(final_dir);
     fs::rename(tmp, final_dir, ec);
     if (ec) fail(final_dir.string(), ": cannot rename the finished checkpoint into place (", ec.message(), ")");
@@ -445,6 +504,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     config_dir = o.init;
   }
   MonetConfig cfg = config_dir.empty() ? o.shape : load_config((fs::path(config_dir) / "config.json").string());
+  const HfCode code = hf_code_of(config_dir);
   if (config_dir.empty()) {
     cfg.vocab_size = tok.vocab_size();
     cfg.bos_token_id = tok.bos_id();
@@ -564,7 +624,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     report.eta_seconds = elapsed / double(st.step - first_step) * double(o.steps - st.step);
     report.val_loss = val_loss;
     if ((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) {
-      save_checkpoint(o, model, opt, st);
+      save_checkpoint(o, model, opt, st, code);
       report.saved = (fs::path(o.out) / step_dir_name(st.step)).string();
     }
     if (o.on_step) o.on_step(report);

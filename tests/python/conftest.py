@@ -4,7 +4,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "python"))
+# appended, not prepended: `import monet` is the installed package (python/monet needs its built module)
+sys.path.append(os.path.join(REPO, "python"))
 
 
 @pytest.fixture(scope="session")

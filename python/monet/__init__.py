@@ -1,0 +1,288 @@
+"""monet: Monet (Mixture of Monosemantic Experts for Transformers) models on
+the CPU, from monet.cpp's C++ library.
+
+    import monet
+    m = monet.Model()                              # the embedded default model
+    out = m.forward("The whale swam towards the ship")
+    out["logits"]                                  # [T, V] float32
+    out["router.0.g1"]                             # [T, H, E] float32
+    m.generate("Once", max_tokens=8, temperature=0).text
+
+Arrays come straight from the library's buffers (no copy); the GIL is
+released while the library computes, and one Model may be used from several
+threads at once. Errors raise monet.Error (a ValueError) with the library's
+message; Ctrl-C interrupts a long forward, generate or eval_loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from . import _monet
+from ._monet import Error
+
+__all__ = ["Model", "Mask", "Generation", "Error", "DEFAULT_MODEL"]
+
+#: The embedded default model (models/monet-vd-books), shipped in the package.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "monet-vd-books")
+
+TokensOrText = Union[str, Sequence[int], np.ndarray]
+
+
+class Mask:
+    """Experts scaled or removed in a model: composed experts (group, expert
+    id[, scale]) and whole components (group, side 1|2, index[, scale]), as
+    in `monet ... --mask FILE`. Every expert's term is multiplied, in every
+    layer of its group, by the scales of the entries covering it: scale 0
+    (the default) removes it, 2.0 doubles it (steering).
+
+        mask = monet.Mask(experts=[(0, 1234), (1, 77, 2.0)], components=[(1, 2, 17)])
+        mask.save("law.json"); monet.Mask.load("law.json")
+
+    Expert ids are i * E + j for the pair (i, j) of a group's E x E experts.
+    Ranges are checked against the model the mask is used with.
+    """
+
+    def __init__(self, experts=(), components=()):
+        def entry(e, n):
+            e = tuple(e)
+            if len(e) not in (n, n + 1):
+                raise ValueError(f"{e!r} has {len(e)} values")
+            return tuple(int(x) for x in e[:n]) + (float(e[n]) if len(e) > n else 0.0,)
+
+        try:
+            self.experts = [entry(e, 2) for e in experts]        # (group, expert, scale)
+            self.components = [entry(c, 3) for c in components]  # (group, side, index, scale)
+        except (TypeError, ValueError) as e:
+            raise Error("Mask: experts are (group, expert[, scale]) and components (group, side, index[, scale]) "
+                        f"tuples ({e})") from None
+        self.source = "mask"  # names the mask in error messages (the file it was loaded from)
+
+    @classmethod
+    def load(cls, path) -> "Mask":
+        """A mask file: {"experts": [{"group": g, "expert": id, "scale": s}],
+        "components": [{"group": g, "side": 1|2, "index": i, "scale": s}]} ("scale" optional, default 0)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise Error(f"{path}: cannot open ({e.strerror})") from None
+        except ValueError as e:
+            raise Error(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise Error(f'{path}: a mask file is a JSON object with "experts" and/or "components"')
+        for key in data:
+            if key not in ("experts", "components"):
+                raise Error(f'{path}: unknown key "{key}" (expected "experts" and/or "components")')
+
+        def items(key, fields):
+            entries = data.get(key, [])
+            if not isinstance(entries, list):
+                raise Error(f'{path}: "{key}" must be an array')
+            out = []
+            for n, e in enumerate(entries):
+                ok = isinstance(e, dict) and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool)
+                                                 for k in fields)
+                unknown = [k for k in (e if isinstance(e, dict) else ()) if k not in fields + ("scale",)]
+                scale = e.get("scale", 0.0) if isinstance(e, dict) else 0.0
+                if not ok or unknown or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                    raise Error(f"{path}: {key}[{n}] must be an object with integer " +
+                                ", ".join(f'"{k}"' for k in fields) + ' and an optional number "scale"')
+                out.append(tuple(e[k] for k in fields) + (float(scale),))
+            return out
+
+        mask = cls(items("experts", ("group", "expert")), items("components", ("group", "side", "index")))
+        mask.source = path
+        return mask
+
+    def to_json(self) -> str:
+        def with_scale(d, scale):
+            if scale != 0.0:
+                d["scale"] = scale
+            return d
+
+        return json.dumps({"experts": [with_scale({"group": g, "expert": e}, s) for g, e, s in self.experts],
+                           "components": [with_scale({"group": g, "side": side, "index": i}, s)
+                                          for g, side, i, s in self.components]})
+
+    def save(self, path) -> None:
+        """Writes the mask file (to a temporary file, then renamed into place)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json() + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise Error(f"{path}: cannot write ({e.strerror})") from None
+
+    def __len__(self) -> int:
+        return len(self.experts) + len(self.components)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mask) and (self.experts, self.components) == (other.experts, other.components)
+
+    def __repr__(self) -> str:
+        return f"Mask(experts={self.experts!r}, components={self.components!r})"
+
+
+def _mask_args(mask):
+    if mask is None:
+        return None, ""
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a monet.Mask, got {type(mask).__name__}")
+    return mask.to_json(), mask.source
+
+
+def _stops(stop) -> list:
+    if isinstance(stop, str):
+        return [stop]
+    return [str(s) for s in stop]
+
+
+@dataclass
+class Generation:
+    """The result of Model.generate."""
+    text: str                 #: the generated text (the prompt not included)
+    ids: list = field(default_factory=list)  #: the generated token ids (without the EOS that ended it)
+    finish_reason: str = ""   #: "stop" (EOS or a stop string) or "length" (max_tokens or the end of the context)
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Model:
+    """A Monet checkpoint directory (config.json, safetensors weights,
+    tokenizer files), loaded for inference.
+
+    path: the checkpoint directory; None: the embedded default model.
+    threads: CPU threads for compute; None: all cores.
+    """
+
+    def __init__(self, path=None, threads: int | None = None):
+        self.path = DEFAULT_MODEL if path is None else os.fspath(path)
+        self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads))
+        with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+            self.config: dict = json.load(f)  #: config.json as a dict
+        self.threads: int = self._m.threads
+
+    def __repr__(self) -> str:
+        return f"monet.Model({self.path!r}, threads={self.threads})"
+
+    @property
+    def router_layers(self) -> list:
+        """The layers with a router (one per group of moe_groups layers): the l of "router.{l}.g1"."""
+        return self._m.router_layers
+
+    # --- tokens -----------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list:
+        """Token ids of text, as transformers' tokenizer(text).input_ids (add_special: BOS/EOS as the
+        tokenizer config says)."""
+        return self._m.tokenize(text, add_special)
+
+    def detokenize(self, ids, skip_special: bool = True) -> str:
+        """The text of ids (special tokens left out unless skip_special=False)."""
+        return self._m.detokenize(self._ids(ids), skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text for display ("<s>" for BOS, spaces kept)."""
+        return self._m.token_text(int(token_id))
+
+    def _ids(self, ids) -> list:
+        a = np.asarray(ids)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise TypeError("token ids must be a 1-D sequence of integers")
+        a = a.astype(np.int64)
+        bad = np.flatnonzero((a < -2**31) | (a >= 2**31))  # beyond int32: the library never sees them
+        if bad.size:
+            pos = int(bad[0])
+            raise Error(f"token id {int(a[pos])} at position {pos} is outside the vocabulary [0, {self._m.vocab_size})")
+        return a.tolist()
+
+    def _tokens(self, ids_or_text: TokensOrText) -> list:
+        if isinstance(ids_or_text, str):
+            return self.tokenize(ids_or_text, True)
+        return self._ids(ids_or_text)
+
+    # --- compute ----------------------------------------------------------
+
+    def forward(self, ids_or_text: TokensOrText, logits: str | None = "all", routing: bool = True,
+                mask: Mask | None = None) -> dict:
+        """One forward pass over a text (tokenized with BOS) or token ids.
+
+        Returns a dict of float32 numpy arrays keyed as `monet forward`'s file:
+        "logits" [T, V] (logits="all"; [1, V] for "last"; absent for None) and,
+        with routing, "router.{l}.g1" / "router.{l}.g2" [T, H, E] for every
+        router layer l: the router probabilities after threshold and softmax.
+        Expert (i, j) of that group has probability sum_h g1[t,h,i] * g2[t,h,j].
+        """
+        mode = "none" if logits is None else logits
+        if mode not in ("all", "last", "none"):
+            raise Error(f'logits must be "all", "last" or None, got {logits!r}')
+        return self._m.forward(self._tokens(ids_or_text), mode, bool(routing), *_mask_args(mask))
+
+    def experts(self, ids_or_text: TokensOrText, threshold: float = 0.01, mask: Mask | None = None) -> list:
+        """Per token, per router group: the experts whose probability exceeds threshold, most
+        probable first, as (expert id, i, j, probability), like `monet experts --json`:
+        [{"position", "id", "piece", "groups": [{"group", "count", "experts"[, "removed"]}]}].
+        With a mask, experts it removes are listed under "removed", not as firing."""
+        return self._m.experts(self._tokens(ids_or_text), float(threshold), *_mask_args(mask))
+
+    def _sampling(self, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed):
+        s = _monet.Sampling()
+        s.max_tokens = int(max_tokens)
+        s.temperature = float(temperature)
+        s.top_k = int(top_k)
+        s.top_p = float(top_p)
+        s.min_p = float(min_p)
+        s.repeat_penalty = float(repeat_penalty)
+        s.repeat_last_n = int(repeat_last_n)
+        s.seed = secrets.randbits(64) if seed is None else int(seed) % 2**64
+        return s
+
+    def generate(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Generation:
+        """Continues prompt (a text, tokenized with BOS, or token ids) by up to max_tokens tokens,
+        as `monet generate`: temperature 0 is greedy; EOS, a stop string (not part of the text)
+        or the end of the context stops it; the same seed gives the same text (seed None: a
+        random one)."""
+        s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        ids, text, reason, n_prompt, t_prompt, t_gen = self._m.generate(self._tokens(prompt), s, _stops(stop),
+                                                                        *_mask_args(mask))
+        return Generation(text, ids, reason, n_prompt, t_prompt, t_gen)
+
+    def stream(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+               top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Iterator[str]:
+        """generate(), yielding the text as it is generated (pieces of whole characters);
+        the pieces joined are generate()'s text for the same seed."""
+        s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        stream = self._m.stream(self._tokens(prompt), s, _stops(stop), *_mask_args(mask))
+        try:
+            while True:
+                piece = stream.next()
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            stream.close()
+
+    def eval_loss(self, text: str, context: int = 256, mask: Mask | None = None) -> tuple:
+        """(mean next-token loss, perplexity) of text, evaluated in windows of context tokens
+        each starting with BOS, as `monet eval-loss`."""
+        loss, _tokens = self._m.eval_loss(text, int(context), *_mask_args(mask))
+        return loss, math.exp(loss)

@@ -1,0 +1,486 @@
+// monet._monet: the Python extension over the monet library (nanobind).
+// python/monet/__init__.py is the API users see; this module does the
+// compute with the GIL released and hands results over as numpy arrays that
+// own the library's buffers (no copy).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "monet/error.h"
+#include "monet/evaluate.h"
+#include "monet/generate.h"
+#include "monet/interp.h"
+#include "monet/mask.h"
+#include "monet/model.h"
+#include "monet/tokenizer.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// A forward call runs at most this many tokens at once through the KV cache,
+// so that Ctrl-C is seen between chunks of a long sequence (the result is
+// the same as one call, to float rounding).
+constexpr int64_t kForwardChunk = 512;
+
+// Thrown where a Python signal handler raised (Ctrl-C: KeyboardInterrupt);
+// the Python error stays set and is raised once the GIL is held again.
+struct Interrupted {};
+
+void check_signals() {
+  nb::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw Interrupted{};
+}
+
+// Runs f with the GIL released.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  try {
+    nb::gil_scoped_release nogil;
+    return f();
+  } catch (const Interrupted&) {
+    throw nb::python_error();
+  }
+}
+
+// A float32 numpy array owning `values` (moved, not copied).
+nb::object to_numpy(std::vector<float>&& values, std::vector<size_t> shape) {
+  auto* owned = new std::vector<float>(std::move(values));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return nb::cast(nb::ndarray<nb::numpy, float>(owned->data(), shape.size(), shape.data(), owner));
+}
+
+struct Model {
+  std::shared_ptr<const monet::Model> model;
+  std::shared_ptr<const monet::Tokenizer> tokenizer;
+  std::string tokenizer_error;  // why there is no tokenizer (raised on use)
+  std::string dir;
+
+  const monet::Tokenizer& tok() const {
+    if (!tokenizer) throw monet::Error(tokenizer_error);
+    return *tokenizer;
+  }
+
+  // The mask of a JSON text (monet.Mask), checked against this model.
+  std::optional<monet::ExpertMask> mask_of(const std::optional<std::string>& json, const std::string& source) const {
+    if (!json) return std::nullopt;
+    return monet::ExpertMask::parse_json(*json, source, model->config());
+  }
+};
+
+Model load_model(const std::string& dir, int threads) {
+  if (threads < 0) throw monet::Error("threads must be >= 0 (0: all cores), got " + std::to_string(threads));
+  Model m;
+  m.dir = dir;
+  without_gil([&] {
+    monet::LoadOptions lo;
+    lo.threads = threads;
+    m.model = monet::Model::load(dir, lo);
+    try {
+      m.tokenizer = monet::Tokenizer::load_dir(dir);
+    } catch (const monet::Error& e) {
+      m.tokenizer_error = std::string("no tokenizer: ") + e.what();
+    }
+  });
+  return m;
+}
+
+// What one forward pass computed, before it becomes numpy arrays.
+struct ForwardResult {
+  std::vector<float> logits;                 // [rows, V]
+  int64_t logit_rows = 0;
+  std::vector<std::vector<float>> g1, g2;    // per router layer [T, H, E]
+};
+
+// The forward pass of `ids` from an empty cache, in chunks of kForwardChunk
+// tokens with a signal check between them. logits: "all", "last" or "none".
+ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode,
+                          bool routing, const monet::ExpertMask* mask) {
+  const monet::MonetConfig& c = m.model->config();
+  const int64_t T = int64_t(ids.size()), R = c.num_router_layers();
+  if (logits_mode != "all" && logits_mode != "last" && logits_mode != "none")
+    throw monet::Error("logits must be \"all\", \"last\" or None, got \"" + logits_mode + "\"");
+  if (T == 0) throw monet::Error("forward: no tokens given");
+  ForwardResult r;
+  without_gil([&] {
+    const bool chunked = T > kForwardChunk;
+    monet::KvCache cache = m.model->new_cache(T);
+    monet::ForwardOptions fo;
+    fo.mask = mask;
+    // Only routing wanted: stop after the last router (one call: routing_only
+    // does not fill the cache for a next chunk).
+    fo.routing_only = logits_mode == "none" && !chunked;
+    if (routing) {
+      r.g1.resize(size_t(R));
+      r.g2.resize(size_t(R));
+    }
+    std::vector<float> chunk_logits;
+    for (int64_t start = 0; start < T; start += kForwardChunk) {
+      check_signals();
+      const int64_t n = std::min(kForwardChunk, T - start);
+      const bool last_chunk = start + n == T;
+      monet::RouterCapture capture;
+      fo.capture = routing ? &capture : nullptr;
+      fo.all_logits = logits_mode == "all";
+      m.model->forward(cache, ids.data() + start, n, chunk_logits, fo);
+      if (logits_mode == "all") {
+        if (!chunked) r.logits = std::move(chunk_logits);
+        else r.logits.insert(r.logits.end(), chunk_logits.begin(), chunk_logits.end());
+        r.logit_rows = T;
+      } else if (logits_mode == "last" && last_chunk) {
+        r.logits = std::move(chunk_logits);
+        r.logit_rows = 1;
+      }
+      for (size_t l = 0; routing && l < size_t(R); l++) {
+        if (!chunked) {
+          r.g1[l] = std::move(capture.g1[l]);
+          r.g2[l] = std::move(capture.g2[l]);
+        } else {
+          r.g1[l].insert(r.g1[l].end(), capture.g1[l].begin(), capture.g1[l].end());
+          r.g2[l].insert(r.g2[l].end(), capture.g2[l].begin(), capture.g2[l].end());
+        }
+      }
+    }
+  });
+  return r;
+}
+
+nb::dict forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode, bool routing,
+                 const std::optional<std::string>& mask_json, const std::string& mask_source) {
+  if (logits_mode == "none" && !routing) throw monet::Error("forward: nothing to compute (logits=None, routing=False)");
+  const auto mask = m.mask_of(mask_json, mask_source);
+  ForwardResult r = run_forward(m, ids, logits_mode, routing, mask ? &*mask : nullptr);
+  const monet::MonetConfig& c = m.model->config();
+  const size_t T = ids.size(), H = size_t(c.moe_heads), E = size_t(c.moe_experts);
+  nb::dict out;
+  if (logits_mode != "none") out["logits"] = to_numpy(std::move(r.logits), {size_t(r.logit_rows), size_t(c.vocab_size)});
+  for (size_t l = 0; l < r.g1.size(); l++) {
+    const std::string layer = std::to_string(int64_t(l) * c.moe_groups);
+    out[("router." + layer + ".g1").c_str()] = to_numpy(std::move(r.g1[l]), {T, H, E});
+    out[("router." + layer + ".g2").c_str()] = to_numpy(std::move(r.g2[l]), {T, H, E});
+  }
+  return out;
+}
+
+// Per token and router group, the experts above `threshold` (and, with a
+// mask, those it removed): as `monet experts --json`.
+using Activations = std::vector<std::tuple<int64_t, int32_t, int32_t, float>>;
+struct TokenGroups {
+  std::vector<Activations> kept, removed;  // [group]
+};
+
+nb::list experts(const Model& m, const std::vector<int32_t>& ids, float threshold,
+                 const std::optional<std::string>& mask_json, const std::string& mask_source) {
+  if (!(threshold >= 0.0f)) throw monet::Error("threshold must be >= 0, got " + std::to_string(threshold));
+  const auto mask = m.mask_of(mask_json, mask_source);
+  ForwardResult r = run_forward(m, ids, "none", true, mask ? &*mask : nullptr);
+  const monet::MonetConfig& c = m.model->config();
+  const int64_t H = c.moe_heads, E = c.moe_experts;
+  std::vector<TokenGroups> tokens(ids.size());
+  without_gil([&] {
+    monet::RouterCapture cap;
+    cap.g1 = std::move(r.g1);
+    cap.g2 = std::move(r.g2);
+    auto rows = [](const std::vector<monet::ExpertActivation>& list) {
+      Activations out;
+      for (const auto& a : list) out.emplace_back(a.id, a.i, a.j, a.prob);
+      return out;
+    };
+    for (size_t t = 0; t < ids.size(); t++)
+      for (size_t g = 0; g < cap.g1.size(); g++) {
+        const monet::TokenExperts te = monet::token_experts(cap, t, g, H, E, threshold, mask ? &*mask : nullptr);
+        tokens[t].kept.push_back(rows(te.kept));
+        tokens[t].removed.push_back(rows(te.removed));
+      }
+  });
+  nb::list out;
+  for (size_t t = 0; t < ids.size(); t++) {
+    nb::list groups;
+    for (size_t g = 0; g < tokens[t].kept.size(); g++) {
+      nb::dict jg;
+      jg["group"] = g;
+      jg["count"] = tokens[t].kept[g].size();
+      jg["experts"] = nb::cast(tokens[t].kept[g]);
+      if (mask) jg["removed"] = nb::cast(tokens[t].removed[g]);
+      groups.append(jg);
+    }
+    nb::dict jt;
+    jt["position"] = t;
+    jt["id"] = ids[t];
+    jt["piece"] = m.tokenizer ? m.tokenizer->token_text(ids[t]) : std::to_string(ids[t]);
+    jt["groups"] = groups;
+    out.append(jt);
+  }
+  return out;
+}
+
+struct Sampling {  // monet::SamplingParams and max_tokens, as Python sets them
+  float temperature = 0.8f, top_p = 0.95f, min_p = 0.0f, repeat_penalty = 1.0f;
+  int top_k = 40, repeat_last_n = 64;
+  uint64_t seed = 0;
+  int64_t max_tokens = 64;
+};
+
+monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const std::vector<std::string>& stops,
+                                        const monet::ExpertMask* mask) {
+  if (s.max_tokens < 0) throw monet::Error("max_tokens must be >= 0, got " + std::to_string(s.max_tokens));
+  for (const std::string& stop : stops)
+    if (stop.empty()) throw monet::Error("stop: a stop string cannot be empty");
+  if (!stops.empty()) m.tok();  // stop strings are text: they need the tokenizer
+  monet::GenerateOptions go;
+  go.stop_strings = stops;
+  go.max_tokens = s.max_tokens;
+  go.sampling.temperature = s.temperature;
+  go.sampling.top_k = s.top_k;
+  go.sampling.top_p = s.top_p;
+  go.sampling.min_p = s.min_p;
+  go.sampling.repeat_penalty = s.repeat_penalty;
+  go.sampling.repeat_last_n = s.repeat_last_n;
+  go.sampling.seed = s.seed;
+  const auto& eos = m.model->config().eos_token_ids;
+  go.stop_ids.assign(eos.begin(), eos.end());
+  go.mask = mask;
+  return go;
+}
+
+// (ids, text, finish_reason, prompt_tokens, prompt_seconds, generate_seconds)
+using Generation = std::tuple<std::vector<int32_t>, std::string, std::string, int64_t, double, double>;
+
+Generation to_tuple(const monet::GenerateResult& r) {
+  return Generation(r.ids, r.text, r.finish_reason, r.stats.prompt_tokens, r.stats.prompt_seconds,
+                    r.stats.generate_seconds);
+}
+
+// monet::generate_text (stop strings, finish reason); with no tokenizer, ids only.
+Generation generate(const Model& m, const std::vector<int32_t>& prompt, const Sampling& s,
+                    const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
+                    const std::string& mask_source) {
+  const auto mask = m.mask_of(mask_json, mask_source);
+  const monet::GenerateOptions go = generate_options(m, s, stops, mask ? &*mask : nullptr);
+  return without_gil([&] {
+    monet::KvCache cache = m.model->new_cache(int64_t(prompt.size()) + s.max_tokens);
+    if (m.tokenizer)
+      return to_tuple(monet::generate_text(*m.model, *m.tokenizer, cache, prompt, go, [](const std::string&) {
+        check_signals();
+        return true;
+      }));
+    monet::GenerateResult r;
+    r.ids = monet::generate(*m.model, cache, prompt, go, [](int32_t) {
+      check_signals();
+      return true;
+    }, &r.stats);
+    const bool hit_length = int64_t(r.ids.size()) >= s.max_tokens || r.stats.hit_context_end;
+    r.finish_reason = hit_length ? "length" : "stop";
+    return to_tuple(r);
+  });
+}
+
+// m.stream(): monet::generate_text on a worker thread; the consumer takes
+// its text pieces (complete characters, nothing of a possible stop string
+// early) from a queue. close() (the Python generator's end) stops the worker
+// at its next piece and joins it.
+class Stream {
+ public:
+  Stream(const Model& m, std::vector<int32_t> prompt, const Sampling& s, const std::vector<std::string>& stops,
+         std::optional<monet::ExpertMask> mask)
+      : model_(m), prompt_(std::move(prompt)), sampling_(s), mask_(std::move(mask)) {
+    model_.tok();  // a stream is text: fail now without a tokenizer
+    go_ = generate_options(model_, sampling_, stops, mask_ ? &*mask_ : nullptr);
+    worker_ = std::thread([this] { run(); });
+  }
+  ~Stream() { close(); }
+
+  // The next piece of text, or None at the end; raises the worker's error.
+  std::optional<std::string> next() {
+    return without_gil([&]() -> std::optional<std::string> {
+      std::unique_lock<std::mutex> lock(mu_);
+      while (true) {
+        if (!queue_.empty()) {
+          std::string piece = std::move(queue_.front());
+          queue_.pop_front();
+          return piece;
+        }
+        if (done_) {
+          if (!error_.empty()) throw monet::Error(error_);
+          return std::nullopt;
+        }
+        // Wake up now and then to let Ctrl-C through.
+        cv_.wait_for(lock, std::chrono::milliseconds(50));
+        if (queue_.empty() && !done_) {
+          lock.unlock();
+          try {
+            check_signals();
+          } catch (const Interrupted&) {
+            cancel_ = true;
+            throw;
+          }
+          lock.lock();
+        }
+      }
+    });
+  }
+
+  void close() {
+    cancel_ = true;
+    if (worker_.joinable()) {
+      if (PyGILState_Check()) {
+        nb::gil_scoped_release nogil;
+        worker_.join();
+      } else {
+        worker_.join();
+      }
+    }
+  }
+
+  // After the end: (ids, finish_reason, prompt_tokens, prompt_seconds, generate_seconds)
+  std::tuple<std::vector<int32_t>, std::string, int64_t, double, double> result() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!done_) throw monet::Error("stream: the generation has not finished");
+    return {ids_, reason_, stats_.prompt_tokens, stats_.prompt_seconds, stats_.generate_seconds};
+  }
+
+ private:
+  void push(std::string piece) {
+    if (piece.empty()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(std::move(piece));
+    cv_.notify_one();
+  }
+
+  void run() {
+    monet::GenerateResult r;
+    std::string error;
+    try {
+      monet::KvCache cache = model_.model->new_cache(int64_t(prompt_.size()) + sampling_.max_tokens);
+      r = monet::generate_text(*model_.model, model_.tok(), cache, prompt_, go_, [&](const std::string& piece) {
+        push(piece);
+        return !cancel_;
+      });
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    ids_ = std::move(r.ids);
+    stats_ = r.stats;
+    reason_ = r.finish_reason;
+    error_ = error;
+    done_ = true;
+    cv_.notify_one();
+  }
+
+  Model model_;  // shares the model and tokenizer: they outlive the worker
+  std::vector<int32_t> prompt_;
+  Sampling sampling_;
+  std::optional<monet::ExpertMask> mask_;
+  monet::GenerateOptions go_;
+  std::thread worker_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> queue_;
+  std::atomic<bool> cancel_{false};
+  bool done_ = false;
+  std::vector<int32_t> ids_;
+  monet::GenerateStats stats_;
+  std::string reason_, error_;
+};
+
+// (mean loss, tokens): windows of `context` tokens, each starting with BOS,
+// as `monet eval-loss`; a signal check between groups of windows.
+std::tuple<double, int64_t> eval_loss(const Model& m, const std::string& text, int64_t context,
+                                      const std::optional<std::string>& mask_json, const std::string& mask_source) {
+  const auto mask = m.mask_of(mask_json, mask_source);
+  return without_gil([&] {
+    const monet::Tokenizer& tok = m.tok();
+    const std::vector<int32_t> ids = tok.encode(text, false);
+    if (ids.empty()) throw monet::Error("eval_loss: the text has no tokens");
+    // Slices of whole windows: evaluate_loss over each gives the windows of
+    // one run over all ids (a window holds `step` stream tokens after BOS).
+    const size_t step = size_t(context) - (tok.bos_id() >= 0 ? 1 : 0);
+    const size_t slice = step * size_t(std::max(1, m.model->threads()));  // the windows one batch runs side by side
+    monet::LossResult total;
+    for (size_t start = 0; start < ids.size(); start += slice) {
+      check_signals();
+      const std::vector<int32_t> part(ids.begin() + ptrdiff_t(start),
+                                      ids.begin() + ptrdiff_t(std::min(ids.size(), start + slice)));
+      const monet::LossResult r = monet::evaluate_loss(*m.model, part, context, tok.bos_id(), mask ? &*mask : nullptr);
+      total.tokens += r.tokens;
+      total.total_nll += r.total_nll;
+    }
+    return std::tuple<double, int64_t>(total.mean(), total.tokens);
+  });
+}
+
+}  // namespace
+
+NB_MODULE(_monet, mod) {
+  mod.doc() = "monet.cpp's library (use the `monet` package, not this module)";
+  nb::exception<monet::Error>(mod, "Error", PyExc_ValueError);
+
+  nb::class_<Sampling>(mod, "Sampling")
+      .def(nb::init<>())
+      .def_rw("temperature", &Sampling::temperature)
+      .def_rw("top_k", &Sampling::top_k)
+      .def_rw("top_p", &Sampling::top_p)
+      .def_rw("min_p", &Sampling::min_p)
+      .def_rw("repeat_penalty", &Sampling::repeat_penalty)
+      .def_rw("repeat_last_n", &Sampling::repeat_last_n)
+      .def_rw("seed", &Sampling::seed)
+      .def_rw("max_tokens", &Sampling::max_tokens);
+
+  nb::class_<Model>(mod, "Model")
+      .def_static("load", &load_model, "dir"_a, "threads"_a)
+      .def_prop_ro("dir", [](const Model& m) { return m.dir; })
+      .def_prop_ro("threads", [](const Model& m) { return m.model->threads(); })
+      .def_prop_ro("vocab_size", [](const Model& m) { return m.model->config().vocab_size; })
+      .def_prop_ro("max_position_embeddings", [](const Model& m) { return m.model->config().max_position_embeddings; })
+      .def_prop_ro("router_layers", [](const Model& m) {
+        std::vector<int64_t> layers;
+        for (int64_t r = 0; r < m.model->config().num_router_layers(); r++) layers.push_back(r * m.model->config().moe_groups);
+        return layers;
+      })
+      .def_prop_ro("parameter_count", [](const Model& m) { return m.model->parameter_count(); })
+      .def_prop_ro("has_tokenizer", [](const Model& m) { return bool(m.tokenizer); })
+      .def_prop_ro("bos_id", [](const Model& m) { return m.tok().bos_id(); })
+      .def("tokenize", [](const Model& m, const std::string& text, bool add_special) {
+        return without_gil([&] { return m.tok().encode(text, add_special); });
+      }, "text"_a, "add_special"_a)
+      .def("detokenize", [](const Model& m, const std::vector<int32_t>& ids, bool skip_special) {
+        return without_gil([&] { return m.tok().decode(ids, skip_special); });
+      }, "ids"_a, "skip_special"_a)
+      .def("token_text", [](const Model& m, int32_t id) { return m.tok().token_text(id); }, "id"_a)
+      .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("stream", [](const Model& m, std::vector<int32_t> prompt, const Sampling& s,
+                        const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
+                        const std::string& mask_source) {
+        return new Stream(m, std::move(prompt), s, stops, m.mask_of(mask_json, mask_source));
+      }, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("eval_loss", &eval_loss, "text"_a, "context"_a, "mask_json"_a.none(), "mask_source"_a);
+
+  nb::class_<Stream>(mod, "Stream")
+      .def("next", &Stream::next)
+      .def("close", &Stream::close)
+      .def("result", &Stream::result);
+
+  mod.def("sentencepiece_to_tokenizer_json", [](const std::string& path) {
+    return without_gil([&] { return monet::sentencepiece_to_tokenizer_json(path); });
+  }, "model_path"_a);
+}

@@ -1,0 +1,117 @@
+// A minimal protobuf wire-format reader for SentencePiece's ModelProto.
+#include "tokenizer/sentencepiece_model.h"
+
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+#include "monet/error.h"
+#include "monet/safetensors.h"
+
+namespace monet {
+namespace {
+
+struct ProtoReader {
+  const uint8_t* p;
+  const uint8_t* end;
+  const std::string& src;
+
+  ProtoReader(std::string_view bytes, const std::string& source)
+      : p(reinterpret_cast<const uint8_t*>(bytes.data())), end(p + bytes.size()), src(source) {}
+  bool done() const { return p >= end; }
+  uint64_t varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p >= end) fail(src, ": truncated protobuf (not a SentencePiece model?)");
+      const uint8_t b = *p++;
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    fail(src, ": malformed protobuf varint (not a SentencePiece model?)");
+  }
+  uint32_t key(uint32_t* wire) {  // field number; sets the wire type
+    const uint64_t k = varint();
+    *wire = uint32_t(k & 7);
+    return uint32_t(k >> 3);
+  }
+  std::string_view bytes() {
+    const uint64_t n = varint();
+    if (n > uint64_t(end - p)) fail(src, ": truncated protobuf field (not a SentencePiece model?)");
+    std::string_view s(reinterpret_cast<const char*>(p), size_t(n));
+    p += n;
+    return s;
+  }
+  float f32() {
+    if (end - p < 4) fail(src, ": truncated protobuf field");
+    float f;
+    std::memcpy(&f, p, 4);
+    p += 4;
+    return f;
+  }
+  void skip(uint32_t wire) {
+    switch (wire) {
+      case 0: varint(); break;
+      case 1: if (end - p < 8) fail(src, ": truncated protobuf"); p += 8; break;
+      case 2: bytes(); break;
+      case 5: if (end - p < 4) fail(src, ": truncated protobuf"); p += 4; break;
+      default: fail(src, ": unsupported protobuf wire type ", wire, " (not a SentencePiece model?)");
+    }
+  }
+};
+
+}  // namespace
+
+SentencePieceModel read_sentencepiece_model(const std::string& path) {
+  const std::string data = read_file(path);
+  SentencePieceModel m;
+  ProtoReader r(data, path);
+  while (!r.done()) {
+    uint32_t wire;
+    const uint32_t field = r.key(&wire);
+    if (field == 1 && wire == 2) {  // repeated SentencePiece pieces
+      ProtoReader pr(r.bytes(), path);
+      std::string piece;
+      float score = 0;
+      int type = 1;  // NORMAL
+      while (!pr.done()) {
+        uint32_t w;
+        const uint32_t f = pr.key(&w);
+        if (f == 1 && w == 2) piece = std::string(pr.bytes());
+        else if (f == 2 && w == 5) score = pr.f32();
+        else if (f == 3 && w == 0) type = int(pr.varint());
+        else pr.skip(w);
+      }
+      m.pieces.push_back(piece);
+      m.scores.push_back(score);
+      m.types.push_back(type);
+    } else if (field == 2 && wire == 2) {  // TrainerSpec
+      ProtoReader tr(r.bytes(), path);
+      while (!tr.done()) {
+        uint32_t w;
+        const uint32_t f = tr.key(&w);
+        if (f == 3 && w == 0) m.model_type = int(tr.varint());
+        else if (f == 24 && w == 0) m.treat_whitespace_as_suffix = tr.varint() != 0;
+        else if (f == 35 && w == 0) m.byte_fallback = tr.varint() != 0;
+        else if (f == 45 && w == 2) m.unk_piece = std::string(tr.bytes());
+        else tr.skip(w);
+      }
+    } else if (field == 3 && wire == 2) {  // NormalizerSpec
+      ProtoReader nr(r.bytes(), path);
+      while (!nr.done()) {
+        uint32_t w;
+        const uint32_t f = nr.key(&w);
+        if (f == 1 && w == 2) m.normalizer_name = std::string(nr.bytes());
+        else if (f == 2 && w == 2) m.charsmap_bytes = nr.bytes().size();
+        else if (f == 3 && w == 0) m.add_dummy_prefix = nr.varint() != 0;
+        else if (f == 4 && w == 0) m.remove_extra_whitespaces = nr.varint() != 0;
+        else if (f == 5 && w == 0) m.escape_whitespaces = nr.varint() != 0;
+        else nr.skip(w);
+      }
+    } else {
+      r.skip(wire);
+    }
+  }
+  return m;
+}
+
+}  // namespace monet

@@ -1,0 +1,448 @@
+"""The Python package (`import monet`, built by scripts/build_python.sh and
+installed into the test venv): forward against the float64 reference on the
+random test checkpoints, equality with the CLI (forward, experts, generate,
+eval-loss, masks), errors, thread safety, Ctrl-C, and the wheel in a fresh
+venv."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from monet_ref import reference
+from monet_ref.make_checkpoint import make_checkpoint
+from monet_ref.safetensors_io import read_safetensors
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+try:
+    import monet
+except ImportError as e:  # a test of the package fails without it, in CI and elsewhere
+    monet = None
+    IMPORT_ERROR = str(e)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def installed_package():
+    if monet is None:
+        pytest.fail(f"import monet failed ({IMPORT_ERROR}): build and install it first (bash scripts/build_python.sh)")
+    # the installed package, not the source tree (python/monet has no built module)
+    assert not os.path.abspath(monet.__file__).startswith(os.path.join(REPO, "python")), monet.__file__
+
+
+CASES = {
+    "vd": dict(decompose="vertical", layers=4, groups=2),
+    "hd": dict(decompose="horizontal", layers=4, groups=2),
+    "vd-g1": dict(decompose="vertical", layers=3, groups=1),
+    "hd-g3-odd": dict(decompose="horizontal", layers=5, groups=3),
+    "vd-gqa": dict(decompose="vertical", layers=3, groups=2, heads=4, kv_heads=2),
+    "vd-tied": dict(decompose="vertical", layers=2, groups=2, tie=True),
+    "vd-bf16": dict(decompose="vertical", layers=3, groups=2, dtype="BF16"),
+    "hd-3shards": dict(decompose="horizontal", layers=3, groups=3, shards=3),
+}
+IDS = [1, 17, 42, 5, 99, 250, 3, 7, 128, 64, 31, 200]
+
+
+def tolerance(case):
+    return 1e-5 if case.get("dtype", "F32") == "F32" else 2e-2
+
+
+def rel_err(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def run(*cmd, ok=True, **kw):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pyckpt")
+    out = {}
+    for i, (name, kw) in enumerate(CASES.items()):
+        path = str(root / name)
+        make_checkpoint(path, seed=300 + i, **kw)
+        out[name] = (path, reference.forward(reference.load(path), IDS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return monet.Model()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_reference(checkpoints, name):
+    path, (ref_logits, ref_routers) = checkpoints[name]
+    m = monet.Model(path)
+    out = m.forward(IDS)
+    tol = tolerance(CASES[name])
+    assert set(out) == {"logits"} | {f"router.{l}.g{s}" for l in ref_routers for s in (1, 2)}
+    assert m.router_layers == sorted(ref_routers)
+    assert out["logits"].dtype == np.float32 and out["logits"].shape == ref_logits.shape
+    assert rel_err(out["logits"], ref_logits) < tol
+    for l, (g1, g2) in ref_routers.items():
+        for s, g in ((1, g1), (2, g2)):
+            got = out[f"router.{l}.g{s}"]
+            assert got.dtype == np.float32 and got.shape == g.shape
+            assert rel_err(got, g) < tol, f"router.{l}.g{s}"
+
+
+def test_forward_equals_cli(checkpoints, monet_bin, tmp_path):
+    """The same library call as `monet forward`: the same numbers, bit for bit."""
+    path = checkpoints["vd"][0]
+    run(monet_bin, "forward", "--model", path, "--ids", ",".join(map(str, IDS)), "--out", tmp_path / "o.safetensors")
+    cli = read_safetensors(str(tmp_path / "o.safetensors"))
+    out = monet.Model(path).forward(IDS)
+    assert set(out) == set(cli)
+    for k in cli:
+        np.testing.assert_array_equal(out[k], cli[k], err_msg=k)
+
+
+def test_forward_options(checkpoints):
+    m = monet.Model(checkpoints["hd"][0])
+    full = m.forward(IDS)
+    last = m.forward(IDS, logits="last")
+    np.testing.assert_allclose(last["logits"], full["logits"][-1:], rtol=1e-5, atol=1e-6)
+    routing = m.forward(IDS, logits=None)  # stops after the last router
+    assert set(routing) == set(full) - {"logits"}
+    for k in routing:
+        np.testing.assert_array_equal(routing[k], full[k])
+    assert set(m.forward(IDS, routing=False)) == {"logits"}
+    # handed over without a copy: the arrays own nothing, a capsule holds the library's buffer
+    a = full["logits"]
+    assert not a.flags["OWNDATA"] and a.base is not None and a.flags["C_CONTIGUOUS"] and a.flags["WRITEABLE"]
+    # numpy ids and text
+    np.testing.assert_array_equal(m.forward(np.array(IDS, dtype=np.int64))["logits"], full["logits"])
+
+
+def test_long_forward_in_chunks(tmp_path, monet_bin):
+    """Beyond 512 tokens the module feeds the KV cache in chunks (for Ctrl-C); the result is the
+    one-call result of the CLI to float rounding."""
+    path = str(tmp_path / "long")
+    make_checkpoint(path, seed=5, layers=2, groups=2, max_pos=2048)
+    ids = list(np.random.default_rng(1).integers(0, 256, 1300))
+    run(monet_bin, "forward", "--model", path, "--ids", ",".join(map(str, ids)), "--out", tmp_path / "o.safetensors")
+    cli = read_safetensors(str(tmp_path / "o.safetensors"))
+    out = monet.Model(path).forward(ids)
+    for k in cli:
+        assert out[k].shape == cli[k].shape
+        assert rel_err(out[k], cli[k]) < 1e-5, k
+
+
+def mask_matrices(mask, E):
+    """{group: [E, E] expert weights} of a monet.Mask (the product of the scales covering each
+    expert), for reference.forward's explicit sum."""
+    M = {}
+    for g, e, scale in mask.experts:
+        M.setdefault(g, np.ones((E, E)))[e // E, e % E] *= scale
+    for g, side, i, scale in mask.components:
+        m = M.setdefault(g, np.ones((E, E)))
+        if side == 1:
+            m[i, :] *= scale
+        else:
+            m[:, i] *= scale
+    return M
+
+
+def test_mask(checkpoints, monet_bin, tmp_path):
+    path, (_, ref_routers) = checkpoints["vd"]
+    m = monet.Model(path)
+    top = m.experts(IDS, threshold=0.0)[3]["groups"][0]["experts"][0]  # the strongest expert of token 3, group 0
+    mask = monet.Mask(experts=[(0, top[0])], components=[(1, 2, 5), (0, 1, 7)])
+    mask.save(tmp_path / "mask.json")
+    assert monet.Mask.load(tmp_path / "mask.json") == mask
+    out = m.forward(IDS, mask=mask)
+    # the float64 reference, experts removed one by one
+    ref_logits, ref_routers_m = reference.forward(reference.load(path), IDS, masks=mask_matrices(mask, 32))
+    assert rel_err(out["logits"], ref_logits) < 1e-5
+    for l, (g1, g2) in ref_routers_m.items():
+        assert rel_err(out[f"router.{l}.g1"], g1) < 1e-5 and rel_err(out[f"router.{l}.g2"], g2) < 1e-5
+    assert rel_err(out["logits"], m.forward(IDS)["logits"]) > 1e-4  # the mask does something
+    # and the CLI with the same file
+    run(monet_bin, "forward", "--model", path, "--ids", ",".join(map(str, IDS)), "--out", tmp_path / "o.safetensors",
+        "--mask", tmp_path / "mask.json")
+    cli = read_safetensors(str(tmp_path / "o.safetensors"))
+    for k in cli:
+        np.testing.assert_array_equal(out[k], cli[k], err_msg=k)
+    # experts: removed ones listed apart, as `monet experts --json --mask`
+    got = m.experts(IDS, threshold=0.01, mask=mask)
+    want = json.loads(run(monet_bin, "experts", "--model", path, "--ids", ",".join(map(str, IDS)), "--json",
+                          "--mask", tmp_path / "mask.json").stdout)
+    for g_tok, w_tok in zip(got, want["tokens"]):
+        for g, w in zip(g_tok["groups"], w_tok["groups"]):
+            assert [e[0] for e in g["removed"]] == [e["id"] for e in w["removed"]]
+            assert [e[0] for e in g["experts"]] == [e["id"] for e in w["experts"]]
+
+
+@pytest.mark.parametrize("name", ["vd", "hd"])
+def test_mask_scale(checkpoints, name):
+    """Scale 0 is removal; scale s multiplies the expert's term (steering): the explicitly
+    scaled sum of the float64 reference."""
+    path, _ = checkpoints[name]
+    m = monet.Model(path)
+    strong = [g["experts"][0][0] for g in m.experts(IDS, threshold=0.0)[5]["groups"]]  # token 5's top expert per group
+    removal = monet.Mask(experts=[(0, strong[0])])
+    assert monet.Mask(experts=[(0, strong[0], 0.0)]) == removal
+    np.testing.assert_array_equal(m.forward(IDS, mask=removal)["logits"],
+                                  m.forward(IDS, mask=monet.Mask(experts=[(0, strong[0], 0)]))["logits"])
+    steer = monet.Mask(experts=[(0, strong[0], 2.0), (1, strong[1], 3.5)], components=[(0, 2, 4, 0.5), (1, 1, 9, 0.0)])
+    ref = reference.load(path)
+    want, want_routers = reference.forward(ref, IDS, masks=mask_matrices(steer, 32))
+    got = m.forward(IDS, mask=steer)
+    assert rel_err(got["logits"], want) < 1e-5
+    for l, (g1, g2) in want_routers.items():
+        assert rel_err(got[f"router.{l}.g1"], g1) < 1e-5 and rel_err(got[f"router.{l}.g2"], g2) < 1e-5
+    plain, _ = reference.forward(ref, IDS)
+    assert rel_err(want, plain) > 1e-3  # the scales change the output
+    assert monet.Mask.load(_saved(steer)) == steer
+
+
+def _saved(mask):
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "mask.json")
+    mask.save(path)
+    return path
+
+
+def test_experts_equal_cli(default_model, monet_bin):
+    text = "The whale swam towards the ship"
+    got = default_model.experts(text, threshold=0.02)
+    want = json.loads(run(monet_bin, "experts", "-p", text, "--threshold", "0.02", "--json").stdout)["tokens"]
+    assert len(got) == len(want) == len(default_model.tokenize(text))
+    for g_tok, w_tok in zip(got, want):
+        assert (g_tok["position"], g_tok["id"], g_tok["piece"]) == (w_tok["position"], w_tok["id"], w_tok["piece"])
+        assert len(g_tok["groups"]) == len(w_tok["groups"]) == 4
+        for g, w in zip(g_tok["groups"], w_tok["groups"]):
+            assert g["count"] == w["count"] and "removed" not in g
+            assert [(e[0], e[1], e[2]) for e in g["experts"]] == [(e["id"], e["i"], e["j"]) for e in w["experts"]]
+            np.testing.assert_allclose([e[3] for e in g["experts"]], [e["p"] for e in w["experts"]], rtol=1e-6)
+            assert all(e[0] == e[1] * 64 + e[2] and e[3] > 0.02 for e in g["experts"])
+
+
+def cli_generate(monet_bin, *args):
+    line = run(monet_bin, "generate", "--print-ids", *args).stdout.strip()
+    return [int(x) for x in line.split(",")] if line else []
+
+
+def test_generate_equals_cli(default_model, monet_bin):
+    prompt = "It was a fine morning, and"
+    g = default_model.generate(prompt, max_tokens=24, temperature=0)
+    assert g.ids == cli_generate(monet_bin, "-p", prompt, "-n", "24", "--temperature", "0")
+    assert g.text == default_model.detokenize(g.ids) and len(g.ids) == 24 and g.finish_reason == "length"
+    assert g.prompt_tokens == len(default_model.tokenize(prompt))
+    # sampled: the same seed, the same tokens as the CLI
+    kw = dict(max_tokens=20, temperature=0.9, top_k=30, top_p=0.9, min_p=0.02, repeat_penalty=1.1, seed=7)
+    s = default_model.generate(prompt, **kw)
+    assert s.ids == cli_generate(monet_bin, "-p", prompt, "-n", "20", "--temperature", "0.9", "--top-k", "30",
+                                 "--top-p", "0.9", "--min-p", "0.02", "--repeat-penalty", "1.1", "--seed", "7")
+    assert default_model.generate(prompt, **kw).ids == s.ids
+    # a prompt of ids, and the stream: its pieces join to generate()'s text
+    ids = default_model.tokenize(prompt)
+    assert default_model.generate(ids, max_tokens=24, temperature=0).ids == g.ids
+    pieces = list(default_model.stream(prompt, **kw))
+    assert len(pieces) > 3 and "".join(pieces) == s.text
+
+
+def test_stop_strings(default_model, monet_bin):
+    prompt = "It was a fine morning, and"
+    full = default_model.generate(prompt, max_tokens=24, temperature=0)
+    stop = full.text[10:14]  # a string the greedy continuation contains
+    g = default_model.generate(prompt, max_tokens=24, temperature=0, stop=[stop, "zzz-never"])
+    assert g.finish_reason == "stop" and g.text == full.text[:full.text.index(stop)]
+    cli = run(monet_bin, "generate", "-p", prompt, "-n", "24", "--temperature", "0", "--stop", stop).stdout
+    assert cli.rstrip("\n") == g.text
+    assert "".join(default_model.stream(prompt, max_tokens=24, temperature=0, stop=stop)) == g.text
+    with pytest.raises(monet.Error, match="stop"):
+        default_model.generate(prompt, stop=[""])
+
+
+def test_greedy_generate_matches_reference(checkpoints):
+    """Greedy ids are the float64 reference's argmax, token by token (a tiny f32 checkpoint)."""
+    path = checkpoints["vd"][0]
+    ref = reference.load(path)
+    prompt, want = [1, 17, 42, 5], []
+    for _ in range(10):
+        logits, _ = reference.forward(ref, prompt + want)
+        top2 = np.sort(logits[-1])[-2:]
+        assert top2[1] - top2[0] > 1e-4  # no near-tie that float32 could flip
+        want.append(int(np.argmax(logits[-1])))
+    g = monet.Model(path).generate(prompt, max_tokens=10, temperature=0)
+    # the checkpoint has no tokenizer: ids only, and EOS (id 2) would end it early
+    assert g.ids == want[:len(g.ids)] and (len(g.ids) == 10 or want[len(g.ids)] == 2)
+
+
+def test_stream_closed_early(default_model):
+    it = default_model.stream("Once upon a time", max_tokens=200, temperature=0)
+    first = next(it)
+    it.close()  # the worker stops at its next token and is joined
+    assert first
+    assert default_model.generate("Once", max_tokens=3, temperature=0).ids  # the model is still usable
+
+
+def test_eval_loss_equals_cli(default_model, monet_bin, tmp_path):
+    text = open(os.path.join(REPO, "models", "monet-vd-books", "README.md"), encoding="utf-8").read()[:6000]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    want = json.loads(run(monet_bin, "eval-loss", "--data", tmp_path / "t.txt", "--context", "128", "--json").stdout)
+    loss, ppl = default_model.eval_loss(text, context=128)
+    assert abs(loss - want["loss"]) < 2e-6 and abs(ppl - np.exp(loss)) < 1e-9 * ppl
+    for bad in (1, 513):
+        with pytest.raises(monet.Error, match="context"):
+            default_model.eval_loss(text, context=bad)
+
+
+def test_model_basics(default_model):
+    m = default_model
+    assert m.config["model_type"] == "monet" and m.config["moe_experts"] == 64 and "auto_map" in m.config
+    assert os.path.samefile(m.path, monet.DEFAULT_MODEL) and m.threads >= 1
+    ids = m.tokenize("Hello world")
+    assert ids[0] == 1 and m.tokenize("Hello world", add_special=False) == ids[1:]
+    assert m.detokenize(ids) == "Hello world" and m.detokenize(ids, skip_special=False).startswith("<s>")
+    assert monet.Model(threads=1).threads == 1
+
+
+def test_errors(checkpoints, tmp_path):
+    assert issubclass(monet.Error, ValueError)
+    with pytest.raises(monet.Error, match="no-such-dir"):
+        monet.Model(str(tmp_path / "no-such-dir"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(monet.Error, match="config.json"):
+        monet.Model(tmp_path / "broken")
+    path = checkpoints["vd"][0]
+    m = monet.Model(path)
+    for bad in ([1, 2, 256], [-1], [5, 2**40]):
+        with pytest.raises(monet.Error, match="outside the vocabulary"):
+            m.forward(bad)
+    with pytest.raises(monet.Error, match="no tokens"):
+        m.forward([])
+    with pytest.raises(TypeError):
+        m.forward([1.5, 2.0])
+    with pytest.raises(monet.Error, match="logits"):
+        m.forward(IDS, logits="first")
+    with pytest.raises(monet.Error, match="no tokenizer"):
+        m.tokenize("text")  # the random checkpoint has no tokenizer files
+    # masks: checked against the model, messages naming the file
+    with pytest.raises(monet.Error, match="group"):
+        m.forward(IDS, mask=monet.Mask(experts=[(7, 1)]))
+    with pytest.raises(monet.Error, match="expert"):
+        m.forward(IDS, mask=monet.Mask(experts=[(0, 32 * 32)]))
+    with pytest.raises(monet.Error, match="side"):
+        m.forward(IDS, mask=monet.Mask(components=[(0, 3, 1)]))
+    (tmp_path / "bad.json").write_text(json.dumps({"experts": [{"group": 0, "expert": 99999}]}))
+    with pytest.raises(monet.Error, match="bad.json"):
+        m.forward(IDS, mask=monet.Mask.load(tmp_path / "bad.json"))
+    (tmp_path / "bad2.json").write_text(json.dumps({"expert": []}))
+    with pytest.raises(monet.Error, match='bad2.json: unknown key "expert"'):
+        monet.Mask.load(tmp_path / "bad2.json")
+    (tmp_path / "bad3.json").write_text("{")
+    with pytest.raises(monet.Error, match="bad3.json: not valid JSON"):
+        monet.Mask.load(tmp_path / "bad3.json")
+    with pytest.raises(monet.Error, match="cannot open"):
+        monet.Mask.load(tmp_path / "missing.json")
+    with pytest.raises(TypeError):
+        m.forward(IDS, mask={"experts": []})
+    with pytest.raises(monet.Error, match="temperature"):
+        m.generate([1, 2], temperature=-1)
+    with pytest.raises(monet.Error, match="threads"):
+        monet.Model(path, threads=-2)
+
+
+def test_threads_share_one_model(checkpoints, default_model):
+    """4 threads on one Model (GIL released in compute) give the serial results."""
+    m = monet.Model(checkpoints["hd"][0])
+    inputs = [list(np.random.default_rng(s).integers(0, 256, 10 + 7 * s)) for s in range(8)]
+    serial = [m.forward(ids) for ids in inputs]
+    prompts = ["It was a fine morning", "The whale", "Call me", "She said"]
+    serial_gen = [default_model.generate(p, max_tokens=12, temperature=0).ids for p in prompts]
+    results, gens, errors = {}, {}, []
+
+    def work(k):
+        try:
+            for rep in range(3):
+                for i in range(k, len(inputs), 4):
+                    results[(i, rep)] = m.forward(inputs[i])
+            gens[k] = default_model.generate(prompts[k], max_tokens=12, temperature=0).ids
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, rep), out in results.items():
+        for k in serial[i]:
+            np.testing.assert_array_equal(out[k], serial[i][k], err_msg=f"input {i} rep {rep} {k}")
+    assert [gens[k] for k in range(4)] == serial_gen
+
+
+INTERRUPT = textwrap.dedent("""
+    import sys, time, monet
+    what = sys.argv[1]
+    if what == "forward":
+        from monet_ref.make_checkpoint import make_checkpoint
+        make_checkpoint(sys.argv[2], seed=1, layers=2, groups=2, hidden=128, max_pos=16384)
+        m = monet.Model(sys.argv[2])
+        ids = [i % 256 for i in range(16384)]
+        m.forward(ids[:600])  # warm
+        call = lambda: m.forward(ids)
+    else:
+        m = monet.Model()
+        text = open(sys.argv[2]).read() * 40
+        call = lambda: m.eval_loss(text, context=512)
+    t0 = time.time()
+    print("started", flush=True)
+    try:
+        call()
+        print("finished", time.time() - t0, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", time.time() - t0, flush=True)
+""")
+
+
+@pytest.mark.parametrize("what", ["forward", "eval_loss"])
+def test_ctrl_c_interrupts(tmp_path, what):
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT)
+    arg = tmp_path / "ckpt" if what == "forward" else os.path.join(REPO, "models", "monet-vd-books", "README.md")
+    # the installed package first, then python/ for monet_ref (python/monet is the unbuilt source)
+    site = os.path.dirname(os.path.dirname(os.path.abspath(monet.__file__)))
+    env = dict(os.environ, PYTHONPATH=site + os.pathsep + os.path.join(REPO, "python"))
+    proc = subprocess.Popen([sys.executable, str(script), what, str(arg)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    t_signal = time.time()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0
+    assert out.startswith("interrupted"), out  # not "finished": the call was cut short
+    assert time.time() - t_signal < 10
+
+
+def test_fresh_venv_wheel(tmp_path):
+    """The wheel alone (no build tree, no checkout): install it into a new venv and generate
+    with the embedded default model, as the README's check does."""
+    wheels = sorted(glob.glob(os.path.join(REPO, "build-python", "dist", "monet_cpp-*.whl")), key=os.path.getmtime)
+    assert wheels, "no wheel in build-python/dist: run bash scripts/build_python.sh"
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--system-site-packages", venv)  # numpy from the system
+    run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[-1])
+    code = "import monet; print(monet.Model().generate('Once', max_tokens=8, temperature=0).text, end='')"
+    got = run(venv / "bin" / "python", "-c", code, cwd=tmp_path, env={"PATH": os.environ["PATH"]}).stdout
+    site = run(venv / "bin" / "python", "-c", "import monet, os; print(os.path.dirname(monet.__file__))",
+               cwd=tmp_path).stdout.strip()
+    assert site.startswith(str(venv))
+    assert REPO not in run("readelf", "-d", glob.glob(os.path.join(site, "_monet*.so"))[0]).stdout  # no build-tree RUNPATH
+    want = monet.Model().generate("Once", max_tokens=8, temperature=0).text
+    assert got == want and len(got) > 5
