@@ -70,6 +70,6 @@ void add_device_options(CLI::App* cmd, DeviceArgs& args) {
   cmd->add_option("--device", args.device, "where the model runs: cpu (the only backend of this build)");
   cmd->add_option("--threads", args.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--compute", args.compute,
-                  "arithmetic of large matrix products: auto (bf16 weights in bf16 with float32 accumulation where "
-                  "that is faster on this CPU; the default), f32 (exact) or bf16");
+                  "arithmetic of large matrix products: f32 (exact; the default) or bf16 (inputs rounded to bf16, "
+                  "float32 sums)");
 }

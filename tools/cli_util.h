@@ -14,7 +14,7 @@ namespace monet { struct LoadOptions; }
 struct DeviceArgs {
   std::string device = "cpu";
   int threads = 0;
-  std::string compute = "auto";
+  std::string compute = "f32";
   monet::LoadOptions load_options() const;
 };
 void add_device_options(CLI::App* cmd, DeviceArgs& args);

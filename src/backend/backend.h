@@ -101,19 +101,19 @@ class Backend {
   virtual void log_softmax_rows(const float* x, int64_t rows, int64_t n, float* y) = 0;
 };
 
-// The arithmetic of large matrix products: Auto multiplies bf16 weights in
-// bf16 (activations rounded to bf16 per tile, float32 accumulation) where the
-// CPU's bf16 dot product is faster than float32 (measured once per process),
-// everything else in float32; F32 is exact float32 for every weight; BF16
-// rounds every product's inputs to bf16. Decode-sized batches (streamed
-// GEMV) and the routers are float32 in every mode.
-enum class Compute { Auto, F32, BF16 };
+// The arithmetic of large matrix products (GEMMs): F32 is exact float32 for
+// every weight dtype; BF16 rounds the inputs of every product to bf16 and
+// sums in float32 (vdpbf16ps where the CPU has it, emulated exactly
+// elsewhere). Decode-sized batches (streamed GEMV) and the routers are
+// float32 in both. F32 is the default: on the CPUs measured so far it is also
+// the faster (docs/architecture.md, "Accuracy and speed of bf16 products").
+enum class Compute { F32, BF16 };
 
 struct BackendOptions {
   std::string device = "cpu";    // "cpu" (the only backend of this build; see docs/architecture.md)
   int threads = 0;               // CPU threads; 0: all cores
   std::string cpu_kernels;       // "" / "auto": the best this CPU runs; or "avx512bf16", "avx512", "avx2", "generic"
-  std::string compute = "auto";  // "auto", "f32" or "bf16" (see Compute)
+  std::string compute = "f32";   // "f32" or "bf16" (see Compute)
 };
 
 // The backend the options name; monet::Error for a device this build lacks.

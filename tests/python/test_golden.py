@@ -76,8 +76,8 @@ def test_forward_matches_reference(monet_bin, checkpoints, tmp_path, name, mode)
             assert rel_err(ours, g) < tol, f"router.{l}.g{s}"
 
 
-# bf16 compute (the default for bf16 weights where the CPU has AVX-512-BF16)
-# rounds the inputs of the large products to bf16 and accumulates in float32;
+# bf16 compute (--compute bf16) rounds the inputs of the large products to
+# bf16 and accumulates in float32;
 # the routers stay float32. Measured on these 12-token prefills against the
 # float64 reference (docs/architecture.md, "Accuracy"): logits 2.8-5.1 %
 # of the largest logit, router probabilities up to 0.20 (an expert near the

@@ -4,7 +4,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <mutex>
 #include <cmath>
 #include <cstdlib>
@@ -36,42 +35,13 @@ const float* row_f32(const Weight& w, int64_t r, float* scratch) {
 
 }  // namespace
 
-namespace {
-
-// Whether bf16 products (vdpbf16ps) outrun float32 ones on this CPU: a small
-// GEMM timed each way, once per process (at the first large product with
-// bf16 weights). (On some CPUs the bf16 dot product
-// has half the issue rate of FMA, so its 2x work per instruction gains nothing.)
-bool bf16_products_faster(const KernelSet& k, int threads) {
-  static std::once_flag once;
-  static bool faster = false;
-  std::call_once(once, [&] {
-    const int64_t M = 128, N = 2048, K = 2048;  // a prefill-sized projection
-    std::vector<float> a(size_t(M * K), 0.5f), c(size_t(M * N)), w(size_t(N * K), 0.25f);
-    const Weight wb = Weight::from_f32(w.data(), N, K, DType::BF16);
-    auto seconds = [&](GemmCompute compute) {
-      double best = 1e30;
-      for (int rep = 0; rep < 3; rep++) {
-        const auto t0 = std::chrono::steady_clock::now();
-        gemm(k, threads, compute, a.data(), K, M, wb, true, c.data(), N, false);
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      }
-      return best;
-    };
-    faster = seconds(GemmCompute::BF16) < seconds(GemmCompute::F32);
-  });
-  return faster;
-}
-
-}  // namespace
-
 CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute)
-    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute) {}
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels),
+      products_(compute == Compute::BF16 ? GemmCompute::BF16 : GemmCompute::F32) {}
 
 std::string CpuBackend::name() const {
-  const char* arith = compute_ == Compute::F32 ? "f32" : compute_ == Compute::BF16 ? "bf16"
-                      : k_.gemm_bf16 ? "auto: bf16 for bf16 weights if faster than f32" : "auto: f32";
-  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + " compute)";
+  const char* arith = products_ == GemmCompute::BF16 ? (k_.gemm_bf16 ? "bf16" : "bf16 (emulated)") : "f32";
+  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + " products)";
 }
 
 namespace {
@@ -195,7 +165,7 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
         k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
     }
   } else {
-    gemm(k_, threads_, exact ? GemmCompute::F32 : gemm_compute(w), x, K, T, w, /*transposed=*/true, y, N,
+    gemm(k_, threads_, exact ? GemmCompute::F32 : products_, x, K, T, w, /*transposed=*/true, y, N,
          /*accumulate=*/false);
   }
   if (bias) {
@@ -207,15 +177,7 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
 }
 
 void CpuBackend::matmul_nn(const float* x, int64_t T, const Weight& w, float* y, bool accumulate) {
-  gemm(k_, threads_, gemm_compute(w), x, w.rows, T, w, /*transposed=*/false, y, w.cols, accumulate);
-}
-
-GemmCompute CpuBackend::gemm_compute(const Weight& w) const {
-  if (compute_ == Compute::F32) return GemmCompute::F32;
-  if (compute_ == Compute::BF16) return GemmCompute::BF16;
-  // Auto: bf16 products for bf16 weights where the CPU multiplies bf16 faster than float32.
-  return w.dtype == DType::BF16 && k_.gemm_bf16 && bf16_products_faster(k_, threads_) ? GemmCompute::BF16
-                                                                                     : GemmCompute::F32;
+  gemm(k_, threads_, products_, x, w.rows, T, w, /*transposed=*/false, y, w.cols, accumulate);
 }
 
 void CpuBackend::rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) {
@@ -407,11 +369,10 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
     fail("device \"", opts.device, "\": this build has only the cpu backend (docs/architecture.md says where a ",
          "device backend goes)");
   if (opts.threads < 0) fail("threads must be 0 (all cores) or more, got ", opts.threads);
-  Compute compute = Compute::Auto;
-  if (opts.compute == "f32") compute = Compute::F32;
-  else if (opts.compute == "bf16") compute = Compute::BF16;
-  else if (!opts.compute.empty() && opts.compute != "auto")
-    fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU has them), f32 or bf16");
+  Compute compute = Compute::F32;
+  if (opts.compute == "bf16") compute = Compute::BF16;
+  else if (!opts.compute.empty() && opts.compute != "f32")
+    fail("compute \"", opts.compute, "\": expected f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
   const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
   return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute);
 }

@@ -50,13 +50,12 @@ class CpuBackend final : public Backend {
                  int64_t c1) const;
 
  private:
-  GemmCompute gemm_compute(const Weight& w) const;
   void expert_mix_dense(const ExpertMixArgs& a);
   void expert_mix_sparse(const ExpertMixArgs& a);
 
   int threads_;
   const KernelSet& k_;
-  Compute compute_;
+  GemmCompute products_;  // of the GEMMs (large batches)
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one
