@@ -190,7 +190,7 @@ const ExpertMask* token_mask(const ExpertMixArgs& a, int64_t t) { return a.masks
 
 void CpuBackend::expert_mix(const ExpertMixArgs& a) {
   ExpertPath path = a.path;
-  if (path == ExpertPath::Auto) path = a.T < kSmallBatch ? ExpertPath::Sparse : ExpertPath::Dense;
+  if (path == ExpertPath::Auto) path = a.T <= kSmallBatch ? ExpertPath::Sparse : ExpertPath::Dense;
   if (path == ExpertPath::Dense) expert_mix_dense(a);
   else expert_mix_sparse(a);
 }
