@@ -38,3 +38,32 @@ def test_tokenize_with_empty_metaspace_replacement_ends(monet_bin, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("monet tokenize did not end within 30 s")
     expect_error(proc, "tokenizer.json", "pre_tokenizer Metaspace.replacement", "exactly one character")
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "models", "monet-vd-books")
+
+
+def model_with_config(tmp_path, **fields):
+    """The default model's files (linked) with config.json fields changed."""
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in os.listdir(DEFAULT_MODEL):
+        if name != "config.json":
+            os.symlink(os.path.join(DEFAULT_MODEL, name), d / name)
+    cfg = json.loads(open(os.path.join(DEFAULT_MODEL, "config.json")).read())
+    cfg.update(fields)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_hidden_layers", 2147483647), ("num_hidden_layers", 2**62), ("num_hidden_layers", 2**63 - 1),
+    ("moe_experts", 2**62), ("max_position_embeddings", 2**63 - 1), ("moe_groups", 2**62)])
+def test_huge_config_numbers_are_refused(monet_bin, tmp_path, field, value):
+    """Model::load allocated before checking (std::bad_alloc) or overflowed H*E."""
+    model = model_with_config(tmp_path, **{field: value})
+    for args in (["info"], ["generate", "-p", "a", "-n", "1"]):
+        expect_error(run(monet_bin, *args, "--model", model), "config.json", f'"{field}"', str(value), "too large")
