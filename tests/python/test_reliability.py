@@ -67,3 +67,52 @@ def test_huge_config_numbers_are_refused(monet_bin, tmp_path, field, value):
     model = model_with_config(tmp_path, **{field: value})
     for args in (["info"], ["generate", "-p", "a", "-n", "1"]):
         expect_error(run(monet_bin, *args, "--model", model), "config.json", f'"{field}"', str(value), "too large")
+
+
+# ---- monet train options ------------------------------------------------------------------
+
+BIG = str(2**63 - 1)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-data") / "data.txt"
+    path.write_text("It was a fine morning, and the whale swam towards the ship. " * 200)
+    return str(path)
+
+
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--log-every", "0", "--log-every 0 is outside [1, "),              # SIGFPE
+    ("--heads", "0", "--heads must be positive, found 0"),              # SIGFPE
+    ("--kv-heads", "0", "--kv-heads must be positive, found 0"),        # SIGFPE
+    ("--groups", "0", "--groups must be positive, found 0"),            # SIGFPE
+    ("--hidden", "0", "--hidden must be positive, found 0"),            # trained, then `info` refused it
+    ("--layers", "0", "--layers must be positive, found 0"),
+    ("--moe-dim", "0", "--moe-dim must be positive, found 0"),
+    ("--layers", "-3", "--layers must be positive, found -3"),          # internal error (vector max_size)
+    ("--moe-heads", "-2", "--moe-heads must be positive, found -2"),
+    ("--batch", BIG, f"--batch {BIG} is outside [1, 1048576]"),         # signed overflow
+    ("--seq", BIG, f"--seq {BIG} is outside [2, 16777216]"),
+    ("--experts", BIG, f"--experts = {BIG} is too large (at most 65536)"),
+    ("--moe-dim", BIG, f"--moe-dim = {BIG} is too large"),
+    ("--groups", BIG, f"--groups = {BIG} is too large"),
+    ("--topk", "64", "--topk 64 must be smaller than --experts 64"),
+    ("--hidden", "100", "--hidden 100 is not divisible by --heads 8"),
+    ("--steps", BIG, f"--steps {BIG} is outside [1, "),
+    ("--lr", "nan", "--lr must be > 0"),
+    ("--val-fraction", "1", "--val-fraction 1 is outside [0, 1)"),
+])
+def test_bad_training_options_are_refused(monet_bin, tmp_path, train_data, option, value, phrase):
+    out = tmp_path / "run"
+    opts = {"--steps": "2", "--seq": "16", "--batch": "2", "--eval-every": "0", option: value}
+    proc = run(monet_bin, "train", "--data", train_data, "--tokenizer", DEFAULT_MODEL, "--out", str(out),
+               *[x for kv in opts.items() for x in kv])
+    expect_error(proc, phrase)
+    assert not (out / "step-2").exists()
+
+
+def test_training_too_large_for_memory_says_how_much(monet_bin, tmp_path, train_data):
+    proc = run(monet_bin, "train", "--data", train_data, "--tokenizer", DEFAULT_MODEL, "--out", str(tmp_path / "run"),
+               "--steps", "1", "--seq", "16", "--batch", "2", "--hidden", "8192", "--heads", "64", "--kv-heads", "64",
+               "--layers", "64", "--eval-every", "0")
+    expect_error(proc, "training this model with --batch 2 and --seq 16 needs at least", "GiB", "is available")
