@@ -116,3 +116,136 @@ def test_training_too_large_for_memory_says_how_much(monet_bin, tmp_path, train_
                "--steps", "1", "--seq", "16", "--batch", "2", "--hidden", "8192", "--heads", "64", "--kv-heads", "64",
                "--layers", "64", "--eval-every", "0")
     expect_error(proc, "training this model with --batch 2 and --seq 16 needs at least", "GiB", "is available")
+
+
+# ---- the index database -------------------------------------------------------------------
+
+CORPUS = "the heat at the east seat is the other one. " * 4
+
+
+@pytest.fixture(scope="module")
+def index_setup(tmp_path_factory):
+    from monet_ref.make_checkpoint import make_checkpoint
+    root = tmp_path_factory.mktemp("index")
+    model = str(root / "vd")
+    make_checkpoint(model, vocab=301, layers=2, groups=1, seed=41, tokenizer=True, max_pos=256)  # 2 groups, E = 32
+    corpus = root / "a.txt"
+    corpus.write_text(CORPUS * 6)
+    return model, str(corpus), root
+
+
+def sql(db, statement):
+    import sqlite3
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(statement).fetchall()
+        con.commit()
+        return rows
+    finally:
+        con.close()
+
+
+def index_rows(db):
+    return (sql(db, "SELECT grp, expert, count, max_prob FROM experts ORDER BY 1, 2"),
+            sql(db, "SELECT grp, expert, prob, doc, pos, token, context, focus FROM activations ORDER BY 1, 2, 3, 4, 5"),
+            sql(db, "SELECT doc, path, tokens FROM documents ORDER BY doc"),
+            sql(db, "SELECT key, value FROM meta ORDER BY key"))
+
+
+INDEX_OPTS = ["--context", "16", "--top-k", "3"]
+
+
+@pytest.mark.parametrize("damage,phrase", [
+    # out-of-range rows: heap-buffer-overflow / use-after-free in build_index, SIGSEGV in release
+    ("UPDATE experts SET grp = 2 WHERE rowid = (SELECT min(rowid) FROM experts)", "experts row 0: grp 2 is outside [0, 2)"),
+    ("UPDATE experts SET expert = 1024 WHERE rowid = (SELECT min(rowid) FROM experts)", "expert 1024 is outside [0, 1024)"),
+    ("UPDATE experts SET grp = 'x' WHERE rowid = (SELECT min(rowid) FROM experts)", "grp x is outside"),
+    ("UPDATE experts SET count = -5 WHERE rowid = (SELECT min(rowid) FROM experts)", "count -5 is not a count"),
+    ("UPDATE activations SET grp = -1 WHERE rowid = (SELECT min(rowid) FROM activations)", "grp -1 is outside [0, 2)"),
+    ("UPDATE activations SET expert = 99999 WHERE rowid = (SELECT min(rowid) FROM activations)", "expert 99999"),
+    ("UPDATE activations SET prob = 1e300 WHERE rowid = (SELECT min(rowid) FROM activations)", "prob 1.0e+300 is not in [0, 4]"),
+    ("UPDATE activations SET doc = 7 WHERE rowid = (SELECT min(rowid) FROM activations)", "doc 7 is not an indexed document"),
+    ("UPDATE activations SET pos = 100000 WHERE rowid = (SELECT min(rowid) FROM activations)", "pos 100000 is outside document 0"),
+    ("INSERT INTO activations SELECT * FROM activations WHERE rowid = (SELECT min(rowid) FROM activations)",
+     "has more than --top-k 3 activations"),
+    ("UPDATE meta SET value = 'abc' WHERE key = 'tokens'", "meta 'tokens' = 'abc' is not a token count"),  # stoll
+    ("UPDATE meta SET value = '12abc' WHERE key = 'tokens'", "is not a token count"),
+    ("UPDATE documents SET tokens = 'many'", "documents row 0"),
+    ("UPDATE meta SET value = '{\"path\": 3}' WHERE key = 'settings'", "other settings"),
+    ("UPDATE meta SET value = 'not json' WHERE key = 'settings'", "meta 'settings' is not a JSON object"),
+])
+def test_damaged_index_is_refused_on_resume(monet_bin, index_setup, tmp_path, damage, phrase):
+    model, corpus, _ = index_setup
+    db = str(tmp_path / "i.db")
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS)
+    assert proc.returncode == 0, proc.stderr
+    sql(db, damage)
+    before = index_rows(db)
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS, "--resume")
+    expect_error(proc, db, phrase)
+    assert index_rows(db) == before  # refused, not changed
+
+
+@pytest.mark.parametrize("partial", ['{"path": "x", "doc": "0", "next": 15, "fingerprint": "1"}',
+                                     '{"path": "x", "doc": 0, "next": -15, "fingerprint": "1"}',
+                                     '{"path": "x", "doc": 0, "next": 15, "fingerprint": 1}', '[1]'])
+def test_damaged_partial_document_is_refused(monet_bin, index_setup, tmp_path, partial):
+    """A wrong-typed 'partial' value was a json type_error (internal error) or silently dropped."""
+    model, corpus, _ = index_setup
+    db = str(tmp_path / "i.db")
+    run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS, "--max-tokens", "30")
+    assert sql(db, "SELECT value FROM meta WHERE key = 'partial'")
+    sql(db, f"UPDATE meta SET value = '{partial}' WHERE key = 'partial'")
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS, "--resume")
+    expect_error(proc, db, "meta 'partial'", "is not {path, doc, next, fingerprint}")
+
+
+def test_index_killed_before_its_first_commit_resumes(monet_bin, index_setup, tmp_path):
+    """kill -9 before the first commit left a file that both a fresh run and --resume refused."""
+    import signal
+    import time
+    model, _, root = index_setup
+    big = root / "big.txt"
+    big.write_text(CORPUS * 400)  # ~40k tokens, a second or more
+    opts = ["--context", "64", "--top-k", "3", "--commit-every", "1000000000"]  # no commit before the end
+    one = str(tmp_path / "one.db")
+    assert run(monet_bin, "index", "--model", model, "--corpus", str(big), "--out", one, *opts).returncode == 0
+    killed = str(tmp_path / "killed.db")
+    proc = subprocess.Popen([monet_bin, "index", "--model", model, "--corpus", str(big), "--out", killed, *opts],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not os.path.exists(killed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # into the windows
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    again = run(monet_bin, "index", "--model", model, "--corpus", str(big), "--out", killed, *opts)
+    expect_error(again, "exists; pass --resume")
+    resumed = run(monet_bin, "index", "--model", model, "--corpus", str(big), "--out", killed, *opts, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert index_rows(killed) == index_rows(one)
+    # an empty file (killed before the schema, or by an older version) resumes from the start too
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    corpus = str(root / "a.txt")
+    small = str(tmp_path / "small.db")
+    run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", small, *INDEX_OPTS)
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", str(empty), *INDEX_OPTS, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert index_rows(str(empty)) == index_rows(small)
+
+
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--window", BIG, f"--window {BIG} is outside [0, 1024]"),   # signed overflow of pos + window
+    ("--top-k", BIG, f"--top-k {BIG} is outside [1, 4096]"),
+    ("--context", BIG, f"--context {BIG} is outside [2, 256]"),
+    ("--threshold", "nan", "--threshold nan is outside [0, 1)"),
+    ("--commit-every", BIG, "--commit-every"),
+])
+def test_bad_index_options_are_refused(monet_bin, index_setup, tmp_path, option, value, phrase):
+    model, corpus, _ = index_setup
+    db = tmp_path / "i.db"
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", str(db), option, value)
+    expect_error(proc, phrase)
+    assert not db.exists()
