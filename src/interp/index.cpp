@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -385,9 +386,15 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       else
         db.exec("DELETE FROM meta WHERE key = 'partial'");
       db.exec("COMMIT");
-    } catch (...) {
+    } catch (const Error& e) {
+      // A full disk, a file size limit, a read-only file: nothing of this
+      // commit is kept, the index stays at its last commit.
+      const int err = sqlite3_system_errno(db.get());
       sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
-      throw;
+      std::string why = e.what();
+      if (why.compare(0, db_path.size() + 2, db_path + ": ") == 0) why.erase(0, db_path.size() + 2);
+      if (err) why += std::string(": ") + std::strerror(err);
+      fail(db_path, ": cannot write the index (", why, "); it keeps its last commit, which --resume continues");
     }
     commits++;
     pending_docs.clear();

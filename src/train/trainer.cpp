@@ -550,7 +550,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f\n", (long long)st.step,
                  (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
                  val_text, tok_s, elapsed);
-    std::fflush(log);
+    if (std::ferror(log) || std::fflush(log) != 0) fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
     const double eta = elapsed / double(st.step - first_step) * double(o.steps - st.step);
     if (tty || st.step % o.log_every == 0 || !std::isnan(val_loss) || st.step == o.steps) {
       std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f (lm %.4f unif %.3f amb %.3f) | lr %.2e | %.0f tok/s | ETA %s%s",

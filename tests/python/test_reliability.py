@@ -249,3 +249,123 @@ def test_bad_index_options_are_refused(monet_bin, index_setup, tmp_path, option,
     proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", str(db), option, value)
     expect_error(proc, phrase)
     assert not db.exists()
+
+
+# ---- outputs that cannot be written: a file size limit, a read-only folder ------------------
+
+def fsize_limit(nbytes):
+    """preexec_fn: RLIMIT_FSIZE as a full disk would stop the writes."""
+    import resource
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return apply
+
+
+def snapshot(folder):
+    """Every file under folder: relative path -> bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def test_forward_out_past_the_size_limit(monet_bin, tmp_path):
+    out = tmp_path / "out.safetensors"
+    assert run(monet_bin, "forward", "--ids", "1,5,9", "--out", str(out)).returncode == 0
+    before = snapshot(tmp_path)
+    # the new output (4 tokens x 8192 logits + routers) is larger than the 64 KiB allowed
+    proc = run(monet_bin, "forward", "--ids", "1,5,9,7", "--out", str(out), preexec_fn=fsize_limit(64 << 10))
+    expect_error(proc, str(out), "write failed (File too large)")  # was: killed by SIGXFSZ, a .tmp file left
+    assert snapshot(tmp_path) == before
+
+
+def test_training_checkpoint_past_the_size_limit(monet_bin, tmp_path, train_data):
+    out = tmp_path / "run"
+    args = ["train", "--data", train_data, "--tokenizer", DEFAULT_MODEL, "--out", str(out), "--seq", "16",
+            "--batch", "2", "--eval-every", "0", "--hidden", "64", "--heads", "2", "--kv-heads", "2", "--layers", "2",
+            "--experts", "16", "--moe-heads", "2", "--moe-dim", "8", "--save-every", "2"]
+    proc = run(monet_bin, *args, "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    before = snapshot(out)
+    size = len(before[os.path.join("step-000002", "model.safetensors")])
+    proc = run(monet_bin, *args, "--steps", "4", "--resume", preexec_fn=fsize_limit(size // 2))
+    expect_error(proc, "model.safetensors", "write failed (File too large)")
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != "train.csv"} == {k: v for k, v in before.items() if k != "train.csv"}
+    assert run(monet_bin, "info", "--model", str(out / "step-000002")).returncode == 0
+    # with room again, the run resumes from its last checkpoint
+    assert run(monet_bin, *args, "--steps", "4", "--resume").returncode == 0
+    assert (out / "step-000004" / "model.safetensors").exists()
+
+
+def test_index_commit_past_the_size_limit(monet_bin, index_setup, tmp_path):
+    model, corpus, root = index_setup
+    more = root / "more.txt"
+    more.write_text("to the north: 42 + 17 = 59; the rate is set. " * 300)
+    db = str(tmp_path / "i.db")
+    assert run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS).returncode == 0
+    before = index_rows(db)
+    proc = run(monet_bin, "index", "--model", model, "--corpus", corpus, str(more), "--out", db, *INDEX_OPTS, "--resume",
+               preexec_fn=fsize_limit(100 << 10))
+    expect_error(proc, db, "cannot write the index", "it keeps its last commit")
+    assert index_rows(db) == before
+    assert run(monet_bin, "index", "--model", model, "--corpus", corpus, str(more), "--out", db, *INDEX_OPTS,
+               "--resume").returncode == 0
+    one = str(tmp_path / "one.db")
+    assert run(monet_bin, "index", "--model", model, "--corpus", corpus, str(more), "--out", one, *INDEX_OPTS).returncode == 0
+    assert index_rows(db)[:2] == index_rows(one)[:2]
+
+
+@pytest.fixture
+def readonly(monet_bin, index_setup):
+    """A folder this test's monet runs cannot write: chmod 0555, or for root
+    (whom permissions do not stop) monet run as nobody in a root-owned folder.
+    Returns (folder, run_limited, model, corpus); files of the folder are made first."""
+    import shutil
+    import tempfile
+    model, corpus, _ = index_setup
+    base = tempfile.mkdtemp(prefix="monet-readonly-")
+    os.chmod(base, 0o755)
+    try:
+        # everything the limited run reads, where nobody can reach it
+        binary = os.path.join(base, "monet")
+        shutil.copy2(monet_bin, binary)
+        shutil.copytree(model, os.path.join(base, "model"))
+        shutil.copy2(corpus, os.path.join(base, "a.txt"))
+        folder = os.path.join(base, "out")
+        os.mkdir(folder, 0o755)
+        as_root = os.geteuid() == 0
+
+        def run_limited(*args):
+            def drop():
+                if as_root:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
+            if not as_root:
+                os.chmod(folder, 0o555)
+            try:
+                return run(binary, *args, preexec_fn=drop)
+            finally:
+                os.chmod(folder, 0o755)
+        yield folder, run_limited, os.path.join(base, "model"), os.path.join(base, "a.txt")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_outputs_in_a_read_only_folder(monet_bin, readonly):
+    folder, run_limited, model, corpus = readonly
+    out = os.path.join(folder, "out.safetensors")
+    assert run(monet_bin, "forward", "--model", model, "--ids", "1,5,9", "--out", out).returncode == 0
+    db = os.path.join(folder, "i.db")
+    assert run(monet_bin, "index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS,
+               "--max-tokens", "30").returncode == 0
+    before = snapshot(folder)
+    expect_error(run_limited("forward", "--model", model, "--ids", "1,5,9,7", "--out", out), out, "cannot create")
+    expect_error(run_limited("index", "--model", model, "--corpus", corpus, "--out", db, *INDEX_OPTS, "--resume"), db)
+    expect_error(run_limited("train", "--data", corpus, "--tokenizer", model, "--out", os.path.join(folder, "run"),
+                             "--steps", "1", "--seq", "8", "--batch", "1", "--eval-every", "0"), "run")
+    assert snapshot(folder) == before
