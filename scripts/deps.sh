@@ -9,6 +9,7 @@ APT_PACKAGES=(
   nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
   python3 python3-venv python3-numpy python3-pytest python3-torch
   chromium chromium-driver
+  clang-14 libclang-rt-14-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
