@@ -38,6 +38,9 @@ T get_field(const json& j, const char* key, T fallback, const std::string& src) 
     ok = v.is_string(), expected = "a string";
   }
   if (!ok) fail(src, ": field \"", key, "\" must be ", expected, ", found ", v.dump());
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<T>::max()))
+      fail(src, ": field \"", key, "\" = ", v.dump(), " is too large");  // get<T> would wrap it
   return v.get<T>();
 }
 
@@ -75,13 +78,17 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (j.contains("eos_token_id")) {
     const json& e = j["eos_token_id"];
     c.eos_token_ids.clear();
+    // ids beyond int64 are refused here (get<int64_t> would wrap them to -1, "none")
+    auto eos_id = [&](const json& v) {
+      if (!v.is_number_integer()) fail(src, ": field \"eos_token_id\" must be an integer or a list of integers");
+      if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+        fail(src, ": field \"eos_token_id\" = ", v.dump(), " is too large");
+      return v.get<int64_t>();
+    };
     if (e.is_number_integer()) {
-      c.eos_token_ids.push_back(e.get<int64_t>());
+      c.eos_token_ids.push_back(eos_id(e));
     } else if (e.is_array()) {
-      for (const json& v : e) {
-        if (!v.is_number_integer()) fail(src, ": field \"eos_token_id\" must be an integer or a list of integers");
-        c.eos_token_ids.push_back(v.get<int64_t>());
-      }
+      for (const json& v : e) c.eos_token_ids.push_back(eos_id(v));
     } else if (!e.is_null()) {
       fail(src, ": field \"eos_token_id\" must be an integer or a list of integers, found ", e.dump());
     }

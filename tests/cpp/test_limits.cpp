@@ -49,7 +49,7 @@ TEST(ConfigLimits, HugeFieldsAreRefusedBeforeAnyAllocation) {
   expect_error(R"(, "moe_heads": 100000)", {"\"moe_heads\"", "too large"});
   expect_error(R"(, "moe_dim": 1000000)", {"\"moe_dim\"", "too large"});
   // 2^64 does not fit: nlohmann reads it as an unsigned integer
-  expect_error(R"(, "num_hidden_layers": 18446744073709551615)", {"\"num_hidden_layers\""});
+  expect_error(R"(, "num_hidden_layers": 18446744073709551615)", {"\"num_hidden_layers\" = 18446744073709551615 is too large"});
 }
 
 TEST(ConfigLimits, ProductsAreBounded) {
@@ -63,6 +63,8 @@ TEST(ConfigLimits, ProductsAreBounded) {
   expect_error(R"(, "rms_norm_eps": 1e400)", {"not valid JSON", "overflow"});  // no infinities get in
   expect_error(R"(, "bos_token_id": 1099511627776)", {"\"bos_token_id\"", "not a token id"});
   expect_error(R"(, "eos_token_id": [2, -7])", {"\"eos_token_id\"", "-7", "not a token id"});
+  expect_error(R"(, "eos_token_id": 18446744073709551615)", {"\"eos_token_id\" = 18446744073709551615 is too large"});
+  expect_error(R"(, "pad_token_id": 18446744073709551615)", {"\"pad_token_id\" = 18446744073709551615 is too large"});
   // a large but consistent config passes
   const monet::MonetConfig c = monet::parse_config(
       tiny_config(R"(, "vocab_size": 256000, "hidden_size": 16384, "num_attention_heads": 128, "num_hidden_layers": 128,
