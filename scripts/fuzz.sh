@@ -25,7 +25,7 @@ for t in "${targets[@]}"; do
   work=$(mktemp -d)  # new inputs go here; the committed seeds are only read
   log="$build/fuzz_$t.log"
   rc=0
-  "$build/tests/fuzz/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+  "$build/tests/fuzz/fuzz_$t" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \
     -dict=tests/fuzz/json.dict -print_final_stats=1 -artifact_prefix="$build/" \
     "$work" "tests/fuzz/corpus/$t" >"$log" 2>&1 || rc=$?
   rm -rf "$work"
