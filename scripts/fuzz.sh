@@ -12,9 +12,14 @@ seconds="${FUZZ_SECONDS:-60}"
 build=build-fuzz
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
-cmake -S . -B "$build" -DMONET_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 "${launcher[@]}" >/dev/null
-cmake --build "$build" -j"$(nproc)" --target fuzz_all >/dev/null
+mkdir -p "$build"
+if ! { cmake -S . -B "$build" -DMONET_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+         -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 "${launcher[@]}" &&
+       cmake --build "$build" -j"$(nproc)" --target fuzz_all; } >"$build/build.log" 2>&1; then
+  tail -n 50 "$build/build.log"
+  echo "fuzz: the build failed (clang-14 and libclang-rt-14-dev: bash scripts/deps.sh)"
+  exit 1
+fi
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(safetensors config tokenizer_json tokenizer_model chat mask)
