@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libjpeg62-turbo-dev libpng-dev libwebp-dev
   python3 python3-dev python3-venv python3-numpy python3-pytest python3-torch python3-pil
   chromium chromium-driver
+  clang-14 libclang-rt-14-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

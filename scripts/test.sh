@@ -7,7 +7,8 @@
 #  2. the portable build (build-portable/, -DMONET_NATIVE=OFF, kernels chosen
 #     at run time): C++ tests and the golden tests;
 #  3. the AddressSanitizer + UndefinedBehaviorSanitizer build (build-asan/):
-#     C++ tests and the golden tests.
+#     C++ tests and the golden tests;
+#  4. the libFuzzer targets (tests/fuzz, scripts/fuzz.sh) for FUZZ_SECONDS each.
 # MONET_TEST_QUICK=1 runs only the first stage. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +36,6 @@ export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stack
   LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp"
 (cd build-asan && ctest --output-on-failure -j"$JOBS")
 MONET_BIN="$PWD/build-asan/monet" "${PYTEST[@]}" tests/python/test_golden.py
+
+echo "--- libFuzzer targets (ASan + UBSan), FUZZ_SECONDS each (default 30) ---"
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}" bash scripts/fuzz.sh

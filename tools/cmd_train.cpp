@@ -82,10 +82,6 @@ void add_train_command(CLI::App& app) {
     if (decompose == "vertical") o.shape.moe_decompose = monet::Decompose::Vertical;
     else if (decompose == "horizontal") o.shape.moe_decompose = monet::Decompose::Horizontal;
     else monet::fail("--decompose must be vertical or horizontal, got '", decompose, "'");
-    if (o.shape.hidden_size % o.shape.num_attention_heads || o.shape.num_attention_heads % o.shape.num_key_value_heads)
-      monet::fail("--hidden must be a multiple of --heads, and --heads of --kv-heads");
-    if (o.shape.moe_topk < 1 || o.shape.moe_topk >= o.shape.moe_experts)
-      monet::fail("--topk must be in [1, --experts)");
     o.shape.torch_dtype = "float32";
     const bool tty = isatty(fileno(stderr));
     o.on_message = [](const std::string& text) { std::fprintf(stderr, "%s\n", text.c_str()); };

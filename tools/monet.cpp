@@ -1,4 +1,5 @@
 // monet — command-line front end over the monet library.
+#include <csignal>
 #include <cstdio>
 #include <exception>
 
@@ -6,6 +7,10 @@
 #include "monet/error.h"
 
 int main(int argc, char** argv) {
+  // A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG
+  // and becomes a monet::Error that removes the temporary file, instead of
+  // SIGXFSZ killing the process part-way through an output.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"monet: inference, interpretability and training for Monet models"};
   app.require_subcommand(1);
   add_info_command(app);

@@ -1,6 +1,7 @@
 // config.json of a Monet checkpoint (HF MonetConfig, a LlamaConfig subclass).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -39,7 +40,35 @@ struct MonetConfig {
   const char* decompose_name() const;
 };
 
-// Parses and validates; `source` names the file in error messages.
+// Bounds of the fields (inclusive), generous beyond any released model, so
+// that every size the model forms from them fits its integer types and no
+// absurd value reaches an allocation. Memory for a valid config is checked
+// against the machine at load (monet/memory.h).
+struct ConfigLimits {
+  static constexpr int64_t vocab_size = int64_t(1) << 24;    // token ids are int32; tokenizers stop at 2^24
+  static constexpr int64_t hidden_size = int64_t(1) << 18;   // also bounds the attention heads
+  static constexpr int64_t layers = int64_t(1) << 12;        // num_hidden_layers, moe_groups
+  static constexpr int64_t positions = int64_t(1) << 24;     // max_position_embeddings
+  static constexpr int64_t moe_dim = int64_t(1) << 16;
+  static constexpr int64_t moe_heads = int64_t(1) << 12;
+  static constexpr int64_t moe_experts = int64_t(1) << 16;   // E (E^2 experts per group), moe_topk
+  static constexpr int64_t tensor_elements = int64_t(1) << 40;
+  static constexpr int64_t parameters = int64_t(1) << 44;
+};
+
+// Checks every field against ConfigLimits and the others (divisibility,
+// parity, topk < experts), and every size the model forms from them
+// (embedding, router and expert matrices, total parameters) with
+// overflow-safe arithmetic. Messages start with "<source>: " (none when
+// empty) and name config.json's fields, or for a field listed in `names` its
+// replacement (the trainer passes {"hidden_size": "--hidden", ...}).
+void validate_config(const MonetConfig& c, const std::string& source,
+                     const std::map<std::string, std::string>& names = {});
+
+// Parameters (weights, not buffers) a config implies; saturates at UINT64_MAX.
+uint64_t config_parameter_count(const MonetConfig& c);
+
+// Parses and validates (validate_config); `source` names the file in error messages.
 MonetConfig parse_config(const std::string& json_text, const std::string& source);
 MonetConfig load_config(const std::string& path);  // reads the file, then parse_config
 std::string config_to_json(const MonetConfig& c);  // HF-compatible config.json text

@@ -28,6 +28,18 @@ struct TensorInfo {
   double element(size_t i) const;
 };
 
+// The tensors of a safetensors image in memory (`data` of each points into it).
+struct SafetensorsImage {
+  std::vector<TensorInfo> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+// Validates a whole safetensors image of `size` bytes at `data` (header
+// length, JSON, dtypes, shapes, offsets in bounds, no overlaps, byte counts
+// matching shape x dtype), as SafetensorsFile does for a mapped file;
+// monet::Error names `source`.
+SafetensorsImage parse_safetensors(const uint8_t* data, size_t size, const std::string& source);
+
 // One .safetensors file, mmap'd read-only. The constructor validates the whole
 // header (size, JSON, dtypes, shapes, offsets in bounds, no overlaps, byte
 // counts matching shape x dtype) and throws monet::Error naming the file.

@@ -125,6 +125,7 @@ class Tokenizer {
 
   // Decoding
   std::vector<std::pair<std::string, std::string>> decode_replacements_;
+  std::string decode_metaspace_char_ = "\xe2\x96\x81";  // the Metaspace decoder's replacement
   bool decode_bytes_ = true;  // <0xNN> tokens decode to their byte (HF: a ByteFallback decoder)
   // What happens at the start of decoded text: HF's Strip decoder drops one
   // leading space of the whole text; HF's Metaspace decoder drops every

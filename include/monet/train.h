@@ -46,6 +46,23 @@ struct TrainOptions {
   std::function<void(const TrainStepReport&)> on_step;
 };
 
+// Every option in its range (messages name the option and the range), and
+// for a new model its shape by config.json's rules (validate_config with the
+// options' names). run_training calls it first.
+void validate_train_options(const TrainOptions& o);
+
+// Lower bound of the memory a training step holds, in bytes (saturating).
+struct TrainMemory {
+  uint64_t state = 0;        // parameters, gradients, AdamW moments
+  uint64_t activations = 0;  // what the forward pass keeps for the backward pass
+};
+TrainMemory estimate_train_memory(const MonetConfig& c, int64_t batch, int64_t seq, size_t real_bytes);
+
+// The model actually trained (new, --init or --resume; vocab_size from the
+// tokenizer): validate_config, and the memory estimate against the machine
+// (`available` overrides the measurement; 0: measure).
+void check_train_model(const MonetConfig& c, const TrainOptions& o, uint64_t available = 0);
+
 // Runs (or resumes) a training run; throws monet::Error on bad input.
 void run_training(const TrainOptions& opts);
 

@@ -14,6 +14,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <chrono>
+#include <cstring>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -26,7 +28,9 @@
 #include "monet/error.h"
 #include "monet/evaluate.h"
 #include "monet/interp.h"
+#include "monet/memory.h"
 #include "monet/safetensors.h"
+#include "core/checked.h"
 
 namespace monet {
 
@@ -84,6 +88,7 @@ class Stmt {
     sqlite3_reset(s_);
     sqlite3_clear_bindings(s_);
   }
+  int type(int c) const { return sqlite3_column_type(s_, c); }  // SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, ...
   int64_t i64(int c) const { return sqlite3_column_int64(s_, c); }
   double f64(int c) const { return sqlite3_column_double(s_, c); }
   std::string text(int c) const {
@@ -131,6 +136,30 @@ CREATE INDEX IF NOT EXISTS experts_by_count ON experts(grp, count DESC);
 CREATE INDEX IF NOT EXISTS experts_by_max ON experts(grp, max_prob DESC);
 )";
 
+// Bounds of the options (and of the counts read back from an index).
+constexpr int64_t kMaxTopK = 4096;
+constexpr int64_t kMaxWindow = 1024;
+constexpr int64_t kMaxTokens = int64_t(1) << 62;
+
+// A token count as written in meta: decimal digits, within [0, kMaxTokens].
+bool parse_count(const std::string& text, int64_t* out) {
+  if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+    return false;
+  const uint64_t v = std::stoull(text);
+  if (v > uint64_t(kMaxTokens)) return false;
+  *out = int64_t(v);
+  return true;
+}
+
+// No meta, documents, experts or activations rows: an index that never committed.
+bool index_is_empty(sqlite3* db) {
+  for (const char* table : {"meta", "documents", "experts", "activations"}) {
+    Stmt s(db, std::string("SELECT 1 FROM ") + table + " LIMIT 1");
+    if (s.step()) return false;
+  }
+  return true;
+}
+
 // FNV-1a over a document's token ids: a resumed partial document must be the
 // same text as the one whose first windows the index holds.
 uint64_t ids_fingerprint(const std::vector<int32_t>& ids) {
@@ -149,12 +178,22 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   using nlohmann::json;
   const MonetConfig& c = model.config();
   const int64_t H = c.moe_heads, E = c.moe_experts, groups = c.num_router_layers();
-  if (opts.top_k < 1) fail("index: --top-k must be at least 1");
-  if (opts.window < 0) fail("index: --window must be at least 0");
+  if (opts.top_k < 1 || opts.top_k > kMaxTopK) fail("index: --top-k ", opts.top_k, " is outside [1, ", kMaxTopK, "]");
+  if (opts.window < 0 || opts.window > kMaxWindow)
+    fail("index: --window ", opts.window, " is outside [0, ", kMaxWindow, "]");
   if (opts.context < 2 || opts.context > c.max_position_embeddings)
-    fail("index: --context must be in [2, ", c.max_position_embeddings, "]");
-  if (opts.checkpoint_tokens < 1) fail("index: --commit-every must be at least 1 token");
-  if (opts.max_tokens < 0) fail("index: --max-tokens must be at least 0");
+    fail("index: --context ", opts.context, " is outside [2, ", c.max_position_embeddings, "] (max_position_embeddings)");
+  if (!(opts.threshold >= 0.0f && opts.threshold < 1.0f))
+    fail("index: --threshold ", opts.threshold, " is outside [0, 1)");
+  if (opts.checkpoint_tokens < 1 || opts.checkpoint_tokens > kMaxTokens)
+    fail("index: --commit-every ", opts.checkpoint_tokens, " is outside [1, ", kMaxTokens, "]");
+  if (opts.max_tokens < 0 || opts.max_tokens > kMaxTokens)
+    fail("index: --max-tokens ", opts.max_tokens, " is outside [0, ", kMaxTokens, "]");
+  // The dense per-expert state is allocated up front: it must fit.
+  const uint64_t state_bytes = sat_mul(sat_product({groups, E, E}), sizeof(ExpertState));
+  if (const uint64_t avail = available_memory_bytes(); avail > 0 && state_bytes > avail)
+    fail("index: the state of ", groups, " groups x ", E, "^2 experts needs ", format_bytes(state_bytes),
+         " of memory, but only ", format_bytes(avail), " is available");
   if (!opts.resume && fs::exists(db_path))
     fail(db_path, ": exists; pass --resume to continue it, or choose another path");
   if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
@@ -163,11 +202,35 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
 
   Db db(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
   db.exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
-  db.exec(kSchema);
   const std::string settings = json({{"model", fs::absolute(model.dir()).string()},
                                      {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
                                      {"top_k", opts.top_k}, {"window", opts.window},
                                      {"context", opts.context}, {"threshold", opts.threshold}}).dump();
+  // The schema and the settings in one transaction, before the first window:
+  // a kill at any later moment leaves an index that --resume continues (one
+  // with settings and no documents starts from the beginning).
+  db.exec("BEGIN IMMEDIATE");
+  try {
+    db.exec(kSchema);
+    Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
+    if (!m.step()) {
+      // Empty: a new index, or one killed before its first commit by an
+      // older version (which wrote the settings only then).
+      if (opts.resume && !index_is_empty(db.get())) fail(db_path, ": not a monet index (no settings)");
+      Stmt ins(db.get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
+      ins.bind(1, std::string("settings")).bind(2, settings).run();
+      ins.bind(1, std::string("tokens")).bind(2, std::string("0")).run();
+      ins.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
+    } else if (m.text(0) != settings) {
+      if (!json::parse(m.text(0), nullptr, false).is_object())
+        fail(db_path, ": damaged index: meta 'settings' is not a JSON object (", m.text(0).substr(0, 200), ")");
+      fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+    }
+    db.exec("COMMIT");
+  } catch (...) {
+    sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
   // Dense per group (E^2 entries): the per-token bookkeeping is array indexing.
   std::vector<std::vector<ExpertState>> state(static_cast<size_t>(groups), std::vector<ExpertState>(size_t(E * E)));
   // Rows of written activations pushed out of a top_k since the last commit, per group.
@@ -178,33 +241,85 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   json partial;
   int64_t tokens_indexed = 0, next_doc = 0;
   if (opts.resume) {
-    Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
-    if (!m.step()) fail(db_path, ": not a monet index (no settings)");
-    if (m.text(0) != settings)
-      fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+    // Everything read back is checked against the settings before it is
+    // used as an index into the state: a damaged index is refused, never trusted.
+    auto damaged = [&](const auto&... what) { fail(db_path, ": damaged index: ", what..., "; build the index again"); };
     Stmt t(db.get(), "SELECT value FROM meta WHERE key = 'tokens'");
-    if (t.step()) tokens_indexed = std::stoll(t.text(0));
+    if (t.step()) {
+      const std::string text = t.text(0);
+      if (!parse_count(text, &tokens_indexed)) damaged("meta 'tokens' = '", text.substr(0, 100), "' is not a token count");
+    }
     Stmt p(db.get(), "SELECT value FROM meta WHERE key = 'partial'");
-    if (p.step()) partial = json::parse(p.text(0), nullptr, /*allow_exceptions=*/false);
-    if (!partial.is_object() || !partial.contains("path") || !partial.contains("doc") || !partial.contains("next"))
-      partial = nullptr;
-    Stmt d(db.get(), "SELECT doc, path FROM documents");
-    while (d.step()) {
+    if (p.step()) {
+      partial = json::parse(p.text(0), nullptr, /*allow_exceptions=*/false);
+      const bool ok = partial.is_object() && partial.contains("path") && partial["path"].is_string() &&
+                      partial.contains("doc") && partial["doc"].is_number_integer() && partial["doc"].get<int64_t>() >= 0 &&
+                      partial["doc"].get<int64_t>() < kMaxTokens && partial.contains("next") &&
+                      partial["next"].is_number_integer() && partial["next"].get<int64_t>() >= 0 &&
+                      partial["next"].get<int64_t>() <= kMaxTokens && partial.contains("fingerprint") &&
+                      partial["fingerprint"].is_string();
+      if (!ok) damaged("meta 'partial' = ", p.text(0).substr(0, 200), " is not {path, doc, next, fingerprint}");
+    }
+    std::unordered_map<int64_t, int64_t> doc_length;  // doc -> tokens indexed (the partial one: so far)
+    Stmt d(db.get(), "SELECT doc, path, tokens FROM documents");
+    for (int64_t row = 0; d.step(); row++) {
+      if (d.type(0) != SQLITE_INTEGER || d.i64(0) < 0 || d.i64(0) >= kMaxTokens || d.type(1) != SQLITE_TEXT ||
+          d.type(2) != SQLITE_INTEGER || d.i64(2) < 0 || d.i64(2) > kMaxTokens)
+        damaged("documents row ", row, " is not (doc >= 0, path, tokens >= 0)");
       done_docs[d.text(1)] = d.i64(0);
+      doc_length[d.i64(0)] = d.i64(2);
       next_doc = std::max(next_doc, d.i64(0) + 1);
     }
-    if (partial.is_object()) next_doc = std::max(next_doc, partial["doc"].get<int64_t>() + 1);
+    if (partial.is_object()) {
+      const int64_t doc = partial["doc"].get<int64_t>();
+      if (doc_length.count(doc) || done_docs.count(partial["path"].get<std::string>()))
+        damaged("meta 'partial' names document ", doc, " (", partial["path"].get<std::string>(), "), which is finished");
+      doc_length[doc] = partial["next"].get<int64_t>();
+      next_doc = std::max(next_doc, doc + 1);
+    }
+    const int64_t experts = E * E;
+    auto check_expert = [&](const char* table, int64_t row, const Stmt& s) {
+      if (s.type(0) != SQLITE_INTEGER || s.i64(0) < 0 || s.i64(0) >= groups)
+        damaged(table, " row ", row, ": grp ", s.text(0).substr(0, 40), " is outside [0, ", groups, ")");
+      if (s.type(1) != SQLITE_INTEGER || s.i64(1) < 0 || s.i64(1) >= experts)
+        damaged(table, " row ", row, ": expert ", s.text(1).substr(0, 40), " is outside [0, ", experts, ")");
+    };
+    // A probability is sum_h g1 g2: within [0, H] (a little slack for float sums).
+    auto valid_prob = [&](const Stmt& s, int c) {
+      const double v = s.f64(c);
+      return (s.type(c) == SQLITE_FLOAT || s.type(c) == SQLITE_INTEGER) && std::isfinite(v) && v >= 0 &&
+             v <= double(H) * 1.001;
+    };
     Stmt e(db.get(), "SELECT grp, expert, count, max_prob FROM experts");
-    while (e.step()) {
+    for (int64_t row = 0; e.step(); row++) {
+      check_expert("experts", row, e);
+      if (e.type(2) != SQLITE_INTEGER || e.i64(2) < 0 || e.i64(2) > kMaxTokens)
+        damaged("experts row ", row, ": count ", e.text(2).substr(0, 40), " is not a count");
+      if (!valid_prob(e, 3)) damaged("experts row ", row, ": max_prob ", e.text(3).substr(0, 40), " is not in [0, ", H, "]");
       ExpertState& s = state[size_t(e.i64(0))][size_t(e.i64(1))];
       s.count = e.i64(2);
       s.max_prob = float(e.f64(3));
     }
     Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, rowid FROM activations");
-    while (a.step())
-      state[size_t(a.i64(0))][size_t(a.i64(1))].top.push_back({float(a.f64(2)), a.i64(3), a.i64(4), a.i64(5)});
+    for (int64_t row = 0; a.step(); row++) {
+      check_expert("activations", row, a);
+      if (!valid_prob(a, 2)) damaged("activations row ", row, ": prob ", a.text(2).substr(0, 40), " is not in [0, ", H, "]");
+      auto len = doc_length.find(a.i64(3));
+      if (a.type(3) != SQLITE_INTEGER || len == doc_length.end())
+        damaged("activations row ", row, ": doc ", a.text(3).substr(0, 40), " is not an indexed document");
+      if (a.type(4) != SQLITE_INTEGER || a.i64(4) < 0 || a.i64(4) >= len->second)
+        damaged("activations row ", row, ": pos ", a.text(4).substr(0, 40), " is outside document ", a.i64(3),
+                " ([0, ", len->second, "))");
+      ExpertState& s = state[size_t(a.i64(0))][size_t(a.i64(1))];
+      if (int64_t(s.top.size()) == opts.top_k)
+        damaged("expert ", a.i64(1), " of group ", a.i64(0), " has more than --top-k ", opts.top_k, " activations");
+      s.top.push_back({float(a.f64(2)), a.i64(3), a.i64(4), a.i64(5)});
+    }
     for (auto& g : state)
-      for (ExpertState& s : g) std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+      for (ExpertState& s : g) {
+        if (s.count < int64_t(s.top.size())) damaged("an expert has more top activations than its count");
+        std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+      }
   }
 
   // Files are read and tokenised one at a time: memory does not grow with the corpus.
@@ -273,9 +388,15 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       else
         db.exec("DELETE FROM meta WHERE key = 'partial'");
       db.exec("COMMIT");
-    } catch (...) {
+    } catch (const Error& e) {
+      // A full disk, a file size limit, a read-only file: nothing of this
+      // commit is kept, the index stays at its last commit.
+      const int err = sqlite3_system_errno(db.get());
       sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
-      throw;
+      std::string why = e.what();
+      if (why.compare(0, db_path.size() + 2, db_path + ": ") == 0) why.erase(0, db_path.size() + 2);
+      if (err) why += std::string(": ") + std::strerror(err);
+      fail(db_path, ": cannot write the index (", why, "); it keeps its last commit, which --resume continues");
     }
     commits++;
     pending_docs.clear();

@@ -12,6 +12,7 @@
 
 #include "monet/error.h"
 #include "monet/safetensors.h"
+#include "core/checked.h"
 
 namespace monet {
 
@@ -37,6 +38,9 @@ T get_field(const json& j, const char* key, T fallback, const std::string& src) 
     ok = v.is_string(), expected = "a string";
   }
   if (!ok) fail(src, ": field \"", key, "\" must be ", expected, ", found ", v.dump());
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<T>::max()))
+      fail(src, ": field \"", key, "\" = ", v.dump(), " is too large");  // get<T> would wrap it
   return v.get<T>();
 }
 
@@ -74,13 +78,17 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (j.contains("eos_token_id")) {
     const json& e = j["eos_token_id"];
     c.eos_token_ids.clear();
+    // ids beyond int64 are refused here (get<int64_t> would wrap them to -1, "none")
+    auto eos_id = [&](const json& v) {
+      if (!v.is_number_integer()) fail(src, ": field \"eos_token_id\" must be an integer or a list of integers");
+      if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+        fail(src, ": field \"eos_token_id\" = ", v.dump(), " is too large");
+      return v.get<int64_t>();
+    };
     if (e.is_number_integer()) {
-      c.eos_token_ids.push_back(e.get<int64_t>());
+      c.eos_token_ids.push_back(eos_id(e));
     } else if (e.is_array()) {
-      for (const json& v : e) {
-        if (!v.is_number_integer()) fail(src, ": field \"eos_token_id\" must be an integer or a list of integers");
-        c.eos_token_ids.push_back(v.get<int64_t>());
-      }
+      for (const json& v : e) c.eos_token_ids.push_back(eos_id(v));
     } else if (!e.is_null()) {
       fail(src, ": field \"eos_token_id\" must be an integer or a list of integers, found ", e.dump());
     }
@@ -118,37 +126,104 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
   if (c.hidden_act != "relu2")
     fail(src, ": field \"hidden_act\" is \"", c.hidden_act, "\"; Monet experts use \"relu2\" (relu(x)^2)");
 
-  struct Positive {
-    const char* name;
-    int64_t value;
-  };
-  for (const Positive& p : {Positive{"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                            {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
-                            {"num_key_value_heads", c.num_key_value_heads},
-                            {"max_position_embeddings", c.max_position_embeddings}, {"moe_dim", c.moe_dim},
-                            {"moe_heads", c.moe_heads}, {"moe_experts", c.moe_experts}, {"moe_topk", c.moe_topk},
-                            {"moe_groups", c.moe_groups}})
-    if (p.value <= 0) fail(src, ": field \"", p.name, "\" must be positive, found ", p.value);
-  if (c.hidden_size % c.num_attention_heads != 0)
-    fail(src, ": hidden_size ", c.hidden_size, " is not divisible by num_attention_heads ", c.num_attention_heads);
-  if (c.num_attention_heads % c.num_key_value_heads != 0)
-    fail(src, ": num_attention_heads ", c.num_attention_heads, " is not divisible by num_key_value_heads ",
-         c.num_key_value_heads);
+  // head_dim exists only in the JSON: checked against d / nh once those are valid.
+  validate_config(c, src);
   // Llama configs may carry head_dim; Monet's attention assumes d / nh.
   if (const int64_t hd = get_field<int64_t>(j, "head_dim", c.head_dim(), src); hd != c.head_dim())
     fail(src, ": field \"head_dim\" is ", hd, " but hidden_size / num_attention_heads = ", c.head_dim(),
          "; a separate head_dim is not supported");
-  if (c.head_dim() % 2 != 0) fail(src, ": head_dim = hidden_size / num_attention_heads = ", c.head_dim(), " must be even for RoPE");
+  return c;
+}
+
+uint64_t config_parameter_count(const MonetConfig& c) {
+  const int64_t d = c.hidden_size, V = c.vocab_size, H = c.moe_heads, E = c.moe_experts, m = c.moe_dim;
+  const int64_t hd = d / std::max<int64_t>(1, c.num_attention_heads), nkv = c.num_key_value_heads;
+  // attention q, o [d, d], k, v [nkv*hd, d]; two norms
+  const uint64_t attention = sat_add(sat_product({2, d, d}), sat_product({2, nkv, hd, d}));
+  const uint64_t norms = sat_product({2, d});
+  // router w1, w2 [H*E, d] (BatchNorm buffers are not parameters)
+  const uint64_t router = sat_product({2, H, E, d});
+  // experts: VD u1, u2 [E*m/2, d] + biases, v11..v22 [d/2, E*m/2], b1, b2 [E, d/2];
+  // HD u [E*m, d] + bias, v [d, E*m], b [E, d]: the same totals.
+  const uint64_t experts = sat_add(sat_add(sat_product({2, E, m, d}), sat_product({E, m})), sat_product({E, d}));
+  uint64_t total = sat_product({V, d, c.tie_word_embeddings ? 1 : 2});
+  total = sat_add(total, uint64_t(std::max<int64_t>(0, d)));  // final norm
+  const uint64_t per_layer = sat_add(sat_add(attention, norms), experts);
+  total = sat_add(total, sat_mul(per_layer, uint64_t(std::max<int64_t>(0, c.num_hidden_layers))));
+  const int64_t routers = c.moe_groups > 0 ? (std::max<int64_t>(0, c.num_hidden_layers) + c.moe_groups - 1) / c.moe_groups : 0;
+  return sat_add(total, sat_mul(router, uint64_t(routers)));
+}
+
+void validate_config(const MonetConfig& c, const std::string& src, const std::map<std::string, std::string>& names) {
+  // A field as messages name it: config.json's name, or the option that set it.
+  auto bare = [&](const char* field) -> std::string {
+    auto it = names.find(field);
+    return it != names.end() ? it->second : std::string(field);
+  };
+  auto quoted = [&](const char* field) -> std::string {
+    auto it = names.find(field);
+    return it != names.end() ? it->second : "field \"" + std::string(field) + "\"";
+  };
+  const std::string at = src.empty() ? "" : src + ": ";
+  struct Bounded {
+    const char* name;
+    int64_t value, limit;
+  };
+  using L = ConfigLimits;
+  for (const Bounded& f : {Bounded{"vocab_size", c.vocab_size, L::vocab_size}, {"hidden_size", c.hidden_size, L::hidden_size},
+                           {"num_hidden_layers", c.num_hidden_layers, L::layers},
+                           {"num_attention_heads", c.num_attention_heads, L::hidden_size},
+                           {"num_key_value_heads", c.num_key_value_heads, L::hidden_size},
+                           {"max_position_embeddings", c.max_position_embeddings, L::positions},
+                           {"moe_dim", c.moe_dim, L::moe_dim}, {"moe_heads", c.moe_heads, L::moe_heads},
+                           {"moe_experts", c.moe_experts, L::moe_experts}, {"moe_topk", c.moe_topk, L::moe_experts},
+                           {"moe_groups", c.moe_groups, L::layers}}) {
+    if (f.value <= 0) fail(at, quoted(f.name), " must be positive, found ", f.value);
+    if (f.value > f.limit) fail(at, quoted(f.name), " = ", f.value, " is too large (at most ", f.limit, ")");
+  }
+  if (c.hidden_size % c.num_attention_heads != 0)
+    fail(at, bare("hidden_size"), " ", c.hidden_size, " is not divisible by ", bare("num_attention_heads"), " ",
+         c.num_attention_heads);
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    fail(at, bare("num_attention_heads"), " ", c.num_attention_heads, " is not divisible by ",
+         bare("num_key_value_heads"), " ", c.num_key_value_heads);
+  if (c.head_dim() % 2 != 0)
+    fail(at, "head_dim = ", bare("hidden_size"), " / ", bare("num_attention_heads"), " = ", c.head_dim(),
+         " must be even for RoPE");
   if (c.moe_decompose == Decompose::Vertical) {
-    if (c.hidden_size % 2 != 0) fail(src, ": hidden_size ", c.hidden_size, " must be even for moe_decompose \"vertical\"");
-    if (c.moe_dim % 2 != 0) fail(src, ": moe_dim ", c.moe_dim, " must be even for moe_decompose \"vertical\"");
+    if (c.hidden_size % 2 != 0) fail(at, bare("hidden_size"), " ", c.hidden_size, " must be even for moe_decompose \"vertical\"");
+    if (c.moe_dim % 2 != 0) fail(at, bare("moe_dim"), " ", c.moe_dim, " must be even for moe_decompose \"vertical\"");
   }
   if (c.moe_topk >= c.moe_experts)
-    fail(src, ": moe_topk ", c.moe_topk, " must be smaller than moe_experts ", c.moe_experts);
-  if (!(c.rms_norm_eps > 0)) fail(src, ": field \"rms_norm_eps\" must be positive");
-  if (!(c.rope_theta > 0)) fail(src, ": field \"rope_theta\" must be positive");
-  if (c.vocab_size > std::numeric_limits<int32_t>::max()) fail(src, ": vocab_size ", c.vocab_size, " is too large");
-  return c;
+    fail(at, bare("moe_topk"), " ", c.moe_topk, " must be smaller than ", bare("moe_experts"), " ", c.moe_experts);
+  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps))
+    fail(at, quoted("rms_norm_eps"), " must be positive and finite, found ", c.rms_norm_eps);
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
+    fail(at, quoted("rope_theta"), " must be positive and finite, found ", c.rope_theta);
+  // Token ids are int32 wherever they are used; -1 means none.
+  auto check_id = [&](const char* field, int64_t id) {
+    if (id < -1 || id > std::numeric_limits<int32_t>::max())
+      fail(at, quoted(field), " = ", id, " is not a token id (0 to ", std::numeric_limits<int32_t>::max(), ", or null)");
+  };
+  check_id("bos_token_id", c.bos_token_id);
+  check_id("pad_token_id", c.pad_token_id);
+  for (int64_t id : c.eos_token_ids) check_id("eos_token_id", id);
+  // The sizes the model forms from these fields: every weight matrix and all
+  // together (overflow-safe); the memory they need is checked at load.
+  struct Product {
+    const char* what;
+    uint64_t value;
+  };
+  const int64_t d = c.hidden_size, E = c.moe_experts;
+  for (const Product& p : {Product{"vocab_size x hidden_size (the embedding)", sat_product({c.vocab_size, d})},
+                           {"moe_heads x moe_experts x hidden_size (a router)", sat_product({c.moe_heads, E, d})},
+                           {"moe_experts x moe_dim x hidden_size (an expert matrix)", sat_product({E, c.moe_dim, d})}})
+    if (p.value > uint64_t(L::tensor_elements))
+      fail(at, p.what, " = ", p.value, " elements is too large (at most ", L::tensor_elements, " per tensor)");
+  const uint64_t params = config_parameter_count(c);
+  if (params > uint64_t(L::parameters))
+    fail(at, "these sizes make ", params == kSaturated ? std::string("more than 2^64") : std::to_string(params),
+         " parameters; at most ", L::parameters, " are supported");
 }
 
 MonetConfig load_config(const std::string& path) {

@@ -59,6 +59,88 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+SafetensorsImage parse_safetensors(const uint8_t* base, size_t size, const std::string& path) {
+  if (size < 8) fail(path, ": not a safetensors file: ", size, " bytes, shorter than the 8-byte header length");
+  SafetensorsImage image;
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, base, 8);  // little-endian u64, as on x86-64 and aarch64
+  if (header_len > SafetensorsFile::kMaxHeaderBytes)
+    fail(path, ": header length ", header_len, " exceeds the limit of ", SafetensorsFile::kMaxHeaderBytes, " bytes");
+  if (header_len > size - 8)
+    fail(path, ": truncated: header length ", header_len, " but the file has only ", size - 8,
+         " bytes after the length field");
+  json header;
+  try {
+    header = json::parse(base + 8, base + 8 + header_len);
+  } catch (const json::exception& e) {
+    fail(path, ": header is not valid JSON (", e.what(), ")");
+  }
+  if (!header.is_object()) fail(path, ": header must be a JSON object");
+  const uint8_t* data = base + 8 + header_len;
+  const uint64_t data_size = size - 8 - header_len;
+
+  for (auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      if (!entry.is_object()) fail(path, ": __metadata__ must be an object of strings");
+      for (auto& [k, v] : entry.items()) {
+        if (!v.is_string()) fail(path, ": __metadata__[\"", k, "\"] must be a string");
+        image.metadata[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    if (!entry.is_object()) fail(path, ": tensor ", name, ": entry must be an object");
+    if (!entry.contains("dtype") || !entry["dtype"].is_string())
+      fail(path, ": tensor ", name, ": missing string field \"dtype\"");
+    if (!entry.contains("shape") || !entry["shape"].is_array())
+      fail(path, ": tensor ", name, ": missing array field \"shape\"");
+    if (!entry.contains("data_offsets") || !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2)
+      fail(path, ": tensor ", name, ": \"data_offsets\" must be [begin, end]");
+    TensorInfo t;
+    t.name = name;
+    t.file = path;
+    const std::string dt = entry["dtype"].get<std::string>();
+    if (!dtype_from_name(dt, &t.dtype)) fail(path, ": tensor ", name, ": unknown dtype \"", dt, "\"");
+    uint64_t numel = 1;
+    for (const auto& d : entry["shape"]) {
+      if (!d.is_number_integer() || d.get<int64_t>() < 0)
+        fail(path, ": tensor ", name, ": shape entries must be non-negative integers");
+      const uint64_t dim = d.get<uint64_t>();
+      if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
+        fail(path, ": tensor ", name, ": shape is too large");
+      numel *= dim;
+      t.shape.push_back(int64_t(dim));
+    }
+    const auto& off = entry["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+      fail(path, ": tensor ", name, ": data_offsets must be non-negative integers");
+    const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    if (begin > end) fail(path, ": tensor ", name, ": data_offsets [", begin, ", ", end, "] has begin > end");
+    if (end > data_size)
+      fail(path, ": truncated: tensor ", name, " needs bytes [", begin, ", ", end, ") but the data section has ",
+           data_size, " bytes");
+    const uint64_t expected = numel * dtype_size(t.dtype);
+    if (end - begin != expected)
+      fail(path, ": tensor ", name, ": ", end - begin, " bytes for shape ", t.shape_str(), " of ", dt,
+           ", expected ", expected);
+    t.data = data + begin;
+    t.nbytes = size_t(end - begin);
+    image.tensors.push_back(std::move(t));
+  }
+  // Tensors may not share bytes. Ties on the start put empty tensors first:
+  // writers give an empty tensor the same offset as the next one.
+  std::vector<const TensorInfo*> by_offset;
+  for (const auto& t : image.tensors) by_offset.push_back(&t);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
+    return a->data != b->data ? a->data < b->data : a->nbytes < b->nbytes;
+  });
+  for (size_t i = 1; i < by_offset.size(); i++) {
+    const TensorInfo* prev = by_offset[i - 1];
+    if (prev->data + prev->nbytes > by_offset[i]->data)
+      fail(path, ": tensors ", prev->name, " and ", by_offset[i]->name, " overlap in the data section");
+  }
+  return image;
+}
+
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, ": cannot open (", std::strerror(errno), ")");
@@ -83,83 +165,9 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     fail(path, ": cannot mmap (", std::strerror(errno), ")");
   }
   try {
-    const uint8_t* base = static_cast<const uint8_t*>(map_);
-    uint64_t header_len = 0;
-    std::memcpy(&header_len, base, 8);  // little-endian u64, as on x86-64 and aarch64
-    if (header_len > kMaxHeaderBytes)
-      fail(path, ": header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
-    if (header_len > map_size_ - 8)
-      fail(path, ": truncated: header length ", header_len, " but the file has only ", map_size_ - 8,
-           " bytes after the length field");
-    json header;
-    try {
-      header = json::parse(base + 8, base + 8 + header_len);
-    } catch (const json::exception& e) {
-      fail(path, ": header is not valid JSON (", e.what(), ")");
-    }
-    if (!header.is_object()) fail(path, ": header must be a JSON object");
-    const uint8_t* data = base + 8 + header_len;
-    const uint64_t data_size = map_size_ - 8 - header_len;
-
-    for (auto& [name, entry] : header.items()) {
-      if (name == "__metadata__") {
-        if (!entry.is_object()) fail(path, ": __metadata__ must be an object of strings");
-        for (auto& [k, v] : entry.items()) {
-          if (!v.is_string()) fail(path, ": __metadata__[\"", k, "\"] must be a string");
-          metadata_[k] = v.get<std::string>();
-        }
-        continue;
-      }
-      if (!entry.is_object()) fail(path, ": tensor ", name, ": entry must be an object");
-      if (!entry.contains("dtype") || !entry["dtype"].is_string())
-        fail(path, ": tensor ", name, ": missing string field \"dtype\"");
-      if (!entry.contains("shape") || !entry["shape"].is_array())
-        fail(path, ": tensor ", name, ": missing array field \"shape\"");
-      if (!entry.contains("data_offsets") || !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2)
-        fail(path, ": tensor ", name, ": \"data_offsets\" must be [begin, end]");
-      TensorInfo t;
-      t.name = name;
-      t.file = path;
-      const std::string dt = entry["dtype"].get<std::string>();
-      if (!dtype_from_name(dt, &t.dtype)) fail(path, ": tensor ", name, ": unknown dtype \"", dt, "\"");
-      uint64_t numel = 1;
-      for (const auto& d : entry["shape"]) {
-        if (!d.is_number_integer() || d.get<int64_t>() < 0)
-          fail(path, ": tensor ", name, ": shape entries must be non-negative integers");
-        const uint64_t dim = d.get<uint64_t>();
-        if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
-          fail(path, ": tensor ", name, ": shape is too large");
-        numel *= dim;
-        t.shape.push_back(int64_t(dim));
-      }
-      const auto& off = entry["data_offsets"];
-      if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-        fail(path, ": tensor ", name, ": data_offsets must be non-negative integers");
-      const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
-      if (begin > end) fail(path, ": tensor ", name, ": data_offsets [", begin, ", ", end, "] has begin > end");
-      if (end > data_size)
-        fail(path, ": truncated: tensor ", name, " needs bytes [", begin, ", ", end, ") but the data section has ",
-             data_size, " bytes");
-      const uint64_t expected = numel * dtype_size(t.dtype);
-      if (end - begin != expected)
-        fail(path, ": tensor ", name, ": ", end - begin, " bytes for shape ", t.shape_str(), " of ", dt,
-             ", expected ", expected);
-      t.data = data + begin;
-      t.nbytes = size_t(end - begin);
-      tensors_.push_back(std::move(t));
-    }
-    // Tensors may not share bytes. Ties on the start put empty tensors first:
-    // writers give an empty tensor the same offset as the next one.
-    std::vector<const TensorInfo*> by_offset;
-    for (const auto& t : tensors_) by_offset.push_back(&t);
-    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
-      return a->data != b->data ? a->data < b->data : a->nbytes < b->nbytes;
-    });
-    for (size_t i = 1; i < by_offset.size(); i++) {
-      const TensorInfo* prev = by_offset[i - 1];
-      if (prev->data + prev->nbytes > by_offset[i]->data)
-        fail(path, ": tensors ", prev->name, " and ", by_offset[i]->name, " overlap in the data section");
-    }
+    SafetensorsImage image = parse_safetensors(static_cast<const uint8_t*>(map_), map_size_, path);
+    tensors_ = std::move(image.tensors);
+    metadata_ = std::move(image.metadata);
     for (size_t i = 0; i < tensors_.size(); i++) index_[tensors_[i].name] = i;
   } catch (...) {
     ::munmap(map_, map_size_);

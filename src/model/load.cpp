@@ -6,6 +6,7 @@
 #include "backend/backend.h"
 #include "model/tensor_table.h"
 #include "monet/error.h"
+#include "monet/memory.h"
 #include "monet/model.h"
 #include "monet/safetensors.h"
 
@@ -95,6 +96,9 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   bo.compute = opts.compute;
   m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
+  // What the load copies (transposed expert matrices, vectors) must fit: say
+  // how much is needed before allocating any of it.
+  check_load_memory(m->config_, m->store_->get("model.embed_tokens.weight").dtype, 0, dir);
 
   const MonetConfig& c = m->config_;
   Loader ld(*m->store_, c);

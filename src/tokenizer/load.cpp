@@ -2,6 +2,7 @@
 // (sentencepiece_model.h reads its ModelProto) and tokenizer_config.json.
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -43,6 +44,52 @@ std::string token_content(const json& v) {
   if (v.is_string()) return v.get<std::string>();
   if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
   return "";
+}
+
+// Optional fields of a tokenizer component (`what` names it in messages):
+// `fallback` when absent or null, a monet::Error when of another type.
+std::string string_field(const json& obj, const char* key, const std::string& fallback, const std::string& path,
+                         const std::string& what) {
+  if (!obj.is_object() || !obj.contains(key) || obj[key].is_null()) return fallback;
+  if (!obj[key].is_string()) fail(path, ": ", what, ".", key, " must be a string, found ", obj[key].dump());
+  return obj[key].get<std::string>();
+}
+bool bool_field(const json& obj, const char* key, bool fallback, const std::string& path, const std::string& what) {
+  if (!obj.is_object() || !obj.contains(key) || obj[key].is_null()) return fallback;
+  if (!obj[key].is_boolean()) fail(path, ": ", what, ".", key, " must be true or false, found ", obj[key].dump());
+  return obj[key].get<bool>();
+}
+
+// Strings a normalizer or decoder inserts or looks for: short, so that a text
+// grows by a bounded factor (kMaxGrowth below).
+constexpr size_t kMaxPatternBytes = 64;
+// A normalizer may make a text at most this many times longer (LLaMA's
+// Prepend "▁" + Replace " " -> "▁" : 4 x 3 = 12).
+constexpr size_t kMaxGrowth = 64;
+
+void check_pattern(const std::string& s, bool allow_empty, const std::string& path, const std::string& what) {
+  if (!allow_empty && s.empty()) fail(path, ": ", what, " must not be empty");
+  if (s.size() > kMaxPatternBytes)
+    fail(path, ": ", what, " has ", s.size(), " bytes; at most ", kMaxPatternBytes, " are supported");
+  if (!utf8::is_valid(s)) fail(path, ": ", what, " is not valid UTF-8");
+}
+
+// Metaspace's replacement: exactly one character (a Rust char in HF).
+std::string metaspace_replacement(const json& component, const std::string& path, const std::string& what) {
+  const std::string r = string_field(component, "replacement", utf8::kSpaceMark, path, what);
+  if (r.empty() || utf8::valid_char_len(r, 0) != int(r.size()))
+    fail(path, ": ", what, ".replacement \"", r, "\" must be exactly one character");
+  return r;
+}
+
+// Token ids run up to 2^24 (as int32 everywhere) and may have holes, but not
+// mostly holes: a file of a few entries must not size a huge vocabulary.
+constexpr int64_t kMaxVocab = int64_t(1) << 24;
+void check_vocab_ids(int64_t max_id, int64_t defined, const std::string& path) {
+  if (max_id >= kMaxVocab) fail(path, ": token id ", max_id, " is too large; ids must be below ", kMaxVocab);
+  if (max_id + 1 > 2 * defined + 1024)
+    fail(path, ": token ids run up to ", max_id, " but only ", defined,
+         " tokens are defined; a vocabulary of mostly unused ids is not supported");
 }
 
 // The items of a "Sequence" component (normalizers, decoders, ...), or the component itself.
@@ -92,7 +139,7 @@ void TokenizerBuilder::finish(Tokenizer& t) {
 void TokenizerBuilder::parse_hf(Tokenizer& t, const json& j, const std::string& path, bool* has_template) {
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) fail(path, ": missing \"model\" object");
   const json& m = j["model"];
-  const std::string type = m.value("type", "BPE");
+  const std::string type = string_field(m, "type", "BPE", path, "model");
   if (type != "BPE")
     fail(path, ": model type \"", type, "\" is not supported (only BPE with byte fallback, as in LLaMA-family tokenizers)");
   if (!m.contains("vocab") || !m["vocab"].is_object()) fail(path, ": model.vocab must be an object");
@@ -106,24 +153,28 @@ void TokenizerBuilder::parse_hf(Tokenizer& t, const json& j, const std::string& 
       fail(path, ": vocab[\"", piece, "\"] must be a non-negative id");
     max_id = std::max(max_id, id.get<int64_t>());
   }
+  if (m["vocab"].empty()) fail(path, ": model.vocab is empty");
   const json added = j.value("added_tokens", json::array());
   if (!added.is_array()) fail(path, ": added_tokens must be an array");
-  for (const json& a : added) {
+  for (size_t k = 0; k < added.size(); k++) {
+    const json& a = added[k];
     if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || a["id"].get<int64_t>() < 0 ||
         a["id"].get<int64_t>() > INT32_MAX || !a.contains("content") || !a["content"].is_string())
       fail(path, ": added_tokens entries need \"content\" and a non-negative \"id\"");
+    const std::string what = "added_tokens[" + std::to_string(k) + "]";
+    for (const char* flag : {"special", "normalized", "lstrip", "rstrip", "single_word"}) bool_field(a, flag, false, path, what);
     max_id = std::max(max_id, a["id"].get<int64_t>());
   }
-  if (max_id >= (int64_t(1) << 24)) fail(path, ": token id ", max_id, " is implausibly large");
+  check_vocab_ids(max_id, int64_t(m["vocab"].size() + added.size()), path);
   t.pieces_.assign(size_t(max_id + 1), "");
   for (auto& [piece, id] : m["vocab"].items()) {
     t.pieces_[size_t(id.get<int64_t>())] = piece;
     t.vocab_[piece] = int32_t(id.get<int64_t>());
   }
   t.ids_ = t.vocab_;
-  t.byte_fallback_ = m.value("byte_fallback", false);
-  t.fuse_unk_ = m.value("fuse_unk", false);
-  t.ignore_merges_ = m.value("ignore_merges", false);
+  t.byte_fallback_ = bool_field(m, "byte_fallback", false, path, "model");
+  t.fuse_unk_ = bool_field(m, "fuse_unk", false, path, "model");
+  t.ignore_merges_ = bool_field(m, "ignore_merges", false, path, "model");
   if (m.contains("unk_token") && m["unk_token"].is_string()) {
     auto it = t.vocab_.find(m["unk_token"].get<std::string>());
     if (it != t.vocab_.end()) t.unk_id_ = it->second;
@@ -146,6 +197,7 @@ void TokenizerBuilder::parse_hf(Tokenizer& t, const json& j, const std::string& 
     } else {
       fail(path, ": merge ", rank, " must be \"a b\" or [a, b]");
     }
+    if (rank > size_t(INT32_MAX)) fail(path, ": more than ", INT32_MAX, " merges");
     auto ia = t.vocab_.find(a), ib = t.vocab_.find(b), iab = t.vocab_.find(a + b);
     if (ia == t.vocab_.end() || ib == t.vocab_.end() || iab == t.vocab_.end())
       fail(path, ": merge ", rank, " (", a, " + ", b, ") uses a piece missing from the vocab");
@@ -153,79 +205,112 @@ void TokenizerBuilder::parse_hf(Tokenizer& t, const json& j, const std::string& 
     t.merges_.emplace(key, std::make_pair(int32_t(rank), iab->second));  // the first (lowest) rank wins, as in HF
   }
 
-  // Normalizer: Prepend / Replace, possibly in a Sequence
+  // Normalizer: Prepend / Replace, possibly in a Sequence. Each may make the
+  // text longer; together by at most kMaxGrowth.
+  size_t growth = 1;
   for (const json& n : flatten(j.value("normalizer", json()), "normalizers")) {
-    const std::string nt = n.value("type", "");
+    const std::string nt = string_field(n, "type", "", path, "normalizer");
     if (nt == "Prepend") {
       if (!t.replacements_.empty() || !t.prepend_.empty())
         fail(path, ": a Prepend normalizer after Replace or Prepend is not supported");
-      t.prepend_ = n.value("prepend", "");
+      t.prepend_ = string_field(n, "prepend", "", path, "normalizer Prepend");
+      check_pattern(t.prepend_, true, path, "normalizer Prepend.prepend");
+      growth *= 1 + t.prepend_.size();  // a segment of one byte grows most
     } else if (nt == "Replace" && n.contains("pattern") && n["pattern"].is_object() && n["pattern"].contains("String")) {
-      t.replacements_.emplace_back(n["pattern"]["String"].get<std::string>(), n.value("content", ""));
+      const std::string from = string_field(n["pattern"], "String", "", path, "normalizer Replace.pattern");
+      const std::string to = string_field(n, "content", "", path, "normalizer Replace");
+      check_pattern(from, false, path, "normalizer Replace.pattern.String");
+      check_pattern(to, true, path, "normalizer Replace.content");
+      growth *= std::max<size_t>(1, (to.size() + from.size() - 1) / from.size());
+      t.replacements_.emplace_back(from, to);
     } else {
       fail(path, ": normalizer ", n.dump(), " is not supported (LLaMA-family tokenizers use Prepend/Replace)");
     }
+    if (growth > kMaxGrowth)
+      fail(path, ": the normalizers can make a text ", growth, " times longer; at most ", kMaxGrowth, " is supported");
   }
   // Pre-tokenizer: Metaspace (alone or the only item of a Sequence)
   const std::vector<json> pres = flatten(j.value("pre_tokenizer", json()), "pretokenizers");
   if (pres.size() > 1) fail(path, ": a pre_tokenizer Sequence of ", pres.size(), " is not supported (only Metaspace)");
   for (const json& p : pres) {
-    if (p.value("type", "") != "Metaspace")
-      fail(path, ": pre_tokenizer ", p.value("type", "?"), " is not supported (only Metaspace)");
+    const std::string pt = string_field(p, "type", "", path, "pre_tokenizer");
+    if (pt != "Metaspace") fail(path, ": pre_tokenizer ", pt.empty() ? "?" : pt, " is not supported (only Metaspace)");
     t.metaspace_ = true;
-    t.metaspace_char_ = p.value("replacement", utf8::kSpaceMark);
-    const std::string scheme = p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
+    t.metaspace_char_ = metaspace_replacement(p, path, "pre_tokenizer Metaspace");
+    const bool add_prefix_space = bool_field(p, "add_prefix_space", true, path, "pre_tokenizer Metaspace");
+    const std::string scheme = string_field(p, "prepend_scheme", add_prefix_space ? "always" : "never", path, "pre_tokenizer Metaspace");
     if (scheme != "first" && scheme != "always" && scheme != "never")
       fail(path, ": Metaspace prepend_scheme \"", scheme, "\" is not supported");
     t.metaspace_prepend_ = scheme == "first" ? Tokenizer::Prepend::First
                            : scheme == "never" ? Tokenizer::Prepend::Never : Tokenizer::Prepend::Always;
-    t.metaspace_split_ = p.value("split", true);
+    t.metaspace_split_ = bool_field(p, "split", true, path, "pre_tokenizer Metaspace");
   }
   // Decoder: Replace, ByteFallback, Fuse, Strip, Metaspace
   t.decode_bytes_ = false;
+  size_t decode_growth = 1;
   for (const json& d : flatten(j.value("decoder", json()), "decoders")) {
-    const std::string dt = d.value("type", "");
+    const std::string dt = string_field(d, "type", "", path, "decoder");
     if (dt == "ByteFallback") {
       t.decode_bytes_ = true;
     } else if (dt == "Replace" && d.contains("pattern") && d["pattern"].is_object() && d["pattern"].contains("String")) {
-      t.decode_replacements_.emplace_back(d["pattern"]["String"].get<std::string>(), d.value("content", ""));
+      const std::string from = string_field(d["pattern"], "String", "", path, "decoder Replace.pattern");
+      const std::string to = string_field(d, "content", "", path, "decoder Replace");
+      check_pattern(from, false, path, "decoder Replace.pattern.String");
+      check_pattern(to, true, path, "decoder Replace.content");
+      decode_growth *= std::max<size_t>(1, (to.size() + from.size() - 1) / from.size());
+      t.decode_replacements_.emplace_back(from, to);
     } else if (dt == "Strip") {
-      if (d.value("content", " ") != " " || d.value("start", 0) > 1 || d.value("stop", 0) != 0)
+      const json start = d.value("start", json(0)), stop = d.value("stop", json(0));
+      if (string_field(d, "content", " ", path, "decoder Strip") != " " || !start.is_number_integer() ||
+          !stop.is_number_integer() || start.get<int64_t>() < 0 || start.get<int64_t>() > 1 || stop.get<int64_t>() != 0)
         fail(path, ": decoder Strip ", d.dump(), " is not supported (only one leading space)");
-      if (d.value("start", 0) == 1) t.leading_ = Tokenizer::Leading::StripOneSpace;
+      if (start.get<int64_t>() == 1) t.leading_ = Tokenizer::Leading::StripOneSpace;
     } else if (dt == "Metaspace") {
-      t.decode_replacements_.emplace_back(d.value("replacement", utf8::kSpaceMark), " ");
-      t.metaspace_char_ = d.value("replacement", utf8::kSpaceMark);
-      const std::string scheme = d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never");
+      t.decode_metaspace_char_ = metaspace_replacement(d, path, "decoder Metaspace");
+      t.decode_replacements_.emplace_back(t.decode_metaspace_char_, " ");
+      const bool add_prefix_space = bool_field(d, "add_prefix_space", true, path, "decoder Metaspace");
+      const std::string scheme = string_field(d, "prepend_scheme", add_prefix_space ? "always" : "never", path, "decoder Metaspace");
       if (scheme != "never") t.leading_ = Tokenizer::Leading::DropFirstTokenMarks;
     } else if (dt != "Fuse") {
       fail(path, ": decoder ", dt, " is not supported (only Replace, ByteFallback, Fuse, Strip, Metaspace)");
     }
+    if (decode_growth > kMaxGrowth)
+      fail(path, ": the decoders can make a text ", decode_growth, " times longer; at most ", kMaxGrowth, " is supported");
   }
   // Special tokens around a single sequence, from the post-processor.
   *has_template = false;
   if (j.contains("post_processor") && j["post_processor"].is_object()) {
     const json& pp = j["post_processor"];
-    if (pp.value("type", "") != "TemplateProcessing")
-      fail(path, ": post_processor ", pp.value("type", "?"), " is not supported (only TemplateProcessing)");
+    const std::string pp_type = string_field(pp, "type", "", path, "post_processor");
+    if (pp_type != "TemplateProcessing")
+      fail(path, ": post_processor ", pp_type.empty() ? "?" : pp_type, " is not supported (only TemplateProcessing)");
     *has_template = true;
+    const json single = pp.value("single", json::array());
+    if (!single.is_array()) fail(path, ": post_processor.single must be an array");
+    const json table = pp.value("special_tokens", json::object());
     bool after = false;
-    for (const json& item : pp.value("single", json::array())) {
+    for (const json& item : single) {
+      if (!item.is_object()) fail(path, ": post_processor.single items must be objects, found ", item.dump());
       if (item.contains("Sequence")) {
         after = true;
       } else if (item.contains("SpecialToken")) {
-        const json& st = item["SpecialToken"];
-        const std::string name = st.value("id", "");
+        const std::string name = string_field(item["SpecialToken"], "id", "", path, "post_processor SpecialToken");
         // the ids come from the post-processor's special_tokens table, else the vocabulary
-        int32_t id = -1;
-        if (pp.contains("special_tokens") && pp["special_tokens"].contains(name) && !pp["special_tokens"][name]["ids"].empty())
-          id = pp["special_tokens"][name]["ids"][0].get<int32_t>();
-        else if (auto it = t.ids_.find(name); it != t.ids_.end())
+        int64_t id = -1;
+        if (table.is_object() && table.contains(name) && table[name].is_object() && table[name].contains("ids") &&
+            table[name]["ids"].is_array() && !table[name]["ids"].empty()) {
+          const json& first = table[name]["ids"][0];
+          if (!first.is_number_integer() || first.get<int64_t>() < 0 || first.get<int64_t>() >= int64_t(t.pieces_.size()))
+            fail(path, ": post_processor.special_tokens[\"", name, "\"].ids[0] = ", first.dump(),
+                 " is not a token id in [0, ", t.pieces_.size(), ")");
+          id = first.get<int64_t>();
+        } else if (auto it = t.ids_.find(name); it != t.ids_.end()) {
           id = it->second;
+        }
         for (const json& a : added)
-          if (id < 0 && a["content"] == name) id = a["id"].get<int32_t>();
+          if (id < 0 && a["content"] == name) id = a["id"].get<int64_t>();
         if (id < 0) fail(path, ": post_processor names unknown token ", item.dump());
-        (after ? t.suffix_ids_ : t.prefix_ids_).push_back(id);
+        (after ? t.suffix_ids_ : t.prefix_ids_).push_back(int32_t(id));
       }
     }
   }
@@ -239,10 +324,12 @@ void TokenizerBuilder::parse_hf(Tokenizer& t, const json& j, const std::string& 
     if (content.empty()) continue;  // HF ignores empty added tokens
     t.pieces_[size_t(id)] = content;
     t.ids_[content] = id;
-    if (a.value("special", false)) t.special_[size_t(id)] = 1;
-    const bool normalized = a.value("normalized", !a.value("special", false));
-    Tokenizer::AddedToken tok{normalized ? t.normalize(content) : content, id, a.value("lstrip", false),
-                              a.value("rstrip", false), a.value("single_word", false)};
+    const bool special = bool_field(a, "special", false, path, "added_tokens");
+    if (special) t.special_[size_t(id)] = 1;
+    const bool normalized = bool_field(a, "normalized", !special, path, "added_tokens");
+    Tokenizer::AddedToken tok{normalized ? t.normalize(content) : content, id, bool_field(a, "lstrip", false, path, "added_tokens"),
+                              bool_field(a, "rstrip", false, path, "added_tokens"),
+                              bool_field(a, "single_word", false, path, "added_tokens")};
     (normalized ? t.normalized_added_ : t.raw_added_).tokens.push_back(std::move(tok));
   }
 }
@@ -341,22 +428,32 @@ void TokenizerBuilder::apply_config(Tokenizer& t, const std::string& config_path
     };
     // tokenizer.model: tokens the config adds beyond the SentencePiece vocabulary
     // (added_tokens_decoder), as HF adds them to the converted tokenizer.
-    if (!from_json && cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
-      for (auto& [key, a] : cfg["added_tokens_decoder"].items()) {
+    if (!from_json && cfg.contains("added_tokens_decoder") && !cfg["added_tokens_decoder"].is_null()) {
+      const json& decoder = cfg["added_tokens_decoder"];
+      if (!decoder.is_object()) fail(config_path, ": added_tokens_decoder must be an object (id -> token)");
+      const int64_t defined = int64_t(t.pieces_.size() + decoder.size());
+      for (auto& [key, a] : decoder.items()) {
+        const std::string what = "added_tokens_decoder[\"" + key + "\"]";
+        if (key.empty() || key.size() > 9 || !std::all_of(key.begin(), key.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+          fail(config_path, ": ", what, ": the key must be a token id (decimal digits)");
         const int64_t id = std::stoll(key);
-        const std::string content = token_content(a);
-        if (id < 0 || id >= (int64_t(1) << 24) || content.empty()) fail(config_path, ": bad added_tokens_decoder entry \"", key, "\"");
+        if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || a["content"].get<std::string>().empty())
+          fail(config_path, ": ", what, " must be an object with a non-empty string \"content\"");
+        const std::string content = a["content"].get<std::string>();
+        const bool special = bool_field(a, "special", false, config_path, what);
+        const bool normalized = bool_field(a, "normalized", !special, config_path, what);
+        const bool lstrip = bool_field(a, "lstrip", false, config_path, what);
+        const bool rstrip = bool_field(a, "rstrip", false, config_path, what);
+        const bool single_word = bool_field(a, "single_word", false, config_path, what);
+        check_vocab_ids(id, defined, config_path);
         if (size_t(id) < t.pieces_.size()) continue;  // already a piece of the model
         t.pieces_.resize(size_t(id) + 1);
         t.special_.resize(t.pieces_.size(), 0);
         t.byte_values_.resize(t.pieces_.size(), -1);
         t.pieces_[size_t(id)] = content;
         t.ids_[content] = int32_t(id);
-        const bool special = a.value("special", false);
         if (special) t.special_[size_t(id)] = 1;
-        const bool normalized = a.value("normalized", !special);
-        (normalized ? t.normalized_added_ : t.raw_added_)
-            .tokens.push_back({content, int32_t(id), a.value("lstrip", false), a.value("rstrip", false), a.value("single_word", false)});
+        (normalized ? t.normalized_added_ : t.raw_added_).tokens.push_back({content, int32_t(id), lstrip, rstrip, single_word});
       }
     }
     // tokenizer.model: HF's LlamaTokenizer(Fast) with legacy=false has no
@@ -379,15 +476,17 @@ void TokenizerBuilder::apply_config(Tokenizer& t, const std::string& config_path
     // BOS/EOS: HF's LlamaTokenizer(Fast) rebuilds the post-processor from
     // add_bos_token (default true) / add_eos_token (default false); other
     // tokenizer classes keep tokenizer.json's post-processor.
-    std::string cls = cfg.value("tokenizer_class", "");
+    std::string cls = string_field(cfg, "tokenizer_class", "", config_path, "tokenizer_config");
     if (cls.size() > 4 && cls.compare(cls.size() - 4, 4, "Fast") == 0) cls.resize(cls.size() - 4);
     const bool llama_class = cls == "LlamaTokenizer" || cls == "CodeLlamaTokenizer";
     const bool has_flags = cfg.contains("add_bos_token") || cfg.contains("add_eos_token");
     if (!from_json || llama_class || (cls.empty() && (has_flags || !json_has_template))) {
       t.prefix_ids_.clear();
       t.suffix_ids_.clear();
-      if (cfg.value("add_bos_token", true) && t.bos_id_ >= 0) t.prefix_ids_.push_back(t.bos_id_);
-      if (cfg.value("add_eos_token", false) && t.eos_id_ >= 0) t.suffix_ids_.push_back(t.eos_id_);
+      if (bool_field(cfg, "add_bos_token", true, config_path, "tokenizer_config") && t.bos_id_ >= 0)
+        t.prefix_ids_.push_back(t.bos_id_);
+      if (bool_field(cfg, "add_eos_token", false, config_path, "tokenizer_config") && t.eos_id_ >= 0)
+        t.suffix_ids_.push_back(t.eos_id_);
     }
     if (cfg.contains("chat_template")) {
       const json& ct = cfg["chat_template"];
@@ -395,13 +494,12 @@ void TokenizerBuilder::apply_config(Tokenizer& t, const std::string& config_path
         t.chat_template_ = ct.get<std::string>();
       } else if (ct.is_array()) {  // named templates: use "default"
         for (const json& e : ct)
-          if (e.value("name", "") == "default") t.chat_template_ = e.value("template", "");
+          if (string_field(e, "name", "", config_path, "chat_template[]") == "default")
+            t.chat_template_ = string_field(e, "template", "", config_path, "chat_template[]");
       }
     }
   } catch (const json::exception& e) {
     fail(config_path, ": unexpected structure (", e.what(), ")");
-  } catch (const std::logic_error& e) {  // std::stoll on a bad key
-    fail(config_path, ": bad added_tokens_decoder id (", e.what(), ")");
   }
   t.raw_added_.index();
   t.normalized_added_.index();

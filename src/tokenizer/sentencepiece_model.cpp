@@ -1,6 +1,8 @@
 // A minimal protobuf wire-format reader for SentencePiece's ModelProto.
 #include "tokenizer/sentencepiece_model.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
@@ -61,6 +63,10 @@ struct ProtoReader {
 
 }  // namespace
 
+// Vocabularies beyond this are not tokenizers but damage (ids are int32 and
+// per-piece tables are allocated from the count).
+constexpr int64_t kMaxPieces = int64_t(1) << 24;
+
 SentencePieceModel read_sentencepiece_model(const std::string& path) {
   const std::string data = read_file(path);
   SentencePieceModel m;
@@ -72,24 +78,28 @@ SentencePieceModel read_sentencepiece_model(const std::string& path) {
       ProtoReader pr(r.bytes(), path);
       std::string piece;
       float score = 0;
-      int type = 1;  // NORMAL
+      uint64_t type = 1;  // NORMAL
       while (!pr.done()) {
         uint32_t w;
         const uint32_t f = pr.key(&w);
         if (f == 1 && w == 2) piece = std::string(pr.bytes());
         else if (f == 2 && w == 5) score = pr.f32();
-        else if (f == 3 && w == 0) type = int(pr.varint());
+        else if (f == 3 && w == 0) type = pr.varint();
         else pr.skip(w);
       }
+      const size_t id = m.pieces.size();
+      if (int64_t(id) >= kMaxPieces) fail(path, ": more than ", kMaxPieces, " pieces");
+      if (type < 1 || type > 6) fail(path, ": piece ", id, " has unknown type ", type);
+      if (!std::isfinite(score)) fail(path, ": piece ", id, " has score ", score, "; scores must be finite");
       m.pieces.push_back(piece);
       m.scores.push_back(score);
-      m.types.push_back(type);
+      m.types.push_back(int(type));
     } else if (field == 2 && wire == 2) {  // TrainerSpec
       ProtoReader tr(r.bytes(), path);
       while (!tr.done()) {
         uint32_t w;
         const uint32_t f = tr.key(&w);
-        if (f == 3 && w == 0) m.model_type = int(tr.varint());
+        if (f == 3 && w == 0) m.model_type = int(std::min<uint64_t>(tr.varint(), 1000));  // 1000: "unsupported"
         else if (f == 24 && w == 0) m.treat_whitespace_as_suffix = tr.varint() != 0;
         else if (f == 35 && w == 0) m.byte_fallback = tr.varint() != 0;
         else if (f == 45 && w == 2) m.unk_piece = std::string(tr.bytes());

@@ -3,6 +3,7 @@
 #include "monet/tokenizer.h"
 
 #include <algorithm>
+#include <climits>
 #include <queue>
 
 #include "monet/error.h"
@@ -198,6 +199,7 @@ struct Candidate {
 // linked list of symbols.
 void Tokenizer::bpe(std::string_view word, std::vector<int32_t>& out) const {
   if (word.empty()) return;
+  if (word.size() > size_t(INT32_MAX)) fail(source_, ": a word of ", word.size(), " bytes is too long to encode");
   const bool hf = kind_ == Kind::HfBpe;
   if (hf && ignore_merges_) {
     auto it = vocab_.find(std::string(word));
@@ -324,7 +326,7 @@ std::string Tokenizer::token_bytes(int32_t id, bool first) const {
   if (b >= 0) return std::string(1, char(b));
   if (kind_ == Kind::SentencePieceBpe && special_[size_t(id)]) return id == unk_id_ ? " \xe2\x81\x87 " : "";
   std::string s = pieces_[size_t(id)];
-  if (first && leading_ == Leading::DropFirstTokenMarks) replace_all(s, metaspace_char_, "");
+  if (first && leading_ == Leading::DropFirstTokenMarks) replace_all(s, decode_metaspace_char_, "");
   if (first && leading_ == Leading::SentencePiecePrefix && s.compare(0, utf8::kSpaceMark.size(), utf8::kSpaceMark) == 0)
     s.erase(0, utf8::kSpaceMark.size());
   for (const auto& [from, to] : decode_replacements_) replace_all(s, from, to);

@@ -514,6 +514,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     fail("the model's vocab_size ", cfg.vocab_size, " is smaller than the tokenizer's ", tok.vocab_size());
   if (T > cfg.max_position_embeddings)
     fail("--seq ", T, " exceeds the model's max_position_embeddings = ", cfg.max_position_embeddings);
+  check_train_model(cfg, o);
   TrainModel<R> model(cfg);
   AdamW<R> opt(model.layout());
   RunState st;
@@ -611,7 +612,7 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f\n", (long long)st.step,
                  (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
                  val_text, tok_s, elapsed);
-    std::fflush(log);
+    if (std::ferror(log) || std::fflush(log) != 0) fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
     TrainStepReport report;
     report.step = st.step;
     report.steps = o.steps;
@@ -632,23 +633,11 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
   std::fclose(log);
 }
 
-void check_options(const TrainOptions& o) {
-  if (o.out.empty()) fail("--out is required");
-  if (o.tokenizer.empty() && o.init.empty() && !o.resume) fail("--tokenizer is required (a directory with tokenizer.model or tokenizer.json)");
-  if (o.steps < 1 || o.batch < 1 || o.seq < 2 || o.grad_accum < 1)
-    fail("--steps, --batch and --grad-accum must be >= 1 and --seq >= 2");
-  if (!(o.lr > 0) || o.warmup < 0 || o.min_lr_ratio < 0 || o.min_lr_ratio > 1 || o.weight_decay < 0 || o.clip < 0)
-    fail("--lr must be > 0, --warmup >= 0, --min-lr-ratio in [0, 1], --weight-decay >= 0, --clip >= 0");
-  if (!(o.val_fraction >= 0 && o.val_fraction < 1)) fail("--val-fraction must be in [0, 1)");
-  if (o.dtype != "f32" && o.dtype != "f64") fail("--dtype must be f32 or f64, got '", o.dtype, "'");
-  parse_save_dtype(o.save_dtype);
-}
-
 }  // namespace
 
 void run_training(const TrainOptions& opts) {
   TrainOptions o = opts;
-  check_options(o);
+  validate_train_options(o);
   ScopedThreads threads(o.threads);
   std::error_code ec;
   fs::create_directories(o.out, ec);

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <limits>
 #include <random>
 
 #include "monet/error.h"
@@ -548,7 +549,7 @@ TEST(Tokenizer, Errors) {
   tok = toy_json();
   tok["model"]["byte_fallback"] = "yes";
   dir.write("tokenizer.json", tok.dump());
-  expect_load_error(dir, {"tokenizer.json", "unexpected structure"});
+  expect_load_error(dir, {"tokenizer.json", "model.byte_fallback", "true or false"});
   dir.write("tokenizer.json", toy_json().dump());
   dir.write("tokenizer_config.json", "[1, 2");
   expect_load_error(dir, {"tokenizer_config.json", "not valid JSON"});
@@ -560,6 +561,119 @@ TEST(Tokenizer, Errors) {
   expect_load_error(sp, {"tokenizer.model", "UNIGRAM", "not supported"});
   sp.write("tokenizer.model", "");
   expect_load_error(sp, {"tokenizer.model", "no pieces"});
+}
+
+// Everything a tokenizer file sets is bounded: no setting makes encoding
+// loop, grow without bound or index outside the vocabulary (issue 18).
+TEST(Tokenizer, SettingsAreBounded) {
+  TokDir dir;
+  auto expect_json_error = [&](const json& tok, const std::vector<std::string>& parts) {
+    dir.write("tokenizer.json", tok.dump());
+    expect_load_error(dir, parts);
+  };
+  ToyOptions meta;
+  meta.layout = "metaspace";
+  meta.split = true;
+  // An empty Metaspace replacement made encoding loop forever.
+  json tok = toy_json(meta);
+  tok["pre_tokenizer"]["replacement"] = "";
+  expect_json_error(tok, {"tokenizer.json", "pre_tokenizer Metaspace.replacement", "exactly one character"});
+  tok["pre_tokenizer"]["replacement"] = "ab";
+  expect_json_error(tok, {"tokenizer.json", "exactly one character"});
+  tok["pre_tokenizer"]["replacement"] = 7;
+  expect_json_error(tok, {"tokenizer.json", "replacement must be a string"});
+  tok = toy_json(meta);
+  tok["decoder"]["decoders"][0]["replacement"] = "";
+  expect_json_error(tok, {"tokenizer.json", "decoder Metaspace.replacement", "exactly one character"});
+  // Normalizer patterns: not empty, short, and a bounded growth of the text.
+  tok = toy_json();
+  tok["normalizer"]["normalizers"][1]["pattern"]["String"] = "";
+  expect_json_error(tok, {"tokenizer.json", "normalizer Replace.pattern.String must not be empty"});
+  tok = toy_json();
+  tok["normalizer"]["normalizers"][1]["content"] = std::string(65, 'x');
+  expect_json_error(tok, {"tokenizer.json", "normalizer Replace.content has 65 bytes"});
+  tok = toy_json();
+  for (int k = 0; k < 3; k++)
+    tok["normalizer"]["normalizers"].push_back({{"type", "Replace"}, {"pattern", {{"String", "h"}}}, {"content", "hhhh"}});
+  expect_json_error(tok, {"tokenizer.json", "times longer"});
+  tok = toy_json();
+  tok["decoder"]["decoders"][0]["pattern"]["String"] = "";
+  expect_json_error(tok, {"tokenizer.json", "decoder Replace.pattern.String must not be empty"});
+  // Vocabulary ids: a few entries cannot size a huge vocabulary.
+  tok = toy_json();
+  tok["model"]["vocab"]["zz"] = 10000000;
+  expect_json_error(tok, {"tokenizer.json", "token ids run up to 10000000", "mostly unused"});
+  tok = toy_json();
+  tok["model"]["vocab"] = json::object();
+  tok["added_tokens"] = json::array();
+  tok["model"]["merges"] = json::array();
+  expect_json_error(tok, {"tokenizer.json", "model.vocab is empty"});
+  // Added tokens: flags are booleans.
+  ToyOptions with_added;
+  with_added.extra_added = {added_token(300, "[X]", false)};
+  tok = toy_json(with_added);
+  tok["added_tokens"][3]["special"] = "yes";
+  expect_json_error(tok, {"tokenizer.json", "added_tokens[3].special must be true or false"});
+  // The post-processor's ids lie in the vocabulary, and its table is checked.
+  tok = toy_json();
+  tok["post_processor"] = {{"type", "TemplateProcessing"},
+                           {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}}}}}},
+                           {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {99999}}}}}}};
+  expect_json_error(tok, {"tokenizer.json", "post_processor.special_tokens[\"<s>\"].ids[0] = 99999", "not a token id"});
+  tok["post_processor"]["special_tokens"]["<s>"] = {{"id", "<s>"}};  // no "ids": read past the object on main
+  dir.write("tokenizer.json", tok.dump());
+  EXPECT_EQ(monet::Tokenizer::load_dir(dir.str())->encode("hello", true).front(), 1);
+  tok["post_processor"]["single"] = "<s>";
+  expect_json_error(tok, {"tokenizer.json", "post_processor.single must be an array"});
+
+  // A one-character replacement other than "▁" works (and ends).
+  tok = toy_json(meta);
+  tok["pre_tokenizer"]["replacement"] = "h";
+  dir.write("tokenizer.json", tok.dump());
+  auto t = monet::Tokenizer::load_dir(dir.str());
+  EXPECT_FALSE(t->encode("hello hello", false).empty());
+}
+
+TEST(Tokenizer, ConfigAddedTokensAreChecked) {
+  TokDir dir;
+  dir.write("tokenizer.model", sp_model(kTinySp));
+  auto expect_config_error = [&](const std::string& config, const std::vector<std::string>& parts) {
+    dir.write("tokenizer_config.json", config);
+    expect_load_error(dir, parts);
+  };
+  expect_config_error(R"({"added_tokens_decoder": {"300": {"special": true}}})",
+                      {"tokenizer_config.json", "added_tokens_decoder[\"300\"]", "\"content\""});
+  expect_config_error(R"({"added_tokens_decoder": {"300": "[X]"}})", {"tokenizer_config.json", "added_tokens_decoder[\"300\"]"});
+  expect_config_error(R"({"added_tokens_decoder": {"300abc": {"content": "[X]"}}})",
+                      {"tokenizer_config.json", "the key must be a token id"});
+  expect_config_error(R"({"added_tokens_decoder": {"-3": {"content": "[X]"}}})", {"tokenizer_config.json", "token id"});
+  expect_config_error(R"({"added_tokens_decoder": {"300": {"content": "[X]", "special": 1}}})",
+                      {"tokenizer_config.json", "added_tokens_decoder[\"300\"].special must be true or false"});
+  expect_config_error(R"({"added_tokens_decoder": {"16000000": {"content": "[X]"}}})",
+                      {"tokenizer_config.json", "mostly unused"});
+  expect_config_error(R"({"added_tokens_decoder": [1, 2]})", {"tokenizer_config.json", "must be an object"});
+  expect_config_error(R"({"add_bos_token": "yes"})", {"tokenizer_config.json", "add_bos_token must be true or false"});
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"300": {"content": "[X]", "special": true}}})");
+  auto t = monet::Tokenizer::load_dir(dir.str());
+  EXPECT_EQ(t->token_id("[X]"), 300);
+  EXPECT_EQ(t->vocab_size(), 301);
+}
+
+TEST(Tokenizer, SentencePieceFieldsAreChecked) {
+  TokDir dir;
+  std::vector<SpPiece> pieces = kTinySp;
+  pieces.push_back({"q", std::numeric_limits<float>::quiet_NaN(), 1});
+  dir.write("tokenizer.model", sp_model(pieces));
+  expect_load_error(dir, {"tokenizer.model", "score", "finite"});
+  pieces = kTinySp;
+  pieces.push_back({"q", 0, 1});
+  std::string model = sp_model(pieces);
+  // the type of the piece "q" as 2^32 + 1 (which an int cast would read as 1)
+  const std::string normal = field_bytes(1, field_bytes(1, "q") + field_float(2, 0) + field_varint(3, 1));
+  const std::string huge = field_bytes(1, field_bytes(1, "q") + field_float(2, 0) + field_varint(3, (uint64_t(1) << 32) + 1));
+  model.replace(model.find(normal), normal.size(), huge);
+  dir.write("tokenizer.model", model);
+  expect_load_error(dir, {"tokenizer.model", "unknown type 4294967297"});
 }
 
 }  // namespace

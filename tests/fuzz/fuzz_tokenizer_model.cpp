@@ -1,0 +1,23 @@
+// SentencePiece tokenizer.model (with tokenizer_config.json): load, encode,
+// decode. Input: tokenizer_config.json NUL text NUL tokenizer.model (the
+// binary model last, where its own NUL bytes do not split it).
+#include "tokenizer_checks.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::vector<std::string> parts = monet_fuzz::split(data, size, 3);
+  const auto& dir = monet_fuzz::scratch_dir();
+  monet_fuzz::remove_file(dir / "tokenizer.json");
+  monet_fuzz::write_file(dir / "tokenizer.model", parts[2]);
+  if (parts[0].empty())
+    monet_fuzz::remove_file(dir / "tokenizer_config.json");
+  else
+    monet_fuzz::write_file(dir / "tokenizer_config.json", parts[0]);
+  std::unique_ptr<monet::Tokenizer> tok;
+  try {
+    tok = monet::Tokenizer::load_dir(dir.string());
+  } catch (const monet::Error&) {
+    return 0;
+  }
+  monet_fuzz::exercise_tokenizer(*tok, parts[1]);
+  return 0;
+}
