@@ -25,8 +25,11 @@ ExpertMask ExpertMask::load_json(const std::string& path, const MonetConfig& c) 
 }
 
 namespace {
+// Scales multiply where entries overlap: bounded so that products stay finite.
+constexpr float kMaxScale = 1e6f;
+
 void check_scale(float scale, const std::string& where) {
-  if (!std::isfinite(scale)) fail(where, ": the scale must be a finite number, got ", scale);
+  if (!(std::fabs(scale) <= kMaxScale)) fail(where, ": the scale must be a number in [-1e6, 1e6], got ", scale);
 }
 }  // namespace
 
@@ -79,7 +82,7 @@ ExpertMask ExpertMask::parse_json(const std::string& text, const std::string& so
     if (!item.contains("scale")) return 0.0f;
     if (!item["scale"].is_number()) fail(source, ": ", where, " \"scale\" must be a number");
     const double s = item["scale"].get<double>();
-    if (!std::isfinite(s) || std::fabs(s) > 1e30) fail(source, ": ", where, " \"scale\" = ", s, " is not a finite float");
+    if (!(std::fabs(s) <= double(kMaxScale))) fail(source, ": ", where, " \"scale\" = ", s, " is outside [-1e6, 1e6]");
     return float(s);
   };
   for (const auto& [key, value] : j.items())

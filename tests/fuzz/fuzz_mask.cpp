@@ -1,5 +1,7 @@
 // Expert mask JSON: ExpertMask::parse_json for two model shapes; an accepted
-// mask answers removed() for every expert and survives to_json.
+// mask answers weight() for every expert (a finite scale) and survives to_json.
+#include <cmath>
+
 #include "fuzz_util.h"
 #include "monet/config.h"
 #include "monet/error.h"
@@ -32,9 +34,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     int64_t removed = 0;
     for (int64_t g = 0; g < groups; g++)
       for (int64_t i = 0; i < E; i++)
-        for (int64_t j = 0; j < E; j++) removed += m.removed(g, i, j);
+        for (int64_t j = 0; j < E; j++) {
+          const float w = m.weight(g, i, j);
+          FUZZ_CHECK(std::isfinite(w));  // scales are bounded, so are their products
+          removed += m.removed(g, i, j);
+        }
     FUZZ_CHECK(removed <= groups * E * E);
-    FUZZ_CHECK(m.removed_count() >= 0);
+    FUZZ_CHECK(m.entry_count() >= 0);
     const monet::ExpertMask again = monet::ExpertMask::parse_json(m.to_json(), "round-trip", c);
     FUZZ_CHECK(again.pairs == m.pairs && again.side1 == m.side1 && again.side2 == m.side2);
   }
