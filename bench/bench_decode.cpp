@@ -1,6 +1,6 @@
 // monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
-//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute f32|bf16]
+//   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute auto|f32|bf16]
 // With --batch B, B sequences (each its own P-token prompt and cache) decode
 // together: one batched forward step per token position, B tokens each.
 // Timings are the best of R repeats.
@@ -26,7 +26,7 @@ int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir, compute = "f32";
+  std::string model_dir, compute = "auto";
   int threads = 0;
   int64_t prompt = 64, decode = 32, batch = 1, repeat = 1;
   for (int i = 1; i + 1 < argc; i += 2) {

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential cmake pkg-config git
-  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
+  nlohmann-json3-dev libcli11-dev libgtest-dev libopenblas-openmp-dev libdnnl-dev libsqlite3-dev libcpp-httplib-dev libcairo2-dev
   libjpeg62-turbo-dev libpng-dev libwebp-dev
   python3 python3-dev python3-venv python3-numpy python3-pytest python3-torch python3-pil
   chromium chromium-driver

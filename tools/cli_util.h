@@ -14,7 +14,7 @@ namespace monet { struct LoadOptions; }
 struct DeviceArgs {
   std::string device = "cpu";
   int threads = 0;
-  std::string compute = "f32";
+  std::string compute = "auto";
   monet::LoadOptions load_options() const;
 };
 void add_device_options(CLI::App* cmd, DeviceArgs& args);

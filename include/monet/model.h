@@ -22,9 +22,10 @@ struct LoadOptions {
   std::string device = "cpu";  // the backend ("cpu": the only one of this build; docs/architecture.md)
   int threads = 0;             // CPU threads this model's forward passes use; 0: all cores
   std::string cpu_kernels;     // "" (best this CPU runs), "avx512bf16", "avx512", "avx2" or "generic"
-  // Arithmetic of large matrix products: "f32" (exact float32) or "bf16"
-  // (bf16 inputs, float32 sums). docs/architecture.md, "Accuracy and speed of bf16 products".
-  std::string compute = "f32";
+  // Arithmetic of large matrix products: "auto" (bf16 products for bf16
+  // weights where the CPU has AMX, float32 otherwise), "f32" (exact float32) or
+  // "bf16". docs/architecture.md, "Accuracy and speed of bf16 products".
+  std::string compute = "auto";
 };
 
 // Keys and values of every layer for the positions seen so far, in the

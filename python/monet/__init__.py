@@ -169,14 +169,18 @@ class Model:
 
     path: the checkpoint directory; None: the embedded default model.
     threads: CPU threads for compute; None: all cores.
+    compute: the arithmetic of large matrix products: "auto" (bf16 products
+        for bf16 weights where the CPU has AMX, float32 otherwise), "f32"
+        (exact float32) or "bf16".
     """
 
-    def __init__(self, path=None, threads: int | None = None):
+    def __init__(self, path=None, threads: int | None = None, compute: str = "auto"):
         self.path = DEFAULT_MODEL if path is None else os.fspath(path)
-        self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads))
+        self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads), str(compute))
         with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
             self.config: dict = json.load(f)  #: config.json as a dict
         self.threads: int = self._m.threads
+        self.backend: str = self._m.backend  #: where and how it computes, e.g. "cpu (avx512bf16 kernels, 2 threads, ...)"
 
     def __repr__(self) -> str:
         return f"monet.Model({self.path!r}, threads={self.threads})"

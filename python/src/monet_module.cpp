@@ -85,13 +85,14 @@ struct Model {
   }
 };
 
-Model load_model(const std::string& dir, int threads) {
+Model load_model(const std::string& dir, int threads, const std::string& compute) {
   if (threads < 0) throw monet::Error("threads must be >= 0 (0: all cores), got " + std::to_string(threads));
   Model m;
   m.dir = dir;
   without_gil([&] {
     monet::LoadOptions lo;
     lo.threads = threads;
+    lo.compute = compute;
     m.model = monet::Model::load(dir, lo);
     try {
       m.tokenizer = monet::Tokenizer::load_dir(dir);
@@ -445,7 +446,8 @@ NB_MODULE(_monet, mod) {
       .def_rw("max_tokens", &Sampling::max_tokens);
 
   nb::class_<Model>(mod, "Model")
-      .def_static("load", &load_model, "dir"_a, "threads"_a)
+      .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a)
+      .def_prop_ro("backend", [](const Model& m) { return m.model->backend_name(); })
       .def_prop_ro("dir", [](const Model& m) { return m.dir; })
       .def_prop_ro("threads", [](const Model& m) { return m.model->threads(); })
       .def_prop_ro("vocab_size", [](const Model& m) { return m.model->config().vocab_size; })

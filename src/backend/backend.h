@@ -102,18 +102,19 @@ class Backend {
 };
 
 // The arithmetic of large matrix products (GEMMs): F32 is exact float32 for
-// every weight dtype; BF16 rounds the inputs of every product to bf16 and
-// sums in float32 (vdpbf16ps where the CPU has it, emulated exactly
-// elsewhere). Decode-sized batches (streamed GEMV) and the routers are
-// float32 in both. F32 is the default: on the CPUs measured so far it is also
-// the faster (docs/architecture.md, "Accuracy and speed of bf16 products").
-enum class Compute { F32, BF16 };
+// every weight dtype; BF16 rounds the activations to bf16 and multiplies them
+// with the weights in bf16, summing in float32 (AMX or AVX-512-BF16 through
+// oneDNN; emulated exactly elsewhere). Auto: BF16 for bf16 weights where the
+// CPU has AMX tiles (several times faster than float32 there), F32
+// otherwise. Decode-sized batches (streamed GEMV) and the routers are float32
+// in every mode. docs/architecture.md, "Accuracy and speed of bf16 products".
+enum class Compute { Auto, F32, BF16 };
 
 struct BackendOptions {
   std::string device = "cpu";    // "cpu" (the only backend of this build; see docs/architecture.md)
   int threads = 0;               // CPU threads; 0: all cores
   std::string cpu_kernels;       // "" / "auto": the best this CPU runs; or "avx512bf16", "avx512", "avx2", "generic"
-  std::string compute = "f32";   // "f32" or "bf16" (see Compute)
+  std::string compute = "auto";  // "auto", "f32" or "bf16" (see Compute)
 };
 
 // The backend the options name; monet::Error for a device this build lacks.

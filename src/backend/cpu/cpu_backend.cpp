@@ -36,12 +36,13 @@ const float* row_f32(const Weight& w, int64_t r, float* scratch) {
 }  // namespace
 
 CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute)
-    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels),
-      products_(compute == Compute::BF16 ? GemmCompute::BF16 : GemmCompute::F32) {}
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute) {}
 
 std::string CpuBackend::name() const {
-  const char* arith = products_ == GemmCompute::BF16 ? (k_.gemm_bf16 ? "bf16" : "bf16 (emulated)") : "f32";
-  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + " products)";
+  const char* arith = compute_ == Compute::F32 ? "f32 products"
+                      : compute_ == Compute::BF16 ? (bf16_products_native() ? "bf16 products" : "bf16 products (emulated)")
+                      : bf16_tiles() ? "bf16 products for bf16 weights (AMX)" : "f32 products";
+  return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + ")";
 }
 
 namespace {
@@ -165,7 +166,7 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
         k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
     }
   } else {
-    gemm(k_, threads_, exact ? GemmCompute::F32 : products_, x, K, T, w, /*transposed=*/true, y, N,
+    gemm(k_, threads_, exact ? GemmCompute::F32 : products(w), x, K, T, w, /*transposed=*/true, y, N,
          /*accumulate=*/false);
   }
   if (bias) {
@@ -177,7 +178,12 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
 }
 
 void CpuBackend::matmul_nn(const float* x, int64_t T, const Weight& w, float* y, bool accumulate) {
-  gemm(k_, threads_, products_, x, w.rows, T, w, /*transposed=*/false, y, w.cols, accumulate);
+  gemm(k_, threads_, products(w), x, w.rows, T, w, /*transposed=*/false, y, w.cols, accumulate);
+}
+
+GemmCompute CpuBackend::products(const Weight& w) const {
+  if (compute_ == Compute::Auto) return w.dtype == DType::BF16 && bf16_tiles() ? GemmCompute::BF16 : GemmCompute::F32;
+  return compute_ == Compute::BF16 ? GemmCompute::BF16 : GemmCompute::F32;
 }
 
 void CpuBackend::rmsnorm(const float* x, const Weight& w, int64_t T, int64_t d, double eps, float* y) {
@@ -369,10 +375,12 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
     fail("device \"", opts.device, "\": this build has only the cpu backend (docs/architecture.md says where a ",
          "device backend goes)");
   if (opts.threads < 0) fail("threads must be 0 (all cores) or more, got ", opts.threads);
-  Compute compute = Compute::F32;
-  if (opts.compute == "bf16") compute = Compute::BF16;
-  else if (!opts.compute.empty() && opts.compute != "f32")
-    fail("compute \"", opts.compute, "\": expected f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
+  Compute compute = Compute::Auto;
+  if (opts.compute == "f32") compute = Compute::F32;
+  else if (opts.compute == "bf16") compute = Compute::BF16;
+  else if (!opts.compute.empty() && opts.compute != "auto")
+    fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU has AMX), ",
+         "f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
   const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
   return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute);
 }

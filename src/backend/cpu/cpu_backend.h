@@ -55,7 +55,8 @@ class CpuBackend final : public Backend {
 
   int threads_;
   const KernelSet& k_;
-  GemmCompute products_;  // of the GEMMs (large batches)
+  GemmCompute products(const Weight& w) const;  // the arithmetic of GEMMs with w
+  Compute compute_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one

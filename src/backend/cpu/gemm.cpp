@@ -1,14 +1,6 @@
-// The GEMMs of gemm.h.
-//
-// float32 products: OpenBLAS sgemm (weights of other dtypes widened chunk by
-// chunk). bf16 products (vdpbf16ps), BLIS-style:
-//   for each block of K (KC values):
-//     A[:, block] is packed once, shared by the threads: tiles of MR rows as
-//       [KC/2][MR] bf16 pairs;
-//     each thread takes panels of NR weight rows (columns of C): packs the
-//       panel's block as [KC/2][NR] pairs (converting the weight's dtype), then
-//       runs the micro-kernel over every MR-row tile of A into C[tile, panel].
-// Block sizes keep a packed B panel in L1 (32 KB) and the packed A block in L2.
+// The GEMMs of gemm.h: float32 products in OpenBLAS sgemm (weights of other
+// dtypes widened chunk by chunk); bf16 products in oneDNN's matmul (AMX or
+// AVX-512-BF16), or emulated with bf16-rounded inputs where the CPU has neither.
 #include "backend/cpu/gemm.h"
 
 #include <omp.h>
@@ -19,6 +11,12 @@
 
 #include <cblas.h>
 
+#include <dnnl.hpp>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
 #include "backend/cpu/cpu_backend.h"
 #include "core/threads.h"
 
@@ -26,7 +24,6 @@ namespace monet::cpu {
 
 namespace {
 
-constexpr int64_t kKcBf16 = 512;  // K values per block (256 bf16 pairs)
 
 // Bytes from the start of a row to its element `col` (a multiple of the block size).
 size_t col_offset(const Weight& w, int64_t col) { return dtype_row_bytes(w.dtype, col); }
@@ -45,91 +42,119 @@ void weight_segment(const KernelSet& k, const Weight& w, int64_t r, int64_t c0, 
   std::memcpy(out, tmp + (c0 - b0), size_t(n) * sizeof(float));
 }
 
-// The packed bf16 GEMM (vdpbf16ps), for GemmCompute::BF16 where the CPU has it.
-void packed_bf16_gemm(const KernelSet& k, int threads, const float* A, int64_t lda, int64_t M, const Weight& W,
-                      bool transposed, float* C, int64_t ldc, bool accumulate) {
-  const int64_t N = transposed ? W.rows : W.cols, K = transposed ? W.cols : W.rows;
-  const int64_t MR = k.gemm_mr, NR = k.gemm_nr;
-  const int64_t KC = kKcBf16, KP = KC / 2;
-  const int64_t m_tiles = (M + MR - 1) / MR, k_blocks = (K + KC - 1) / KC, n_panels = (N + NR - 1) / NR;
-  // Packed A, per k block: m_tiles tiles of [KC/2][MR] words (bf16 pairs).
-  const int64_t tile_words = KP * MR;
-  static thread_local std::vector<uint32_t> packed_a;
-  packed_a.resize(size_t(k_blocks * m_tiles * tile_words));
-  uint32_t* Ap = packed_a.data();
-  const int64_t row_scratch = std::max(K, N) + 64;
-
-#pragma omp parallel num_threads(threads)
-  {
-    // --- pack A: tile (kb, mt) holds rows mt*MR.., columns kb*KC.. ---
-    uint32_t* pairs = reinterpret_cast<uint32_t*>(thread_scratch(2, size_t(KC)));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < k_blocks * m_tiles; t++) {
-      const int64_t kb = t / m_tiles, mt = t % m_tiles;
-      const int64_t k0 = kb * KC, kc = std::min(KC, K - k0);
-      uint32_t* tile = Ap + t * tile_words;
-      std::fill(tile, tile + tile_words, 0u);
-      for (int64_t r = 0; r < MR && mt * MR + r < M; r++) {
-        k.pack_bf16_pairs(A + (mt * MR + r) * lda + k0, pairs, kc);
-        for (int64_t p = 0; p < (kc + 1) / 2; p++) tile[p * MR + r] = pairs[p];
-      }
-    }
-    // (the implicit barrier of omp for: A is packed)
-
-    // --- panels of NR weight rows / columns: Bp[p][j] = bf16 pair of k = k0 + 2p, k0 + 2p + 1 ---
-    uint32_t* Bp = reinterpret_cast<uint32_t*>(thread_scratch(0, size_t(KP * NR)));
-    float* seg = thread_scratch(1, size_t(row_scratch));
-    float* seg2 = thread_scratch(4, size_t(row_scratch));
-    float* tmp = thread_scratch(3, size_t(row_scratch));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t np = 0; np < n_panels; np++) {
-      const int64_t n0 = np * NR, nc = std::min(NR, N - n0);
-      for (int64_t kb = 0; kb < k_blocks; kb++) {
-        const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kp = (kc + 1) / 2;
-        std::fill(Bp, Bp + kp * NR, 0u);
-        if (transposed) {
-          for (int64_t j = 0; j < nc; j++) {
-            if (W.dtype == DType::BF16 && kc % 2 == 0) {  // the row's bf16 pairs as they are stored
-              const uint8_t* src = W.row(n0 + j) + size_t(k0) * 2;
-              for (int64_t p = 0; p < kp; p++) std::memcpy(&Bp[p * NR + j], src + 4 * p, 4);
-              continue;
-            }
-            weight_segment(k, W, n0 + j, k0, kc, seg, tmp);
-            k.pack_bf16_pairs(seg, pairs, kc);
-            for (int64_t p = 0; p < kp; p++) Bp[p * NR + j] = pairs[p];
-          }
-        } else {
-          for (int64_t p = 0; p < kp; p++) {
-            weight_segment(k, W, k0 + 2 * p, n0, nc, seg, tmp);
-            if (2 * p + 1 < kc) weight_segment(k, W, k0 + 2 * p + 1, n0, nc, seg2, tmp);
-            else std::fill(seg2, seg2 + nc, 0.0f);
-            for (int64_t j = 0; j < nc; j++) {
-              const float two[2] = {seg[j], seg2[j]};
-              k.pack_bf16_pairs(two, &Bp[p * NR + j], 2);
-            }
-          }
-        }
-        // C[tile, panel] (+)= A tile . B panel
-        for (int64_t mt = 0; mt < m_tiles; mt++)
-          k.gemm_bf16(Ap + (kb * m_tiles + mt) * tile_words, Bp, kp, C + mt * MR * ldc + n0, ldc,
-                      std::min(MR, M - mt * MR), nc, accumulate || kb > 0);
-      }
-    }
+// bf16 products with oneDNN's matmul: AMX tiles or AVX-512-BF16 dot
+// products, whichever the CPU has (oneDNN picks at run time). Primitives are
+// made once per shape and kept: creating one compiles its kernels.
+class Bf16Matmul {
+ public:
+  static Bf16Matmul& instance() {
+    static Bf16Matmul* m = new Bf16Matmul();  // never destroyed: used until the process ends
+    return *m;
   }
-}
+
+  // C[M, N] (+)= A_bf16[M, K] . W (W bf16: [N, K] transposed, or [K, N])
+  void run(int threads, const uint16_t* a_bf16, int64_t M, const Weight& W, bool transposed, float* C, int64_t ldc,
+           bool accumulate) {
+    const int64_t N = transposed ? W.rows : W.cols, K = transposed ? W.cols : W.rows;
+    const Key key{M, N, K, ldc, transposed, accumulate};
+    std::shared_ptr<Entry> e;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = cache_.find(key);
+      if (it != cache_.end()) {
+        e = it->second;
+      } else {
+        e = std::make_shared<Entry>(make(key));
+        if (cache_.size() > 256) cache_.clear();  // prompts of many lengths: start over rather than grow
+        cache_[key] = e;
+      }
+    }
+    using dnnl::memory;
+    memory a(e->pd.src_desc(), engine_, const_cast<uint16_t*>(a_bf16));
+    memory w(e->pd.weights_desc(), engine_, const_cast<void*>(W.data));
+    memory c(e->pd.dst_desc(), engine_, C);
+    // Our own scratchpad per calling thread: one primitive may run on several
+    // threads at once (windows side by side), and the library's would be shared.
+    static thread_local std::vector<uint8_t> scratch;
+    scratch.resize(std::max<size_t>(1, e->pd.scratchpad_desc().get_size()));
+    memory pad(e->pd.scratchpad_desc(), engine_, scratch.data());
+    ScopedThreads team(threads);  // oneDNN's OpenMP runtime follows the calling thread's setting
+    dnnl::stream stream(engine_);
+    e->prim.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, c}, {DNNL_ARG_SCRATCHPAD, pad}});
+    stream.wait();
+  }
+
+ private:
+  struct Key {
+    int64_t M, N, K, ldc;
+    bool transposed, accumulate;
+    bool operator<(const Key& o) const {
+      return std::tie(M, N, K, ldc, transposed, accumulate) < std::tie(o.M, o.N, o.K, o.ldc, o.transposed, o.accumulate);
+    }
+  };
+  struct Entry {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+  };
+
+  Entry make(const Key& k) {
+    using dnnl::memory;
+    const memory::desc a({k.M, k.K}, memory::data_type::bf16, memory::dims{k.K, 1});
+    const memory::desc w({k.K, k.N}, memory::data_type::bf16,
+                         k.transposed ? memory::dims{1, k.K} : memory::dims{k.N, 1});
+    const memory::desc c({k.M, k.N}, memory::data_type::f32, memory::dims{k.ldc, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (k.accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr.set_post_ops(ops);
+    }
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, w, c), attr, engine_);
+    return {pd, dnnl::matmul(pd)};
+  }
+
+  dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
+  std::mutex mutex_;
+  std::map<Key, std::shared_ptr<Entry>> cache_;
+};
 
 }  // namespace
 
+bool bf16_products_native() {
+  // AMX, or AVX-512 with bf16 dot products (oneDNN's names for the ISAs).
+  static const bool native = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_bf16;
+  return native;
+}
+
+bool bf16_tiles() {
+  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
+  return amx;
+}
+
 void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, int64_t lda, int64_t M, const Weight& W,
           bool transposed, float* C, int64_t ldc, bool accumulate) {
-  if (compute == GemmCompute::BF16 && k.gemm_bf16) {
-    packed_bf16_gemm(k, threads, A, lda, M, W, transposed, C, ldc, accumulate);
+  if (compute == GemmCompute::BF16 && W.dtype == DType::BF16 && bf16_products_native()) {
+    // Activations rounded to bf16 (nearest even), then oneDNN.
+    const int64_t K = transposed ? W.cols : W.rows;
+    static thread_local std::vector<uint32_t> a_bf16;
+    a_bf16.resize(size_t(M * ((K + 1) / 2)));
+    uint32_t* a32 = a_bf16.data();  // (the calling thread's buffer: thread_local is per thread)
+    uint16_t* a16 = reinterpret_cast<uint16_t*>(a32);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+      // K even: rows of pairs; K odd: convert element by element into the packed rows
+      if (K % 2 == 0) k.pack_bf16_pairs(A + m * lda, a32 + m * (K / 2), K);
+      else
+        for (int64_t kk = 0; kk < K; kk++) a16[m * K + kk] = f32_to_bf16(A[m * lda + kk]);
+    }
+    Bf16Matmul::instance().run(threads, a16, M, W, transposed, C, ldc, accumulate);
     return;
   }
   // float32 products in OpenBLAS sgemm: weights stored otherwise are widened
   // in chunks of rows (a few MB, cache-resident), never as whole matrices.
-  // Without a bf16 dot product, BF16 compute is emulated exactly: products of
-  // bf16-rounded inputs.
+  // BF16 compute without bf16 hardware (or for weights not stored in bf16) is
+  // emulated exactly: products of bf16-rounded inputs.
   const bool round = compute == GemmCompute::BF16;
   const int64_t N = transposed ? W.rows : W.cols, K = transposed ? W.cols : W.rows;
   ScopedThreads blas_threads(threads);  // OpenBLAS (OpenMP build) follows the calling thread's setting

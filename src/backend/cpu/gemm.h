@@ -1,7 +1,6 @@
 // Matrix products of activations with weights: float32 products in OpenBLAS
-// sgemm, bf16 products in our packed GEMM (BLIS-style panels and a register-
-// tiled vdpbf16ps micro-kernel from kernels.h). Weights of any dtype are
-// converted chunk by chunk (or panel by panel), never as whole matrices.
+// sgemm (weights of other dtypes widened chunk by chunk, never as whole
+// matrices), bf16 products in oneDNN's matmul (AMX tiles or AVX-512-BF16).
 #pragma once
 #include <cstdint>
 
@@ -11,9 +10,13 @@
 namespace monet::cpu {
 
 // The arithmetic of the products: F32 is exact float32 (weights widened);
-// BF16 rounds activations and weights to bf16 per packed panel and
-// accumulates their products in float32 (vdpbf16ps).
+// BF16 rounds the activations to bf16 and multiplies them with bf16 weights,
+// summing in float32 (emulated exactly where the CPU cannot).
 enum class GemmCompute { F32, BF16 };
+
+// The CPU multiplies bf16 natively (AVX-512-BF16 or AMX) / with AMX tiles.
+bool bf16_products_native();
+bool bf16_tiles();
 
 // C[M, N] (+)= A[M, K] . W^T  for a weight W [N, K]      (transposed = true: linear layers)
 // C[M, N] (+)= A[M, K] . W    for a weight W [K, N]      (transposed = false: expert outputs)

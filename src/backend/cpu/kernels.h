@@ -30,18 +30,9 @@ struct RowKernels {
   void (*to_f32)(const void* row, float* out, int64_t n);
 };
 
-// The bf16 GEMM micro-kernel: C[rows, cols] (+)= Ap . Bp over a block of K,
-// rows <= gemm_mr and cols <= gemm_nr (the tails of C are masked). Ap
-// [kc/2][MR] and Bp [kc/2][NR] are packed panels (gemm.cpp) of 32-bit words,
-// each two bf16 values of consecutive k (vdpbf16ps: float32 accumulation).
-using GemmBf16 = void (*)(const uint32_t* Ap, const uint32_t* Bp, int64_t kpairs, float* C, int64_t ldc,
-                          int64_t rows, int64_t cols, bool accumulate);
-
 struct KernelSet {
   const char* name;           // "avx512bf16", "avx512", "avx2", "generic"
   RowKernels f32, f16, bf16;
-  int64_t gemm_mr, gemm_nr;   // bf16 micro-kernel tile
-  GemmBf16 gemm_bf16;         // null where the CPU has no bf16 dot product
   // n floats rounded to bf16 (nearest even), two per 32-bit word: out[i/2]
   void (*pack_bf16_pairs)(const float* x, uint32_t* out, int64_t n);
   float (*dot)(const float* a, const float* b, int64_t n);           // sum a[i] b[i]
