@@ -211,30 +211,31 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a) {
     const float* bv = static_cast<const float*>(bias.data);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
     for (int64_t i = 0; i < E; i++) {
-      float out[kSmallBatch];
       const float* rows[kSmallBatch];
       int64_t ids[kSmallBatch];
+      float* out = thread_scratch(6, size_t(kSmallBatch * w));  // out[token k * w + row]
+      const RowKernels* rk = k_.rows(u.dtype);
       for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p += kSmallBatch) {
         const int64_t nt = std::min<int64_t>(kSmallBatch, r.by_start[size_t(i + 1)] - p);
         for (int64_t k = 0; k < nt; k++) {
           ids[k] = r.by_expert[size_t(p + k)];
           rows[k] = a.y + int64_t(r.token[size_t(ids[k])]) * d;
         }
-        const RowKernels* rk = k_.rows(u.dtype);
-        for (int64_t row = 0; row < w; row++) {
-          const int64_t ur = i * w + row;
-          if (rk) {
-            rk->dot_multi(u.row(ur), rows, nt, d, out, 1);
-          } else {
-            float* wrow = thread_scratch(5, size_t(d));
-            u.rows_to_f32(ur, 1, wrow);
-            k_.f32.dot_multi(wrow, rows, nt, d, out, 1);
-          }
-          for (int64_t k = 0; k < nt; k++) {
-            const float v = std::max(out[k] + bv[ur], 0.0f);
-            x[size_t(ids[k] * w + row)] = v * v;
+        if (rk) {
+          // The expert's w rows together: several rows stream at once.
+          rk->dot_rows(u.row(i * w), u.row_bytes(), w, rows, nt, d, out, w);
+        } else {
+          float* wrow = thread_scratch(5, size_t(d));
+          for (int64_t row = 0; row < w; row++) {
+            u.rows_to_f32(i * w + row, 1, wrow);
+            k_.f32.dot_multi(wrow, rows, nt, d, out + row, w);
           }
         }
+        for (int64_t k = 0; k < nt; k++)
+          for (int64_t row = 0; row < w; row++) {
+            const float v = std::max(out[k * w + row] + bv[i * w + row], 0.0f);
+            x[size_t(ids[k] * w + row)] = v * v;
+          }
       }
     }
   };
