@@ -14,11 +14,13 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 
 #include "core/threads.h"
+#include "monet/comm.h"
 #include "model/tensor_table.h"
 #include "monet/error.h"
 #include "monet/safetensors.h"
@@ -38,8 +40,11 @@ using train::StepOptions;
 using train::TrainModel;
 using train::splitmix64;
 
+// Progress comes from rank 0 alone (the other ranks of a distributed run are silent).
+bool is_root(const TrainOptions& o) { return !o.comm || o.comm->rank() == 0; }
+
 void message(const TrainOptions& o, const std::string& text) {
-  if (o.on_message) o.on_message(text);
+  if (o.on_message && is_root(o)) o.on_message(text);
 }
 
 std::string fixed(double v, int digits) {
@@ -484,9 +489,47 @@ void truncate_log(const fs::path& path, int64_t step) {
   write_file_atomic(path.string(), kept);
 }
 
+// Rank 0's vector on every rank (its size first).
+template <class T>
+void broadcast_vector(Communicator& comm, std::vector<T>& v) {
+  int64_t n = int64_t(v.size());
+  comm.broadcast(&n, sizeof n, 0);
+  v.resize(size_t(n));
+  comm.broadcast(v.data(), v.size() * sizeof(T), 0);
+}
+
+// Rank 0's weights, optimizer moments, BatchNorm running stats and run state
+// on every rank: all ranks start bit-identical and stay so (they apply the
+// same summed gradients).
+template <class R>
+void broadcast_state(Communicator& comm, TrainModel<R>& model, AdamW<R>& opt, RunState& st) {
+  comm.broadcast(model.params.data(), model.params.size() * sizeof(R), 0);
+  comm.broadcast(opt.m.data(), opt.m.size() * sizeof(R), 0);
+  comm.broadcast(opt.v.data(), opt.v.size() * sizeof(R), 0);
+  for (size_t r = 0; r < model.running_mean.size(); r++) {
+    comm.broadcast(model.running_mean[r].data(), model.running_mean[r].size() * sizeof(double), 0);
+    comm.broadcast(model.running_var[r].data(), model.running_var[r].size() * sizeof(double), 0);
+  }
+  comm.broadcast(&st, sizeof st, 0);
+}
+
 template <class R>
 void train_loop(const TrainOptions& o, const Tokenizer& tok) {
-  const Corpus corpus = prepare_data(o, tok);
+  // Data parallel: rank r of P trains on rows [r*B/P, (r+1)*B/P) of every
+  // global batch; rank 0 alone writes (data cache, train.csv, checkpoints).
+  std::unique_ptr<Communicator> single = o.comm ? nullptr : make_single_communicator();
+  Communicator& comm = o.comm ? *o.comm : *single;
+  const int rank = comm.rank(), ranks = comm.size();
+  const bool root = rank == 0;
+  if (o.batch < ranks)
+    fail("--batch ", o.batch, " is smaller than the number of processes (", ranks,
+         "): each rank needs at least one sequence of the global batch");
+  Corpus corpus;
+  if (root) corpus = prepare_data(o, tok);
+  if (ranks > 1) {
+    broadcast_vector(comm, corpus.train);
+    broadcast_vector(comm, corpus.val);
+  }
   const int64_t T = o.seq;
   if (int64_t(corpus.train.size()) <= T + 1)
     fail(o.data, ": the training split has ", corpus.train.size(), " tokens, fewer than --seq + 2 = ", T + 2);
@@ -521,7 +564,9 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
   st.rng = o.seed;
   const fs::path options_path = fs::path(o.out) / "train_options.json";
   const fs::path log_path = fs::path(o.out) / "train.csv";
-  if (o.resume) {
+  if (!root) {
+    // the state comes from rank 0 (below)
+  } else if (o.resume) {
     const json saved = json::parse(read_file(options_path.string()));
     const json now = options_json(o);
     for (const auto& [k, v] : now.items())
@@ -539,17 +584,28 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     else model.init_random(o.seed, o.init_std);
     write_file_atomic(options_path.string(), options_json(o).dump(2) + "\n");
     write_file_atomic(log_path.string(),
-                      "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s\n");
+                      "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s,"
+                      "ranks,comm_bytes,comm_s\n");
   }
+  if (ranks > 1) broadcast_state(comm, model, opt, st);
   const auto n_params = model.layout().total;  // the flat buffer holds each parameter once
   message(o, std::string("model: ") + cfg.decompose_name() + ", " + std::to_string(n_params) + " parameters, " +
                  std::to_string(cfg.num_hidden_layers) + " layers, d=" + std::to_string(cfg.hidden_size) + ", E=" +
                  std::to_string(cfg.moe_experts) + " (" + std::to_string(cfg.moe_experts * cfg.moe_experts) +
-                 " experts per router), " + o.dtype);
+                 " experts per router), " + o.dtype +
+                 (ranks > 1 ? ", " + std::to_string(ranks) + " processes (" + comm.name() + ")" : ""));
 
-  std::FILE* log = std::fopen(log_path.c_str(), "a");
-  if (!log) fail(log_path.string(), ": cannot open for appending (", std::strerror(errno), ")");
+  std::FILE* log = nullptr;
+  if (root) {
+    log = std::fopen(log_path.c_str(), "a");
+    if (!log) fail(log_path.string(), ": cannot open for appending (", std::strerror(errno), ")");
+  }
+  struct CloseLog {
+    std::FILE*& f;
+    ~CloseLog() { if (f) std::fclose(f); }
+  } close_log{log};
   const int64_t B = o.batch, A = o.grad_accum;
+  const int64_t row_lo = B * rank / ranks, row_hi = B * (rank + 1) / ranks, B_local = row_hi - row_lo;
   std::vector<int32_t> batch(size_t(B * (T + 1)));
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
@@ -561,18 +617,26 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     StepOptions so;
     so.aux_weight = o.aux_weight;
     so.grad_scale = 1.0 / double(A);
+    so.comm = ranks > 1 ? &comm : nullptr;
+    comm.reset_stats();
     for (int64_t a = 0; a < A; a++) {
+      // Every rank draws the whole global batch's offsets (the sampler's
+      // state stays the same everywhere) and keeps its rows.
       for (int64_t b = 0; b < B; b++) {
         const uint64_t off = splitmix64(st.rng) % uint64_t(corpus.train.size() - size_t(T));
-        for (int64_t t = 0; t <= T; t++) batch[size_t(b * (T + 1) + t)] = int32_t(corpus.train[off + size_t(t)]);
+        if (b < row_lo || b >= row_hi) continue;
+        for (int64_t t = 0; t <= T; t++)
+          batch[size_t((b - row_lo) * (T + 1) + t)] = int32_t(corpus.train[off + size_t(t)]);
       }
-      const Losses l = model.step(batch.data(), B, T, so);
+      const Losses l = model.step(batch.data(), B_local, T, so);
       st.batches_tracked++;
       mean.total += l.total / double(A);
       mean.lm += l.lm / double(A);
       mean.unif += l.unif / double(A);
       mean.amb += l.amb / double(A);
     }
+    // Each rank's gradient is its share of the global objective's: their sum is the gradient.
+    if (ranks > 1) comm.all_reduce_sum(model.grads.data(), model.grads.size());
     double sq = 0;
 #pragma omp parallel for reduction(+ : sq)
     for (size_t i = 0; i < model.grads.size(); i++) sq += double(model.grads[i]) * double(model.grads[i]);
@@ -594,25 +658,32 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
       StepOptions eo;
       eo.training = false;
       eo.backward = false;
+      // Running statistics: windows are independent; chunks of B go to the ranks in turn.
       for (int64_t w0 = 0; w0 < windows; w0 += B) {
+        if ((w0 / B) % ranks != rank) continue;
         const int64_t nb = std::min(B, windows - w0);
         for (int64_t b = 0; b < nb; b++)
           for (int64_t t = 0; t <= T; t++)
             batch[size_t(b * (T + 1) + t)] = int32_t(corpus.val[size_t((w0 + b) * T + t)]);
         sum += model.step(batch.data(), nb, T, eo).lm * double(nb);
       }
+      if (ranks > 1) comm.all_reduce_sum(&sum, 1);
       val_loss = sum / double(windows);
     }
     const auto t1 = std::chrono::steady_clock::now();
     const double step_s = std::chrono::duration<double>(t1 - t0).count();
     const double elapsed = std::chrono::duration<double>(t1 - t_start).count();
     const double tok_s = double(B * A * T) / step_s;
+    const CommStats comm_step = comm.stats();  // this step's collectives (rank 0's view)
     char val_text[32] = "";
     if (!std::isnan(val_loss)) std::snprintf(val_text, sizeof val_text, "%.10f", val_loss);
-    std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f\n", (long long)st.step,
-                 (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
-                 val_text, tok_s, elapsed);
-    if (std::ferror(log) || std::fflush(log) != 0) fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
+    if (root) {
+      std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f,%d,%lld,%.6f\n", (long long)st.step,
+                   (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
+                   val_text, tok_s, elapsed, ranks, (long long)comm_step.bytes, comm_step.seconds);
+      if (std::ferror(log) || std::fflush(log) != 0)
+        fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
+    }
     TrainStepReport report;
     report.step = st.step;
     report.steps = o.steps;
@@ -624,13 +695,15 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     report.tokens_per_s = tok_s;
     report.eta_seconds = elapsed / double(st.step - first_step) * double(o.steps - st.step);
     report.val_loss = val_loss;
-    if ((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) {
+    report.ranks = ranks;
+    report.comm_bytes = comm_step.bytes;
+    report.comm_seconds = comm_step.seconds;
+    if (((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) && root) {
       save_checkpoint(o, model, opt, st, code);
       report.saved = (fs::path(o.out) / step_dir_name(st.step)).string();
     }
-    if (o.on_step) o.on_step(report);
+    if (o.on_step && root) o.on_step(report);
   }
-  std::fclose(log);
 }
 
 }  // namespace
@@ -640,10 +713,12 @@ void run_training(const TrainOptions& opts) {
   validate_train_options(o);
   ScopedThreads threads(o.threads);
   std::error_code ec;
-  fs::create_directories(o.out, ec);
-  if (ec) fail(o.out, ": cannot create the output folder (", ec.message(), ")");
-  remove_stale_temporaries(o.out);
-  remove_stale_temporaries(fs::path(o.out) / "data");
+  if (is_root(o)) {
+    fs::create_directories(o.out, ec);
+    if (ec) fail(o.out, ": cannot create the output folder (", ec.message(), ")");
+    remove_stale_temporaries(o.out);
+    remove_stale_temporaries(fs::path(o.out) / "data");
+  }
   if (o.resume && list_checkpoints(o.out).empty()) fail_nothing_to_resume(o.out);  // before tokenizing the data
   if (o.tokenizer.empty()) {  // --init / --resume: the checkpoint's own tokenizer
     const auto cps = list_checkpoints(o.out);
