@@ -78,6 +78,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--log-every", o.log_every, "progress line every N steps when stderr is not a terminal (default 10)");
   cmd->add_option("--dtype", o.dtype, "compute type: f32 (default) or f64 (the reference)");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
+  cmd->add_flag("--zero1", o.zero1, "under mpirun: shard the AdamW moments over the processes (ZeRO-1)");
   cmd->callback([data] {
     if (data->count() == 0) monet::fail("--data is required (a text file or a folder of .txt files)");
     if (decompose == "vertical") o.shape.moe_decompose = monet::Decompose::Vertical;

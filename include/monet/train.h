@@ -48,6 +48,9 @@ struct TrainOptions {
   // Data-parallel training (docs/distributed.md): --batch is the global batch,
   // split over comm's ranks; rank 0 alone writes and reports. null: one process.
   Communicator* comm = nullptr;
+  // ZeRO-1: each rank keeps the AdamW moments of 1/ranks of the parameters
+  // (gradients reduce-scattered, updated shards all-gathered).
+  bool zero1 = false;
   // Progress (the library prints nothing): notes on data, model and resume,
   // and a report after every step.
   std::function<void(const std::string&)> on_message;

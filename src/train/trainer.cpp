@@ -294,26 +294,34 @@ double learning_rate(const TrainOptions& o, int64_t step) {
   return lr_min + 0.5 * (o.lr - lr_min) * (1.0 + std::cos(M_PI * p));
 }
 
+// The moments of the flat parameters [lo, lo + m.size()): all of them, or
+// one rank's shard under ZeRO-1 (--zero1).
 template <class R>
 struct AdamW {
+  size_t lo = 0;
   std::vector<R> m, v;
   explicit AdamW(const train::ParamLayout& layout) : m(layout.total, R(0)), v(layout.total, R(0)) {}
+  AdamW(size_t lo_, std::vector<R> m_, std::vector<R> v_) : lo(lo_), m(std::move(m_)), v(std::move(v_)) {}
   // torch.optim.AdamW, step t (1-based), same operation order; weight decay
-  // on the parameters the layout marks (weight matrices).
-  void update(const train::ParamLayout& layout, std::vector<R>& w, const std::vector<R>& g, const TrainOptions& o,
-              double lr, int64_t t) {
+  // on the parameters the layout marks (weight matrices). g[i - lo] is the
+  // gradient of w[i].
+  void update(const train::ParamLayout& layout, R* w, const R* g, const TrainOptions& o, double lr, int64_t t) {
     const R b1 = R(o.beta1), b2 = R(o.beta2);
     const double bc1 = 1.0 - std::pow(o.beta1, double(t)), bc2 = 1.0 - std::pow(o.beta2, double(t));
     const R step_size = R(lr / bc1), bc2_sqrt = R(std::sqrt(bc2)), eps = R(o.adam_eps);
     const R wd = R(1.0 - lr * o.weight_decay);
+    const size_t hi = lo + m.size();
+    R* mm = m.data() - lo;  // indexed like w
+    R* vv = v.data() - lo;
+    const R* gg = g - lo;
     for (const ParamInfo& p : layout.params) {
-      const size_t end = p.offset + p.numel;
+      const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
 #pragma omp parallel for
-      for (size_t i = p.offset; i < end; i++) {
+      for (size_t i = begin; i < end; i++) {
         if (p.decay) w[i] *= wd;
-        m[i] += (g[i] - m[i]) * (R(1) - b1);
-        v[i] = v[i] * b2 + g[i] * g[i] * (R(1) - b2);
-        w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+        mm[i] += (gg[i] - mm[i]) * (R(1) - b1);
+        vv[i] = vv[i] * b2 + gg[i] * gg[i] * (R(1) - b2);
+        w[i] -= step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
       }
     }
   }
@@ -513,6 +521,26 @@ void broadcast_state(Communicator& comm, TrainModel<R>& model, AdamW<R>& opt, Ru
   comm.broadcast(&st, sizeof st, 0);
 }
 
+// ZeRO-1: the ranks' shards of the moments, in rank order, as one full
+// AdamW on rank 0 (for its checkpoint); the other ranks get an empty one.
+template <class R>
+AdamW<R> gather_optimizer(Communicator& comm, const AdamW<R>& shard) {
+  auto gather = [&](const std::vector<R>& part) {
+    std::vector<uint8_t> bytes(part.size() * sizeof(R));
+    if (!bytes.empty()) std::memcpy(bytes.data(), part.data(), bytes.size());
+    std::vector<R> all;
+    for (const std::vector<uint8_t>& b : comm.gather(bytes, 0)) {
+      const size_t at = all.size();
+      all.resize(at + b.size() / sizeof(R));
+      if (!b.empty()) std::memcpy(all.data() + at, b.data(), b.size());
+    }
+    return all;
+  };
+  std::vector<R> m = gather(shard.m);
+  std::vector<R> v = gather(shard.v);
+  return AdamW<R>(0, std::move(m), std::move(v));
+}
+
 template <class R>
 void train_loop(const TrainOptions& o, const Tokenizer& tok) {
   // Data parallel: rank r of P trains on rows [r*B/P, (r+1)*B/P) of every
@@ -588,6 +616,27 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
                       "ranks,comm_bytes,comm_s\n");
   }
   if (ranks > 1) broadcast_state(comm, model, opt, st);
+  // ZeRO-1 (--zero1): rank r keeps the AdamW moments of its shard [lo, hi)
+  // of the flat parameters only; the gradients are reduce-scattered (each
+  // rank gets the summed gradient of its shard), each rank updates its
+  // shard, and the shards are all-gathered into every rank's weights.
+  const bool zero = o.zero1 && ranks > 1;
+  const size_t total = model.layout().total;
+  const size_t shard = zero ? (total + size_t(ranks) - 1) / size_t(ranks) : total;
+  const size_t lo = zero ? std::min(total, shard * size_t(rank)) : 0;
+  const size_t hi = zero ? std::min(total, lo + shard) : total;
+  std::vector<R> grad_shard, param_send, param_all;
+  if (zero) {
+    opt = AdamW<R>(lo, std::vector<R>(opt.m.begin() + ptrdiff_t(lo), opt.m.begin() + ptrdiff_t(hi)),
+                   std::vector<R>(opt.v.begin() + ptrdiff_t(lo), opt.v.begin() + ptrdiff_t(hi)));
+    model.grads.resize(shard * size_t(ranks), R(0));  // reduce-scatter blocks of `shard`; the padding stays 0
+    grad_shard.resize(shard);
+    param_send.resize(shard);
+    param_all.resize(shard * size_t(ranks));
+    message(o, "ZeRO-1: each rank keeps the AdamW moments of " + std::to_string(shard) + " of " +
+                   std::to_string(total) + " parameters (" + fixed(2.0 * double(shard) * sizeof(R) / 1e6, 1) +
+                   " MB instead of " + fixed(2.0 * double(total) * sizeof(R) / 1e6, 1) + " MB)");
+  }
   const auto n_params = model.layout().total;  // the flat buffer holds each parameter once
   message(o, std::string("model: ") + cfg.decompose_name() + ", " + std::to_string(n_params) + " parameters, " +
                  std::to_string(cfg.num_hidden_layers) + " layers, d=" + std::to_string(cfg.hidden_size) + ", E=" +
@@ -636,18 +685,33 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
       mean.amb += l.amb / double(A);
     }
     // Each rank's gradient is its share of the global objective's: their sum is the gradient.
-    if (ranks > 1) comm.all_reduce_sum(model.grads.data(), model.grads.size());
+    R* g_update = model.grads.data();  // the summed gradient of [lo, hi)
     double sq = 0;
+    if (zero) {
+      comm.reduce_scatter_sum(model.grads.data(), grad_shard.data(), shard);
+      g_update = grad_shard.data();
 #pragma omp parallel for reduction(+ : sq)
-    for (size_t i = 0; i < model.grads.size(); i++) sq += double(model.grads[i]) * double(model.grads[i]);
+      for (size_t i = 0; i < hi - lo; i++) sq += double(grad_shard[i]) * double(grad_shard[i]);
+      comm.all_reduce_sum(&sq, 1);
+    } else {
+      if (ranks > 1) comm.all_reduce_sum(model.grads.data(), model.grads.size());
+#pragma omp parallel for reduction(+ : sq)
+      for (size_t i = 0; i < model.grads.size(); i++) sq += double(model.grads[i]) * double(model.grads[i]);
+    }
     const double grad_norm = std::sqrt(sq);
     if (!std::isfinite(mean.total) || !std::isfinite(grad_norm))
       fail("step ", st.step + 1, ": the loss or gradient is not finite (loss ", mean.total, ", grad norm ", grad_norm,
            "); lower --lr or check the data. The last checkpoint is intact.");
     const R clip = R(std::min(1.0, o.clip / (grad_norm + 1e-6)));
     if (o.clip > 0)
-      for (R& g : model.grads) g *= clip;
-    opt.update(model.layout(), model.params, model.grads, o, lr, st.step + 1);
+      for (size_t i = 0; i < hi - lo; i++) g_update[i] *= clip;
+    opt.update(model.layout(), model.params.data(), g_update, o, lr, st.step + 1);
+    if (zero) {
+      std::fill(param_send.begin(), param_send.end(), R(0));
+      std::copy(model.params.begin() + ptrdiff_t(lo), model.params.begin() + ptrdiff_t(hi), param_send.begin());
+      comm.all_gather(param_send.data(), param_all.data(), shard * sizeof(R));
+      std::copy(param_all.begin(), param_all.begin() + ptrdiff_t(total), model.params.begin());
+    }
     st.step++;
 
     double val_loss = NAN;
@@ -698,8 +762,13 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     report.ranks = ranks;
     report.comm_bytes = comm_step.bytes;
     report.comm_seconds = comm_step.seconds;
-    if (((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) && root) {
-      save_checkpoint(o, model, opt, st, code);
+    if ((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) {
+      if (zero) {
+        const AdamW<R> full = gather_optimizer(comm, opt);  // every rank takes part
+        if (root) save_checkpoint(o, model, full, st, code);
+      } else if (root) {
+        save_checkpoint(o, model, opt, st, code);
+      }
       report.saved = (fs::path(o.out) / step_dir_name(st.step)).string();
     }
     if (o.on_step && root) o.on_step(report);

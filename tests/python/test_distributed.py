@@ -153,15 +153,37 @@ def test_two_ranks_train_as_one(mpi_monet, corpus, tmp_path, name, dtype):
         assert float(np.abs(wa[k].astype(np.float64) - wb[k]).max()) <= tol * scale, k
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_zero1_trains_as_one(mpi_monet, corpus, tmp_path, dtype):
+    """--zero1 on 2 ranks (AdamW moments sharded, gradients reduce-scattered, weights
+    all-gathered): the 1-process run's curve, final weights and AdamW moments."""
+    tol = 1e-5 if dtype == "f32" else 1e-12
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(mpi_monet, corpus, "vd", one, dtype)
+    out = train(mpi_monet, corpus, "vd", two, dtype, ranks=2, zero1=True)
+    assert "ZeRO-1: each rank keeps the AdamW moments of" in out.stderr
+    assert_same_curve(read_csv(two), read_csv(one), tol, list(range(1, 21)))
+    wa, wb = final_weights(one, 20, dtype), final_weights(two, 20, dtype)
+    oa = read_safetensors(os.path.join(one, "step-000020", "optimizer.safetensors"))
+    ob = read_safetensors(os.path.join(two, "step-000020", "optimizer.safetensors"))
+    assert set(oa) == set(ob)
+    for tensors_a, tensors_b in ((wa, wb), ({k: v for k, v in oa.items() if k.startswith("exp_avg.")},
+                                            {k: v for k, v in ob.items() if k.startswith("exp_avg.")})):
+        for k in tensors_a:
+            scale = max(float(np.abs(tensors_a[k]).max()), 1e-30)
+            assert float(np.abs(tensors_a[k].astype(np.float64) - tensors_b[k]).max()) <= tol * scale, k
+
+
 def test_resume_with_another_rank_count(mpi_monet, corpus, tmp_path):
-    """10 steps on 2 ranks, then --resume on 1 rank to 20, then on 3 ranks to 30 (--batch 4
-    split 1+1+2): the curve of 30 steps on one process."""
+    """10 steps on 2 ranks, then --resume on 1 rank to 20, then on 3 ranks with --zero1 to
+    30 (--batch 4 split 1+1+2, uneven parameter shards): the curve of 30 steps on one
+    process."""
     over = dict(steps=30, min_lr_ratio=1.0)  # a schedule independent of --steps
     straight, mixed = str(tmp_path / "straight"), str(tmp_path / "mixed")
     train(mpi_monet, corpus, "vd", straight, "f32", **over)
     train(mpi_monet, corpus, "vd", mixed, "f32", ranks=2, **{**over, "steps": 10})
     train(mpi_monet, corpus, "vd", mixed, "f32", **{**over, "steps": 20}, resume=True)
-    train(mpi_monet, corpus, "vd", mixed, "f32", ranks=3, **over, resume=True)
+    train(mpi_monet, corpus, "vd", mixed, "f32", ranks=3, **over, resume=True, zero1=True)
     rows = read_csv(mixed)
     assert [r["ranks"] for r in rows] == ["2"] * 10 + ["1"] * 10 + ["3"] * 10
     assert_same_curve(rows, read_csv(straight), 1e-5, list(range(1, 31)))
