@@ -225,45 +225,43 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   for (const std::string& f : files)
     if (!fs::is_regular_file(f)) fail(f, ": not a readable corpus file");
   std::optional<Db> db;  // rank 0 only
-  // The settings and the resume state, on rank 0 (everything up to the
-  // broadcast below).
-  if (root) {
-  if (!opts.resume && fs::exists(db_path))
-    fail(db_path, ": exists; pass --resume to continue it, or choose another path");
-  if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
-  db.emplace(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
-  }
   const std::string settings = json({{"model", fs::absolute(model.dir()).string()},
                                      {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
                                      {"top_k", opts.top_k}, {"window", opts.window},
                                      {"context", opts.context}, {"threshold", opts.threshold}}).dump();
+  // Rank 0 opens the database; the resume state it reads there reaches the
+  // other ranks by the broadcast below.
   if (root) {
-  db->exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
-  // The schema and the settings in one transaction, before the first window:
-  // a kill at any later moment leaves an index that --resume continues (one
-  // with settings and no documents starts from the beginning).
-  db->exec("BEGIN IMMEDIATE");
-  try {
-    db->exec(kSchema);
-    Stmt m(db->get(), "SELECT value FROM meta WHERE key = 'settings'");
-    if (!m.step()) {
-      // Empty: a new index, or one killed before its first commit by an
-      // older version (which wrote the settings only then).
-      if (opts.resume && !index_is_empty(db->get())) fail(db_path, ": not a monet index (no settings)");
-      Stmt ins(db->get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
-      ins.bind(1, std::string("settings")).bind(2, settings).run();
-      ins.bind(1, std::string("tokens")).bind(2, std::string("0")).run();
-      ins.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
-    } else if (m.text(0) != settings) {
-      if (!json::parse(m.text(0), nullptr, false).is_object())
-        fail(db_path, ": damaged index: meta 'settings' is not a JSON object (", m.text(0).substr(0, 200), ")");
-      fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+    if (!opts.resume && fs::exists(db_path))
+      fail(db_path, ": exists; pass --resume to continue it, or choose another path");
+    if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
+    db.emplace(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
+    db->exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
+    // The schema and the settings in one transaction, before the first window:
+    // a kill at any later moment leaves an index that --resume continues (one
+    // with settings and no documents starts from the beginning).
+    db->exec("BEGIN IMMEDIATE");
+    try {
+      db->exec(kSchema);
+      Stmt m(db->get(), "SELECT value FROM meta WHERE key = 'settings'");
+      if (!m.step()) {
+        // Empty: a new index, or one killed before its first commit by an
+        // older version (which wrote the settings only then).
+        if (opts.resume && !index_is_empty(db->get())) fail(db_path, ": not a monet index (no settings)");
+        Stmt ins(db->get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
+        ins.bind(1, std::string("settings")).bind(2, settings).run();
+        ins.bind(1, std::string("tokens")).bind(2, std::string("0")).run();
+        ins.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
+      } else if (m.text(0) != settings) {
+        if (!json::parse(m.text(0), nullptr, false).is_object())
+          fail(db_path, ": damaged index: meta 'settings' is not a JSON object (", m.text(0).substr(0, 200), ")");
+        fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+      }
+      db->exec("COMMIT");
+    } catch (...) {
+      sqlite3_exec(db->get(), "ROLLBACK", nullptr, nullptr, nullptr);
+      throw;
     }
-    db->exec("COMMIT");
-  } catch (...) {
-    sqlite3_exec(db->get(), "ROLLBACK", nullptr, nullptr, nullptr);
-    throw;
-  }
   }
   // Dense per group (E^2 entries): the per-token bookkeeping is array indexing.
   std::vector<std::vector<ExpertState>> state(static_cast<size_t>(groups), std::vector<ExpertState>(size_t(E * E)));
