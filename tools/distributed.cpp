@@ -15,7 +15,9 @@
 namespace {
 
 std::unique_ptr<monet::Communicator> g_world;
-bool g_mpi = false;
+#if MONET_MPI
+bool g_mpi = false;  // this process called MPI_Init
+#endif
 std::string g_prefix;
 
 #if !MONET_MPI
@@ -55,7 +57,7 @@ void distributed_init(int* argc, char*** argv) {
   if (launched() && launcher_size() > 1)
     monet::fail("started by an MPI launcher with ", launcher_size(),
                 " processes, but this monet was built without MPI (install libopenmpi-dev, then configure and build "
-                "again); every process would train alone");
+                "again); each process would run the whole job alone");
 #endif
 }
 
