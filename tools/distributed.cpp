@@ -47,8 +47,16 @@ void distributed_init(int* argc, char*** argv) {
       monet::fail("MPI_Init_thread failed");
     g_mpi = true;
     g_world = monet::make_mpi_communicator();
-    if (g_world->size() > 1)
+    if (g_world->size() > 1) {
       g_prefix = "rank " + std::to_string(g_world->rank()) + " of " + std::to_string(g_world->size()) + ": ";
+      // Other commands would run N times side by side (and write the same outputs).
+      std::string command;
+      for (int i = 1; i < *argc && command.empty(); i++)
+        if ((*argv)[i][0] != '-') command = (*argv)[i];
+      if (command != "train" && command != "index")
+        monet::fail("only `monet train` and `monet index` run on several processes; `monet ", command,
+                    "` was started on ", g_world->size());
+    }
     return;
   }
 #else

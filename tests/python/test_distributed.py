@@ -57,7 +57,7 @@ def run(monet_bin, *args, ranks=None, ok=True, timeout=600):
 @pytest.fixture(scope="module")
 def mpi_monet(monet_bin):
     """The binary, checked to run two ranks (a monet built without MPI refuses them)."""
-    proc = run(monet_bin, "info", "--help", ranks=2, ok=False, timeout=120)
+    proc = run(monet_bin, "train", "--help", ranks=2, ok=False, timeout=120)
     if proc.returncode != 0:
         message = f"`mpirun -np 2 monet` does not run (monet built without MPI?): {proc.stderr[-2000:]}"
         if os.environ.get("CI"):
@@ -252,6 +252,11 @@ def test_error_on_one_rank_stops_every_rank(mpi_monet, corpus, tmp_path):
     proc = train(mpi_monet, corpus, "vd", str(bad), "f32", ranks=2, ok=False)
     assert proc.returncode != 0 and time.time() - start < 300
     assert "monet: error: rank 0 of 2: " in proc.stderr and str(bad) in proc.stderr, proc.stderr[-3000:]
+
+
+def test_other_commands_refuse_several_processes(mpi_monet, corpus):
+    proc = run(mpi_monet, "info", "--model", corpus[0]["vd"], ranks=2, ok=False)
+    assert proc.returncode != 0 and "only `monet train` and `monet index` run on several processes" in proc.stderr
 
 
 def test_batch_smaller_than_ranks_is_refused(mpi_monet, corpus, tmp_path):
