@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3 python3-dev python3-venv python3-numpy python3-pytest python3-torch python3-pil
   chromium chromium-driver
   clang-14 libclang-rt-14-dev
+  openmpi-bin libopenmpi-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

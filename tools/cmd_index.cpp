@@ -5,6 +5,7 @@
 
 #include "cli_util.h"
 #include "commands.h"
+#include "distributed.h"
 #include "monet/index.h"
 #include "monet/model.h"
 #include "monet/tokenizer.h"
@@ -32,6 +33,10 @@ void add_index_command(CLI::App& app) {
     const bool tty = isatty(STDERR_FILENO);
     double last = -1;
     int64_t last_tokens = -1;
+    // Under mpirun/srun: the windows are shared among the processes, rank 0
+    // writes the index and reports (docs/distributed.md).
+    o.comm = &world();
+    const bool root = world().rank() == 0;
     const monet::IndexProgress done = monet::build_index(*model, *tok, corpus, out_path, o, [&](const monet::IndexProgress& p) {
       if (p.tokens_done == last_tokens || (p.seconds - last < (tty ? 0.2 : 5.0) && p.bytes_done < p.bytes_total)) return;
       last = p.seconds;
@@ -42,6 +47,7 @@ void add_index_command(CLI::App& app) {
                    "##############################", width - filled, "", 100 * frac, p.bytes_total / 1e6,
                    (long long)p.tokens_done, p.tokens_done / std::max(p.seconds, 1e-9), tty ? "" : "\n");
     });
+    if (!root) return;
     if (tty) std::fprintf(stderr, "\n");
     // The time includes tokenising and every database write.
     std::printf("indexed %lld tokens in %.1f s (%.0f tokens/s) into %s\n", (long long)done.tokens_done, done.seconds,

@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "commands.h"
+#include "distributed.h"
 #include "monet/error.h"
 #include "monet/train.h"
 
@@ -22,7 +23,7 @@ std::string format_duration(double s) {
 }  // namespace
 
 void add_train_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("train", "Train a Monet model on text (CPU; see docs/training.md)");
+  auto* cmd = app.add_subcommand("train", "Train a Monet model on text (CPU; data parallel under mpirun: docs/distributed.md)");
   static monet::TrainOptions o;
   static std::string decompose = "vertical";
   o.shape.hidden_size = 256;
@@ -56,7 +57,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_flag("--tie", o.shape.tie_word_embeddings, "tie lm_head to the embedding");
   // optimisation
   cmd->add_option("--steps", o.steps, "optimiser steps (default 1000)");
-  cmd->add_option("--batch", o.batch, "sequences per micro-batch (default 8)");
+  cmd->add_option("--batch", o.batch, "sequences per micro-batch, all processes together (default 8)");
   cmd->add_option("--seq", o.seq, "tokens per sequence (default 256)");
   cmd->add_option("--grad-accum", o.grad_accum, "micro-batches per step (default 1)");
   cmd->add_option("--lr", o.lr, "peak learning rate (default 1e-3)");
@@ -77,6 +78,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--log-every", o.log_every, "progress line every N steps when stderr is not a terminal (default 10)");
   cmd->add_option("--dtype", o.dtype, "compute type: f32 (default) or f64 (the reference)");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
+  cmd->add_flag("--zero1", o.zero1, "under mpirun: shard the AdamW moments over the processes (ZeRO-1)");
   cmd->callback([data] {
     if (data->count() == 0) monet::fail("--data is required (a text file or a folder of .txt files)");
     if (decompose == "vertical") o.shape.moe_decompose = monet::Decompose::Vertical;
@@ -95,6 +97,8 @@ void add_train_command(CLI::App& app) {
       }
       if (!r.saved.empty()) std::fprintf(stderr, "%ssaved %s\n", tty ? "\n" : "", r.saved.c_str());
     };
+    // Under mpirun/srun: data parallel over the launched processes (docs/distributed.md).
+    o.comm = &world();
     monet::run_training(o);
   });
 }

@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "commands.h"
+#include "distributed.h"
 #include "monet/error.h"
 
 int main(int argc, char** argv) {
@@ -28,16 +29,23 @@ int main(int argc, char** argv) {
   add_grad_command(app);
   add_vision_command(app);
   add_torch_convert_command(app);
+  // Under mpirun/srun: MPI starts here; an error on any rank is printed by
+  // that rank, then ends every rank (MPI_Abort), so that none waits forever
+  // in a collective.
+  int rc = 0;
   try {
+    distributed_init(&argc, &argv);
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    rc = app.exit(e);
   } catch (const monet::Error& e) {
-    std::fprintf(stderr, "monet: error: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "monet: error: %s%s\n", rank_prefix(), e.what());
+    rc = 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "monet: internal error: %s\n", e.what());
-    return 2;
+    std::fprintf(stderr, "monet: internal error: %s%s\n", rank_prefix(), e.what());
+    rc = 2;
   }
-  return 0;
+  if (rc != 0) distributed_abort(rc);
+  distributed_finalize();
+  return rc;
 }

@@ -25,6 +25,10 @@ using WindowFn = std::function<void(const std::vector<int32_t>& window, size_t f
                                     const std::vector<float>& logits, const RouterCapture& routing)>;
 void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
                      const ForwardOptions& opts, const WindowFn& fn, size_t begin = 0, size_t end = SIZE_MAX);
+// The same over the windows starting at `starts` (each start < ids.size()),
+// in that order: a process's share of a stream's windows.
+void for_each_window_at(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
+                        const ForwardOptions& opts, const WindowFn& fn, const std::vector<size_t>& starts);
 
 // Splits `ids` into windows of at most `context` tokens, each starting with
 // `bos` (when >= 0) followed by the next context-1 tokens of the stream, and

@@ -12,6 +12,8 @@
 
 struct sqlite3;
 
+namespace monet { class Communicator; }
+
 namespace monet {
 
 struct IndexOptions {
@@ -22,6 +24,9 @@ struct IndexOptions {
   bool resume = false;         // continue an existing index (skips its documents, continues inside a partial one)
   int64_t checkpoint_tokens = 200000;  // commit the state to the database this often (tokens)
   int64_t max_tokens = 0;      // stop after about this many tokens (whole windows; 0: the whole corpus)
+  // Distributed (docs/distributed.md): the windows are shared among comm's
+  // ranks, rank 0 merges and writes the index. null: one process.
+  Communicator* comm = nullptr;
 };
 
 struct IndexProgress {

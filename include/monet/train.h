@@ -7,6 +7,8 @@
 
 #include "monet/config.h"
 
+namespace monet { class Communicator; }
+
 namespace monet {
 
 // What a training run reports after each optimiser step.
@@ -16,6 +18,9 @@ struct TrainStepReport {
   double tokens_per_s = 0, eta_seconds = 0;
   double val_loss = 0;  // NaN when this step ran no validation
   std::string saved;    // the checkpoint written after this step, or empty
+  int ranks = 1;                 // processes this step ran on
+  int64_t comm_bytes = 0;        // bytes this rank sent into collectives this step
+  double comm_seconds = 0;       // time this rank spent in them (waiting included)
 };
 
 struct TrainOptions {
@@ -40,6 +45,12 @@ struct TrainOptions {
   std::string save_dtype = "F32";  // F32 or BF16 for model.safetensors
   std::string dtype = "f32";       // compute: f32 or f64 (the reference)
   int threads = 0;
+  // Data-parallel training (docs/distributed.md): --batch is the global batch,
+  // split over comm's ranks; rank 0 alone writes and reports. null: one process.
+  Communicator* comm = nullptr;
+  // ZeRO-1: each rank keeps the AdamW moments of 1/ranks of the parameters
+  // (gradients reduce-scattered, updated shards all-gathered).
+  bool zero1 = false;
   // Progress (the library prints nothing): notes on data, model and resume,
   // and a report after every step.
   std::function<void(const std::string&)> on_message;

@@ -17,6 +17,17 @@ void for_each_window(const Model& model, const std::vector<int32_t>& ids, int64_
   const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
   std::vector<size_t> starts;
   for (size_t start = begin; start < std::min(end, ids.size()); start += step) starts.push_back(start);
+  for_each_window_at(model, ids, context, bos, opts, fn, starts);
+}
+
+void for_each_window_at(const Model& model, const std::vector<int32_t>& ids, int64_t context, int32_t bos,
+                        const ForwardOptions& opts, const WindowFn& fn, const std::vector<size_t>& starts) {
+  if (context < 2 || context > model.config().max_position_embeddings)
+    fail("the context must hold between 2 and max_position_embeddings = ", model.config().max_position_embeddings,
+         " tokens, got ", context);
+  const size_t first = bos >= 0 ? 1 : 0, step = size_t(context) - first;
+  for (size_t start : starts)
+    if (start >= ids.size()) fail("window start ", start, " is outside the stream of ", ids.size(), " tokens");
   // Windows are independent: on several cores, whole windows run side by
   // side, one per thread (the ops inside a window then run single-threaded:
   // small models gain most, as no op pays for thread synchronisation); fn

@@ -20,11 +20,13 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
 
+#include "monet/comm.h"
 #include "monet/error.h"
 #include "monet/evaluate.h"
 #include "monet/interp.h"
@@ -62,6 +64,22 @@ struct ExpertState {
   bool changed = false;         // count and max differ from the database
   std::vector<Activation> top;  // heap ordered by std::greater: top.front() is the weakest
 };
+
+// A rank's partial state, as bytes for the merge on rank 0.
+template <class T>
+void put(std::vector<uint8_t>& out, T v) {
+  const size_t at = out.size();
+  out.resize(at + sizeof v);
+  std::memcpy(out.data() + at, &v, sizeof v);
+}
+template <class T>
+T take(const std::vector<uint8_t>& in, size_t& at) {
+  if (at + sizeof(T) > in.size()) fail("index: a rank's partial state is cut short (", in.size(), " bytes)");
+  T v;
+  std::memcpy(&v, in.data() + at, sizeof v);
+  at += sizeof v;
+  return v;
+}
 
 constexpr const char* kSchema = R"(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -134,42 +152,56 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   if (const uint64_t avail = available_memory_bytes(); avail > 0 && state_bytes > avail)
     fail("index: the state of ", groups, " groups x ", E, "^2 experts needs ", format_bytes(state_bytes),
          " of memory, but only ", format_bytes(avail), " is available");
-  if (!opts.resume && fs::exists(db_path))
-    fail(db_path, ": exists; pass --resume to continue it, or choose another path");
-  if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
+  // Distributed (docs/distributed.md): every rank reads and tokenises the
+  // corpus and runs its share of the windows (window i of the run on rank
+  // i % ranks) into its own partial state; at every commit the partial states
+  // are merged on rank 0, which alone opens and writes the database. The top
+  // activations are ordered totally (prob, then doc, then pos), so the merged
+  // top_k are those of one process.
+  std::unique_ptr<Communicator> single = opts.comm ? nullptr : make_single_communicator();
+  Communicator& comm = opts.comm ? *opts.comm : *single;
+  const int rank = comm.rank(), ranks = comm.size();
+  const bool root = rank == 0;
   for (const std::string& f : files)
     if (!fs::is_regular_file(f)) fail(f, ": not a readable corpus file");
-
-  Db db(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
-  db.exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
+  std::optional<Db> db;  // rank 0 only
   const std::string settings = json({{"model", fs::absolute(model.dir()).string()},
                                      {"experts", E}, {"groups", groups}, {"moe_groups", c.moe_groups},
                                      {"top_k", opts.top_k}, {"window", opts.window},
                                      {"context", opts.context}, {"threshold", opts.threshold}}).dump();
-  // The schema and the settings in one transaction, before the first window:
-  // a kill at any later moment leaves an index that --resume continues (one
-  // with settings and no documents starts from the beginning).
-  db.exec("BEGIN IMMEDIATE");
-  try {
-    db.exec(kSchema);
-    Stmt m(db.get(), "SELECT value FROM meta WHERE key = 'settings'");
-    if (!m.step()) {
-      // Empty: a new index, or one killed before its first commit by an
-      // older version (which wrote the settings only then).
-      if (opts.resume && !index_is_empty(db.get())) fail(db_path, ": not a monet index (no settings)");
-      Stmt ins(db.get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
-      ins.bind(1, std::string("settings")).bind(2, settings).run();
-      ins.bind(1, std::string("tokens")).bind(2, std::string("0")).run();
-      ins.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
-    } else if (m.text(0) != settings) {
-      if (!json::parse(m.text(0), nullptr, false).is_object())
-        fail(db_path, ": damaged index: meta 'settings' is not a JSON object (", m.text(0).substr(0, 200), ")");
-      fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+  // Rank 0 opens the database; the resume state it reads there reaches the
+  // other ranks by the broadcast below.
+  if (root) {
+    if (!opts.resume && fs::exists(db_path))
+      fail(db_path, ": exists; pass --resume to continue it, or choose another path");
+    if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
+    db.emplace(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
+    db->exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
+    // The schema and the settings in one transaction, before the first window:
+    // a kill at any later moment leaves an index that --resume continues (one
+    // with settings and no documents starts from the beginning).
+    db->exec("BEGIN IMMEDIATE");
+    try {
+      db->exec(kSchema);
+      Stmt m(db->get(), "SELECT value FROM meta WHERE key = 'settings'");
+      if (!m.step()) {
+        // Empty: a new index, or one killed before its first commit by an
+        // older version (which wrote the settings only then).
+        if (opts.resume && !index_is_empty(db->get())) fail(db_path, ": not a monet index (no settings)");
+        Stmt ins(db->get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
+        ins.bind(1, std::string("settings")).bind(2, settings).run();
+        ins.bind(1, std::string("tokens")).bind(2, std::string("0")).run();
+        ins.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
+      } else if (m.text(0) != settings) {
+        if (!json::parse(m.text(0), nullptr, false).is_object())
+          fail(db_path, ": damaged index: meta 'settings' is not a JSON object (", m.text(0).substr(0, 200), ")");
+        fail(db_path, ": was built with other settings (", m.text(0), "); resume needs the same model and options");
+      }
+      db->exec("COMMIT");
+    } catch (...) {
+      sqlite3_exec(db->get(), "ROLLBACK", nullptr, nullptr, nullptr);
+      throw;
     }
-    db.exec("COMMIT");
-  } catch (...) {
-    sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
-    throw;
   }
   // Dense per group (E^2 entries): the per-token bookkeeping is array indexing.
   std::vector<std::vector<ExpertState>> state(static_cast<size_t>(groups), std::vector<ExpertState>(size_t(E * E)));
@@ -180,16 +212,16 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   // {"path", "doc", "next" (its first token not indexed), "fingerprint"}.
   json partial;
   int64_t tokens_indexed = 0, next_doc = 0;
-  if (opts.resume) {
+  if (opts.resume && root) {
     // Everything read back is checked against the settings before it is
     // used as an index into the state: a damaged index is refused, never trusted.
     auto damaged = [&](const auto&... what) { fail(db_path, ": damaged index: ", what..., "; build the index again"); };
-    Stmt t(db.get(), "SELECT value FROM meta WHERE key = 'tokens'");
+    Stmt t(db->get(), "SELECT value FROM meta WHERE key = 'tokens'");
     if (t.step()) {
       const std::string text = t.text(0);
       if (!parse_count(text, &tokens_indexed)) damaged("meta 'tokens' = '", text.substr(0, 100), "' is not a token count");
     }
-    Stmt p(db.get(), "SELECT value FROM meta WHERE key = 'partial'");
+    Stmt p(db->get(), "SELECT value FROM meta WHERE key = 'partial'");
     if (p.step()) {
       partial = json::parse(p.text(0), nullptr, /*allow_exceptions=*/false);
       const bool ok = partial.is_object() && partial.contains("path") && partial["path"].is_string() &&
@@ -201,7 +233,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       if (!ok) damaged("meta 'partial' = ", p.text(0).substr(0, 200), " is not {path, doc, next, fingerprint}");
     }
     std::unordered_map<int64_t, int64_t> doc_length;  // doc -> tokens indexed (the partial one: so far)
-    Stmt d(db.get(), "SELECT doc, path, tokens FROM documents");
+    Stmt d(db->get(), "SELECT doc, path, tokens FROM documents");
     for (int64_t row = 0; d.step(); row++) {
       if (d.type(0) != SQLITE_INTEGER || d.i64(0) < 0 || d.i64(0) >= kMaxTokens || d.type(1) != SQLITE_TEXT ||
           d.type(2) != SQLITE_INTEGER || d.i64(2) < 0 || d.i64(2) > kMaxTokens)
@@ -230,7 +262,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       return (s.type(c) == SQLITE_FLOAT || s.type(c) == SQLITE_INTEGER) && std::isfinite(v) && v >= 0 &&
              v <= double(H) * 1.001;
     };
-    Stmt e(db.get(), "SELECT grp, expert, count, max_prob FROM experts");
+    Stmt e(db->get(), "SELECT grp, expert, count, max_prob FROM experts");
     for (int64_t row = 0; e.step(); row++) {
       check_expert("experts", row, e);
       if (e.type(2) != SQLITE_INTEGER || e.i64(2) < 0 || e.i64(2) > kMaxTokens)
@@ -240,7 +272,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       s.count = e.i64(2);
       s.max_prob = float(e.f64(3));
     }
-    Stmt a(db.get(), "SELECT grp, expert, prob, doc, pos, rowid FROM activations");
+    Stmt a(db->get(), "SELECT grp, expert, prob, doc, pos, rowid FROM activations");
     for (int64_t row = 0; a.step(); row++) {
       check_expert("activations", row, a);
       if (!valid_prob(a, 2)) damaged("activations row ", row, ": prob ", a.text(2).substr(0, 40), " is not in [0, ", H, "]");
@@ -260,6 +292,19 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
         if (s.count < int64_t(s.top.size())) damaged("an expert has more top activations than its count");
         std::make_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
       }
+  }
+  if (ranks > 1) {
+    // What the other ranks need of rank 0's resume state: the finished
+    // documents, where it stopped, the counters (their experts start empty).
+    json resume_state{{"partial", partial}, {"tokens", tokens_indexed}, {"next_doc", next_doc}, {"done", json::object()}};
+    for (const auto& [path, doc] : done_docs) resume_state["done"][path] = doc;
+    const json got = json::parse(broadcast_string(comm, root ? resume_state.dump() : std::string(), 0));
+    if (!root) {
+      partial = got["partial"];
+      tokens_indexed = got["tokens"].get<int64_t>();
+      next_doc = got["next_doc"].get<int64_t>();
+      for (const auto& [path, doc] : got["done"].items()) done_docs[path] = doc.get<int64_t>();
+    }
   }
 
   // Files are read and tokenised one at a time: memory does not grow with the corpus.
@@ -288,13 +333,13 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
   // activations in, the counts of experts that fired, finished documents and
   // where the run is inside a document (now_partial, or null).
   auto commit = [&](const json& now_partial) {
-    db.exec("BEGIN IMMEDIATE");
+    db->exec("BEGIN IMMEDIATE");
     try {
-      Stmt del_a(db.get(), "DELETE FROM activations WHERE rowid = ?");
+      Stmt del_a(db->get(), "DELETE FROM activations WHERE rowid = ?");
       for (std::vector<int64_t>& rows : displaced)
         for (int64_t row : rows) del_a.bind(1, row).run();
-      Stmt put_e(db.get(), "INSERT OR REPLACE INTO experts VALUES (?, ?, ?, ?)");
-      Stmt ins_a(db.get(), "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
+      Stmt put_e(db->get(), "INSERT OR REPLACE INTO experts VALUES (?, ?, ?, ?)");
+      Stmt ins_a(db->get(), "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
       for (int64_t g = 0; g < groups; g++)
         for (int64_t id = 0; id < E * E; id++) {
           ExpertState& s = state[size_t(g)][size_t(id)];
@@ -314,25 +359,25 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
             context += ']';
             ins_a.bind(1, g).bind(2, id).bind(3, double(a.prob)).bind(4, a.doc).bind(5, a.pos)
                 .bind(6, token_text[size_t(ids[size_t(a.pos)])]).bind(7, context).bind(8, a.pos - lo).run();
-            a.row = sqlite3_last_insert_rowid(db.get());
+            a.row = sqlite3_last_insert_rowid(db->get());
           }
         }
-      Stmt ins_d(db.get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
+      Stmt ins_d(db->get(), "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)");
       for (const auto& [path, n] : pending_docs) ins_d.bind(1, done_docs[path]).bind(2, path).bind(3, n).run();
-      Stmt ins_m(db.get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
+      Stmt ins_m(db->get(), "INSERT OR REPLACE INTO meta VALUES (?, ?)");
       ins_m.bind(1, std::string("settings")).bind(2, settings).run();
       ins_m.bind(1, std::string("tokens")).bind(2, std::to_string(tokens_indexed)).run();
       ins_m.bind(1, std::string("vocab_pieces")).bind(2, std::to_string(tok.vocab_size())).run();
       if (now_partial.is_object())
         ins_m.bind(1, std::string("partial")).bind(2, now_partial.dump()).run();
       else
-        db.exec("DELETE FROM meta WHERE key = 'partial'");
-      db.exec("COMMIT");
+        db->exec("DELETE FROM meta WHERE key = 'partial'");
+      db->exec("COMMIT");
     } catch (const Error& e) {
       // A full disk, a file size limit, a read-only file: nothing of this
       // commit is kept, the index stays at its last commit.
-      const int err = sqlite3_system_errno(db.get());
-      sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
+      const int err = sqlite3_system_errno(db->get());
+      sqlite3_exec(db->get(), "ROLLBACK", nullptr, nullptr, nullptr);
       std::string why = e.what();
       if (why.compare(0, db_path.size() + 2, db_path + ": ") == 0) why.erase(0, db_path.size() + 2);
       if (err) why += std::string(": ") + std::strerror(err);
@@ -348,11 +393,111 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     for (auto it = doc_tokens.begin(); it != doc_tokens.end();) it = it->first == current_doc ? std::next(it) : doc_tokens.erase(it);
   };
 
+  // A window's routing into the state (rank 0: the index's; other ranks:
+  // their partial state since the last merge).
+  auto absorb = [&](const std::vector<int32_t>& window, size_t first, size_t start, const RouterCapture& cap,
+                    int64_t doc) {
+    // Router groups keep separate state: one thread each.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(model.threads())
+    for (int64_t g = 0; g < groups; g++) {
+      for (size_t t = first; t < window.size(); t++) {
+        const int64_t pos = int64_t(start + t - first);
+        const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
+                                        cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold,
+                                        /*sorted=*/false);
+        for (const ExpertActivation& a : act) {
+          ExpertState& s = state[size_t(g)][size_t(a.id)];
+          s.count++;
+          s.max_prob = std::max(s.max_prob, a.prob);
+          s.changed = true;
+          // Positions come in order here: an equal probability is a later, weaker entry.
+          if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
+          const Activation entry{a.prob, doc, pos};
+          if (int64_t(s.top.size()) == opts.top_k) {
+            std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+            if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
+            s.top.back() = entry;
+          } else {
+            s.top.push_back(entry);
+          }
+          std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+        }
+      }
+    }
+  };
+  // The other ranks' partial states into rank 0's (counts add, maxima, the
+  // top_k of the union); theirs start empty again.
+  auto merge = [&] {
+    if (ranks == 1) return;
+    std::vector<uint8_t> mine;
+    if (!root)
+      for (int64_t g = 0; g < groups; g++)
+        for (int64_t id = 0; id < E * E; id++) {
+          ExpertState& s = state[size_t(g)][size_t(id)];
+          if (!s.changed) continue;
+          put<int64_t>(mine, g);
+          put<int64_t>(mine, id);
+          put<int64_t>(mine, s.count);
+          put<float>(mine, s.max_prob);
+          put<int64_t>(mine, int64_t(s.top.size()));
+          for (const Activation& a : s.top) {
+            put<float>(mine, a.prob);
+            put<int64_t>(mine, a.doc);
+            put<int64_t>(mine, a.pos);
+          }
+          s = ExpertState();
+        }
+    const std::vector<std::vector<uint8_t>> parts = comm.gather(mine, 0);
+    for (size_t r = 1; r < parts.size(); r++) {
+      const std::vector<uint8_t>& in = parts[r];
+      for (size_t at = 0; at < in.size();) {
+        const int64_t g = take<int64_t>(in, at), id = take<int64_t>(in, at);
+        if (g < 0 || g >= groups || id < 0 || id >= E * E) fail("index: rank ", r, " sent expert ", id, " of group ", g);
+        ExpertState& s = state[size_t(g)][size_t(id)];
+        s.count += take<int64_t>(in, at);
+        s.max_prob = std::max(s.max_prob, take<float>(in, at));
+        s.changed = true;
+        const int64_t n = take<int64_t>(in, at);
+        for (int64_t i = 0; i < n; i++) {
+          Activation entry;
+          entry.prob = take<float>(in, at);
+          entry.doc = take<int64_t>(in, at);
+          entry.pos = take<int64_t>(in, at);
+          if (int64_t(s.top.size()) < opts.top_k) {
+            s.top.push_back(entry);
+            std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+          } else if (entry > s.top.front()) {  // the full order: ranks' positions interleave
+            std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+            if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
+            s.top.back() = entry;
+            std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
+          }
+        }
+      }
+    }
+  };
+  // A commit point (the same on every rank: the counters are the run's):
+  // merge, then rank 0 writes; the others only follow the bookkeeping.
+  auto commit_all = [&](const json& now_partial) {
+    merge();
+    if (root) {
+      commit(now_partial);
+    } else {
+      commits++;
+      pending_docs.clear();
+      since_commit = 0;
+    }
+  };
+
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   ForwardOptions fo;
   fo.routing_only = true;
   const size_t step = size_t(opts.context) - (tok.bos_id() >= 0 ? 1 : 0);
+  // Windows go out in chunks: a commit point ends a chunk, and a chunk holds
+  // a few windows per thread of every rank (progress in between).
+  const int64_t chunk_windows = int64_t(ranks) * std::max(1, model.threads()) * 4;
+  int64_t window_counter = 0;  // windows of this run so far, all ranks together
   int64_t bytes_before = 0;
   for (const std::string& path : todo) {
     if (opts.max_tokens > 0 && prog.tokens_done >= opts.max_tokens) break;
@@ -374,7 +519,7 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       doc = next_doc++;
     }
     done_docs[path] = doc;
-    doc_tokens[doc] = tokens;
+    if (root) doc_tokens[doc] = tokens;  // contexts are rendered on rank 0
     current_doc = doc;
     auto inside = [&](size_t next) {
       return json{{"path", path}, {"doc", doc}, {"next", next}, {"fingerprint", fingerprint}};
@@ -385,61 +530,45 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       const size_t budget = size_t(opts.max_tokens - prog.tokens_done);
       end = std::min(end, begin + (budget + step - 1) / step * step);
     }
+    const size_t stop = std::min(end, ids.size());
     const int64_t doc_bytes_done = int64_t(double(doc_bytes) * double(begin) / double(std::max<size_t>(1, ids.size())));
     prog.bytes_total -= doc_bytes_done;  // bytes of this run: what was indexed before is not counted
-    for_each_window(model, ids, opts.context, tok.bos_id(), fo, [&](const std::vector<int32_t>& window, size_t first,
-                                                                    size_t start, const std::vector<float>&,
-                                                                    const RouterCapture& cap) {
-      // Router groups keep separate state: one thread each.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(model.threads())
-      for (int64_t g = 0; g < groups; g++) {
-        for (size_t t = first; t < window.size(); t++) {
-          const int64_t pos = int64_t(start + t - first);
-          const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
-                                          cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold,
-                                          /*sorted=*/false);
-          for (const ExpertActivation& a : act) {
-            ExpertState& s = state[size_t(g)][size_t(a.id)];
-            s.count++;
-            s.max_prob = std::max(s.max_prob, a.prob);
-            s.changed = true;
-            if (int64_t(s.top.size()) == opts.top_k && !(a.prob > s.top.front().prob)) continue;
-            const Activation entry{a.prob, doc, pos};
-            if (int64_t(s.top.size()) == opts.top_k) {
-              std::pop_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
-              if (s.top.back().row >= 0) displaced[size_t(g)].push_back(s.top.back().row);
-              s.top.back() = entry;
-            } else {
-              s.top.push_back(entry);
-            }
-            std::push_heap(s.top.begin(), s.top.end(), std::greater<Activation>());
-          }
-        }
+    for (size_t w = begin; w < stop;) {
+      std::vector<size_t> mine;
+      int64_t chunk_tokens = 0;
+      for (int64_t k = 0; k < chunk_windows && w < stop; k++) {
+        const int64_t n = int64_t(std::min(step, ids.size() - w));
+        if (window_counter++ % ranks == rank) mine.push_back(w);
+        chunk_tokens += n;
+        since_commit += n;
+        w += step;
+        if (since_commit >= opts.checkpoint_tokens) break;
       }
-      const int64_t n = int64_t(window.size() - first);
-      const size_t next = start + size_t(n);
-      tokens_indexed += n;
-      prog.tokens_done += n;
-      since_commit += n;
+      for_each_window_at(model, ids, opts.context, tok.bos_id(), fo,
+                         [&](const std::vector<int32_t>& window, size_t first, size_t start, const std::vector<float>&,
+                             const RouterCapture& cap) { absorb(window, first, start, cap, doc); },
+                         mine);
+      const size_t next = std::min(w, ids.size());
+      tokens_indexed += chunk_tokens;
+      prog.tokens_done += chunk_tokens;
       prog.bytes_done = bytes_before + int64_t(double(doc_bytes) * double(next) / double(ids.size())) - doc_bytes_done;
-      if (since_commit >= opts.checkpoint_tokens && next < ids.size()) commit(inside(next));
+      if (since_commit >= opts.checkpoint_tokens && next < ids.size()) commit_all(inside(next));
       prog.seconds = elapsed();
-      if (progress) progress(prog);
-    }, begin, end);
+      if (progress && root) progress(prog);
+    }
     current_doc = -1;  // its tokens stay in doc_tokens until its activations are written
-    const size_t stopped = std::min(end, ids.size());
-    if (stopped < ids.size()) {  // --max-tokens ran out inside this document
-      commit(inside(stopped));
+    if (stop < ids.size()) {  // --max-tokens ran out inside this document
+      commit_all(inside(stop));
       break;
     }
     bytes_before += doc_bytes - doc_bytes_done;
     prog.bytes_done = bytes_before;
     pending_docs.emplace_back(path, int64_t(ids.size()));
-    if (since_commit >= opts.checkpoint_tokens) commit(partial);
+    if (since_commit >= opts.checkpoint_tokens) commit_all(partial);
     prog.seconds = elapsed();
-    if (progress) progress(prog);
+    if (progress && root) progress(prog);
   }
-  if (since_commit > 0 || !pending_docs.empty() || (!opts.resume && commits == 0)) commit(partial);
+  if (since_commit > 0 || !pending_docs.empty() || (!opts.resume && commits == 0)) commit_all(partial);
   prog.seconds = elapsed();
   return prog;
 }

@@ -11,6 +11,7 @@
 
 #include "core/monet_math.h"
 #include "model/tensor_table.h"
+#include "monet/comm.h"
 #include "monet/error.h"
 
 namespace monet::train {
@@ -297,13 +298,21 @@ void TrainModel<R>::router_forward(int64_t l, const StepOptions& opts) {
     g.resize(static_cast<size_t>(N * H * E));
     linear(acts_[l].y.data(), params.data() + (side == 0 ? o.w1 : o.w2), N, d, H * E, z.data());
     std::vector<double> mean(H), var(H);
-    for (int64_t h = 0; h < H; h++) {
-      if (opts.training) {  // BatchNorm1d(H) training statistics over N tokens x E logits
-        const double cnt = double(N) * double(E);
+    if (opts.training) {
+      // BatchNorm1d(H) training statistics over the global batch's tokens x E
+      // logits: sums per head, added over ranks, then the squared deviations
+      // from the global mean, added over ranks (two passes, as on one process).
+      const double cnt = double(N_all_) * double(E);
+      std::vector<double> sums(static_cast<size_t>(H), 0.0);
+      for (int64_t h = 0; h < H; h++) {
         double s = 0;
         for (int64_t n = 0; n < N; n++)
           for (int64_t i = 0; i < E; i++) s += double(z[(n * H + h) * E + i]);
-        const double mu = s / cnt;
+        sums[h] = s;
+      }
+      if (comm_) comm_->all_reduce_sum(sums.data(), sums.size());
+      for (int64_t h = 0; h < H; h++) {
+        const double mu = sums[h] / cnt;
         double ss = 0;
         for (int64_t n = 0; n < N; n++)
           for (int64_t i = 0; i < E; i++) {
@@ -311,12 +320,18 @@ void TrainModel<R>::router_forward(int64_t l, const StepOptions& opts) {
             ss += dz * dz;
           }
         mean[h] = mu;
-        var[h] = ss / cnt;
+        sums[h] = ss;
+      }
+      if (comm_) comm_->all_reduce_sum(sums.data(), sums.size());
+      for (int64_t h = 0; h < H; h++) {
+        var[h] = sums[h] / cnt;
         double& rm = running_mean[r][side * H + h];
         double& rv = running_var[r][side * H + h];
-        rm = 0.9 * rm + 0.1 * mu;
+        rm = 0.9 * rm + 0.1 * mean[h];
         rv = 0.9 * rv + 0.1 * var[h] * cnt / (cnt - 1);
-      } else {
+      }
+    } else {
+      for (int64_t h = 0; h < H; h++) {
         mean[h] = running_mean[r][side * H + h];
         var[h] = running_var[r][side * H + h];
       }
@@ -675,6 +690,7 @@ void TrainModel<R>::backward_layer(int64_t l, std::vector<R>& dx) {
 template <class R>
 double TrainModel<R>::aux_losses(const StepOptions& opts, double* unif, double* amb) {
   const int64_t Rn = c_.num_router_layers(), H = c_.moe_heads, E = c_.moe_experts, N = N_;
+  const double N_all = double(N_all_);  // means are over the global batch
   const double eps = 1e-6;
   const bool grad = opts.backward && opts.aux_weight != 0;
   const double coef = opts.aux_weight * opts.grad_scale / double(Rn);
@@ -686,9 +702,10 @@ double TrainModel<R>::aux_losses(const StepOptions& opts, double* unif, double* 
       std::vector<double> gbar(static_cast<size_t>(H * E), 0.0);
       for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < H * E; k++) gbar[k] += double(g[n * H * E + k]);
+      if (comm_) comm_->all_reduce_sum(gbar.data(), gbar.size());
       double log_sum = 0;
       for (double& v : gbar) {
-        v /= double(N);
+        v /= N_all;
         log_sum += std::log(std::max(v, eps));
       }
       *unif += -log_sum / double(2 * H * E) / double(Rn);
@@ -698,13 +715,14 @@ double TrainModel<R>::aux_losses(const StepOptions& opts, double* unif, double* 
           const R* gr = g.data() + (n * H + h) * E;
           const int64_t arg = std::max_element(gr, gr + E) - gr;
           amb_sum += 1.0 - double(gr[arg]);
-          if (grad) dg[(n * H + h) * E + arg] += R(-coef / double(2 * H) / double(N));
+          if (grad) dg[(n * H + h) * E + arg] += R(-coef / double(2 * H) / N_all);
         }
-      *amb += amb_sum / double(2 * H) / double(N) / double(Rn);
+      if (comm_) comm_->all_reduce_sum(&amb_sum, 1);
+      *amb += amb_sum / double(2 * H) / N_all / double(Rn);
       if (grad)
         for (int64_t n = 0; n < N; n++)
           for (int64_t k = 0; k < H * E; k++)
-            if (gbar[k] >= eps) dg[n * H * E + k] += R(-coef / double(2 * H * E) / gbar[k] / double(N));
+            if (gbar[k] >= eps) dg[n * H * E + k] += R(-coef / double(2 * H * E) / gbar[k] / N_all);
     }
   return opts.aux_weight * (*unif + *amb);
 }
@@ -721,6 +739,9 @@ Losses TrainModel<R>::step(const int32_t* tokens, int64_t B, int64_t T, const St
   T_ = T;
   N_ = B * T;
   const int64_t N = N_;
+  comm_ = opts.training ? opts.comm : nullptr;
+  N_all_ = N;
+  if (comm_) comm_->all_reduce_sum(&N_all_, 1);
   const int64_t half = hd / 2;
   if (int64_t(rope_cos_.size()) != T * half) {
     rope_cos_.resize(static_cast<size_t>(T * half));
@@ -757,14 +778,15 @@ Losses TrainModel<R>::step(const int32_t* tokens, int64_t B, int64_t T, const St
     for (int64_t v = 0; v < V; v++) sum += (p[v] = std::exp(p[v] - mx));
     for (int64_t v = 0; v < V; v++) p[v] /= sum;
   }
+  if (comm_) comm_->all_reduce_sum(&lm_sum, 1);
   Losses losses;
-  losses.lm = lm_sum / double(N);
+  losses.lm = lm_sum / double(N_all_);
   losses.total = losses.lm;
   if (opts.training) losses.total += aux_losses(opts, &losses.unif, &losses.amb);
   if (!backward) return losses;
 
   R* G = grads.data();
-  const R scale = R(opts.grad_scale / double(N));
+  const R scale = R(opts.grad_scale / double(N_all_));
 #pragma omp parallel for
   for (int64_t n = 0; n < N; n++) {  // dlogits = (softmax - onehot) * scale / N
     R* p = probs_.data() + n * V;

@@ -10,6 +10,8 @@
 
 #include "monet/config.h"
 
+namespace monet { class Communicator; }
+
 namespace monet::train {
 
 // splitmix64: the generator of init and data order (docs/training.md).
@@ -57,6 +59,12 @@ struct StepOptions {
   bool backward = true;     // accumulate gradients (training only)
   double aux_weight = 1e-3; // lambda of L_unif + L_amb
   double grad_scale = 1.0;  // gradients of grad_scale * L (1/grad_accum)
+  // Data parallel (training only): this process holds its share of a global
+  // batch spread over comm's ranks. BatchNorm statistics, L_unif's mean
+  // probabilities, L_amb and the LM loss are sums over every rank's tokens,
+  // so the losses are the global batch's and the gradients are this rank's
+  // share of the global objective's (their sum over ranks is its gradient).
+  Communicator* comm = nullptr;
 };
 
 // What the backward pass reads, per layer ([N, ...] rows are tokens b*T+t).
@@ -107,6 +115,8 @@ class TrainModel {
   MonetConfig c_;
   ParamLayout layout_;
   int64_t B_ = 0, T_ = 0, N_ = 0;
+  int64_t N_all_ = 0;            // tokens of the global batch (N_ on one process)
+  Communicator* comm_ = nullptr; // the step's communicator (training only), or null
   std::vector<LayerActs<R>> acts_;
   std::vector<R> rope_cos_, rope_sin_;  // [T, hd/2]
   // Per router: probabilities g1/g2 [N, H, E] and their gradients.

@@ -14,11 +14,13 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 
 #include "core/threads.h"
+#include "monet/comm.h"
 #include "model/tensor_table.h"
 #include "monet/error.h"
 #include "monet/safetensors.h"
@@ -38,8 +40,11 @@ using train::StepOptions;
 using train::TrainModel;
 using train::splitmix64;
 
+// Progress comes from rank 0 alone (the other ranks of a distributed run are silent).
+bool is_root(const TrainOptions& o) { return !o.comm || o.comm->rank() == 0; }
+
 void message(const TrainOptions& o, const std::string& text) {
-  if (o.on_message) o.on_message(text);
+  if (o.on_message && is_root(o)) o.on_message(text);
 }
 
 std::string fixed(double v, int digits) {
@@ -289,26 +294,34 @@ double learning_rate(const TrainOptions& o, int64_t step) {
   return lr_min + 0.5 * (o.lr - lr_min) * (1.0 + std::cos(M_PI * p));
 }
 
+// The moments of the flat parameters [lo, lo + m.size()): all of them, or
+// one rank's shard under ZeRO-1 (--zero1).
 template <class R>
 struct AdamW {
+  size_t lo = 0;
   std::vector<R> m, v;
   explicit AdamW(const train::ParamLayout& layout) : m(layout.total, R(0)), v(layout.total, R(0)) {}
+  AdamW(size_t lo_, std::vector<R> m_, std::vector<R> v_) : lo(lo_), m(std::move(m_)), v(std::move(v_)) {}
   // torch.optim.AdamW, step t (1-based), same operation order; weight decay
-  // on the parameters the layout marks (weight matrices).
-  void update(const train::ParamLayout& layout, std::vector<R>& w, const std::vector<R>& g, const TrainOptions& o,
-              double lr, int64_t t) {
+  // on the parameters the layout marks (weight matrices). g[i - lo] is the
+  // gradient of w[i].
+  void update(const train::ParamLayout& layout, R* w, const R* g, const TrainOptions& o, double lr, int64_t t) {
     const R b1 = R(o.beta1), b2 = R(o.beta2);
     const double bc1 = 1.0 - std::pow(o.beta1, double(t)), bc2 = 1.0 - std::pow(o.beta2, double(t));
     const R step_size = R(lr / bc1), bc2_sqrt = R(std::sqrt(bc2)), eps = R(o.adam_eps);
     const R wd = R(1.0 - lr * o.weight_decay);
+    const size_t hi = lo + m.size();
+    R* mm = m.data() - lo;  // indexed like w
+    R* vv = v.data() - lo;
+    const R* gg = g - lo;
     for (const ParamInfo& p : layout.params) {
-      const size_t end = p.offset + p.numel;
+      const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
 #pragma omp parallel for
-      for (size_t i = p.offset; i < end; i++) {
+      for (size_t i = begin; i < end; i++) {
         if (p.decay) w[i] *= wd;
-        m[i] += (g[i] - m[i]) * (R(1) - b1);
-        v[i] = v[i] * b2 + g[i] * g[i] * (R(1) - b2);
-        w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+        mm[i] += (gg[i] - mm[i]) * (R(1) - b1);
+        vv[i] = vv[i] * b2 + gg[i] * gg[i] * (R(1) - b2);
+        w[i] -= step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
       }
     }
   }
@@ -484,9 +497,67 @@ void truncate_log(const fs::path& path, int64_t step) {
   write_file_atomic(path.string(), kept);
 }
 
+// Rank 0's vector on every rank (its size first).
+template <class T>
+void broadcast_vector(Communicator& comm, std::vector<T>& v) {
+  int64_t n = int64_t(v.size());
+  comm.broadcast(&n, sizeof n, 0);
+  v.resize(size_t(n));
+  comm.broadcast(v.data(), v.size() * sizeof(T), 0);
+}
+
+// Rank 0's weights, optimizer moments, BatchNorm running stats and run state
+// on every rank: all ranks start bit-identical and stay so (they apply the
+// same summed gradients).
+template <class R>
+void broadcast_state(Communicator& comm, TrainModel<R>& model, AdamW<R>& opt, RunState& st) {
+  comm.broadcast(model.params.data(), model.params.size() * sizeof(R), 0);
+  comm.broadcast(opt.m.data(), opt.m.size() * sizeof(R), 0);
+  comm.broadcast(opt.v.data(), opt.v.size() * sizeof(R), 0);
+  for (size_t r = 0; r < model.running_mean.size(); r++) {
+    comm.broadcast(model.running_mean[r].data(), model.running_mean[r].size() * sizeof(double), 0);
+    comm.broadcast(model.running_var[r].data(), model.running_var[r].size() * sizeof(double), 0);
+  }
+  comm.broadcast(&st, sizeof st, 0);
+}
+
+// ZeRO-1: the ranks' shards of the moments, in rank order, as one full
+// AdamW on rank 0 (for its checkpoint); the other ranks get an empty one.
+template <class R>
+AdamW<R> gather_optimizer(Communicator& comm, const AdamW<R>& shard) {
+  auto gather = [&](const std::vector<R>& part) {
+    std::vector<uint8_t> bytes(part.size() * sizeof(R));
+    if (!bytes.empty()) std::memcpy(bytes.data(), part.data(), bytes.size());
+    std::vector<R> all;
+    for (const std::vector<uint8_t>& b : comm.gather(bytes, 0)) {
+      const size_t at = all.size();
+      all.resize(at + b.size() / sizeof(R));
+      if (!b.empty()) std::memcpy(all.data() + at, b.data(), b.size());
+    }
+    return all;
+  };
+  std::vector<R> m = gather(shard.m);
+  std::vector<R> v = gather(shard.v);
+  return AdamW<R>(0, std::move(m), std::move(v));
+}
+
 template <class R>
 void train_loop(const TrainOptions& o, const Tokenizer& tok) {
-  const Corpus corpus = prepare_data(o, tok);
+  // Data parallel: rank r of P trains on rows [r*B/P, (r+1)*B/P) of every
+  // global batch; rank 0 alone writes (data cache, train.csv, checkpoints).
+  std::unique_ptr<Communicator> single = o.comm ? nullptr : make_single_communicator();
+  Communicator& comm = o.comm ? *o.comm : *single;
+  const int rank = comm.rank(), ranks = comm.size();
+  const bool root = rank == 0;
+  if (o.batch < ranks)
+    fail("--batch ", o.batch, " is smaller than the number of processes (", ranks,
+         "): each rank needs at least one sequence of the global batch");
+  Corpus corpus;
+  if (root) corpus = prepare_data(o, tok);
+  if (ranks > 1) {
+    broadcast_vector(comm, corpus.train);
+    broadcast_vector(comm, corpus.val);
+  }
   const int64_t T = o.seq;
   if (int64_t(corpus.train.size()) <= T + 1)
     fail(o.data, ": the training split has ", corpus.train.size(), " tokens, fewer than --seq + 2 = ", T + 2);
@@ -521,7 +592,9 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
   st.rng = o.seed;
   const fs::path options_path = fs::path(o.out) / "train_options.json";
   const fs::path log_path = fs::path(o.out) / "train.csv";
-  if (o.resume) {
+  if (!root) {
+    // the state comes from rank 0 (below)
+  } else if (o.resume) {
     const json saved = json::parse(read_file(options_path.string()));
     const json now = options_json(o);
     for (const auto& [k, v] : now.items())
@@ -539,17 +612,49 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     else model.init_random(o.seed, o.init_std);
     write_file_atomic(options_path.string(), options_json(o).dump(2) + "\n");
     write_file_atomic(log_path.string(),
-                      "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s\n");
+                      "step,tokens,lr,loss,loss_lm,loss_unif,loss_amb,grad_norm,val_loss,tokens_per_s,elapsed_s,"
+                      "ranks,comm_bytes,comm_s\n");
+  }
+  if (ranks > 1) broadcast_state(comm, model, opt, st);
+  // ZeRO-1 (--zero1): rank r keeps the AdamW moments of its shard [lo, hi)
+  // of the flat parameters only; the gradients are reduce-scattered (each
+  // rank gets the summed gradient of its shard), each rank updates its
+  // shard, and the shards are all-gathered into every rank's weights.
+  const bool zero = o.zero1 && ranks > 1;
+  const size_t total = model.layout().total;
+  const size_t shard = zero ? (total + size_t(ranks) - 1) / size_t(ranks) : total;
+  const size_t lo = zero ? std::min(total, shard * size_t(rank)) : 0;
+  const size_t hi = zero ? std::min(total, lo + shard) : total;
+  std::vector<R> grad_shard, param_send, param_all;
+  if (zero) {
+    opt = AdamW<R>(lo, std::vector<R>(opt.m.begin() + ptrdiff_t(lo), opt.m.begin() + ptrdiff_t(hi)),
+                   std::vector<R>(opt.v.begin() + ptrdiff_t(lo), opt.v.begin() + ptrdiff_t(hi)));
+    model.grads.resize(shard * size_t(ranks), R(0));  // reduce-scatter blocks of `shard`; the padding stays 0
+    grad_shard.resize(shard);
+    param_send.resize(shard);
+    param_all.resize(shard * size_t(ranks));
+    message(o, "ZeRO-1: each rank keeps the AdamW moments of " + std::to_string(shard) + " of " +
+                   std::to_string(total) + " parameters (" + fixed(2.0 * double(shard) * sizeof(R) / 1e6, 1) +
+                   " MB instead of " + fixed(2.0 * double(total) * sizeof(R) / 1e6, 1) + " MB)");
   }
   const auto n_params = model.layout().total;  // the flat buffer holds each parameter once
   message(o, std::string("model: ") + cfg.decompose_name() + ", " + std::to_string(n_params) + " parameters, " +
                  std::to_string(cfg.num_hidden_layers) + " layers, d=" + std::to_string(cfg.hidden_size) + ", E=" +
                  std::to_string(cfg.moe_experts) + " (" + std::to_string(cfg.moe_experts * cfg.moe_experts) +
-                 " experts per router), " + o.dtype);
+                 " experts per router), " + o.dtype +
+                 (ranks > 1 ? ", " + std::to_string(ranks) + " processes (" + comm.name() + ")" : ""));
 
-  std::FILE* log = std::fopen(log_path.c_str(), "a");
-  if (!log) fail(log_path.string(), ": cannot open for appending (", std::strerror(errno), ")");
+  std::FILE* log = nullptr;
+  if (root) {
+    log = std::fopen(log_path.c_str(), "a");
+    if (!log) fail(log_path.string(), ": cannot open for appending (", std::strerror(errno), ")");
+  }
+  struct CloseLog {
+    std::FILE*& f;
+    ~CloseLog() { if (f) std::fclose(f); }
+  } close_log{log};
   const int64_t B = o.batch, A = o.grad_accum;
+  const int64_t row_lo = B * rank / ranks, row_hi = B * (rank + 1) / ranks, B_local = row_hi - row_lo;
   std::vector<int32_t> batch(size_t(B * (T + 1)));
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
@@ -561,29 +666,52 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     StepOptions so;
     so.aux_weight = o.aux_weight;
     so.grad_scale = 1.0 / double(A);
+    so.comm = ranks > 1 ? &comm : nullptr;
+    comm.reset_stats();
     for (int64_t a = 0; a < A; a++) {
+      // Every rank draws the whole global batch's offsets (the sampler's
+      // state stays the same everywhere) and keeps its rows.
       for (int64_t b = 0; b < B; b++) {
         const uint64_t off = splitmix64(st.rng) % uint64_t(corpus.train.size() - size_t(T));
-        for (int64_t t = 0; t <= T; t++) batch[size_t(b * (T + 1) + t)] = int32_t(corpus.train[off + size_t(t)]);
+        if (b < row_lo || b >= row_hi) continue;
+        for (int64_t t = 0; t <= T; t++)
+          batch[size_t((b - row_lo) * (T + 1) + t)] = int32_t(corpus.train[off + size_t(t)]);
       }
-      const Losses l = model.step(batch.data(), B, T, so);
+      const Losses l = model.step(batch.data(), B_local, T, so);
       st.batches_tracked++;
       mean.total += l.total / double(A);
       mean.lm += l.lm / double(A);
       mean.unif += l.unif / double(A);
       mean.amb += l.amb / double(A);
     }
+    // Each rank's gradient is its share of the global objective's: their sum is the gradient.
+    R* g_update = model.grads.data();  // the summed gradient of [lo, hi)
     double sq = 0;
+    if (zero) {
+      comm.reduce_scatter_sum(model.grads.data(), grad_shard.data(), shard);
+      g_update = grad_shard.data();
 #pragma omp parallel for reduction(+ : sq)
-    for (size_t i = 0; i < model.grads.size(); i++) sq += double(model.grads[i]) * double(model.grads[i]);
+      for (size_t i = 0; i < hi - lo; i++) sq += double(grad_shard[i]) * double(grad_shard[i]);
+      comm.all_reduce_sum(&sq, 1);
+    } else {
+      if (ranks > 1) comm.all_reduce_sum(model.grads.data(), model.grads.size());
+#pragma omp parallel for reduction(+ : sq)
+      for (size_t i = 0; i < model.grads.size(); i++) sq += double(model.grads[i]) * double(model.grads[i]);
+    }
     const double grad_norm = std::sqrt(sq);
     if (!std::isfinite(mean.total) || !std::isfinite(grad_norm))
       fail("step ", st.step + 1, ": the loss or gradient is not finite (loss ", mean.total, ", grad norm ", grad_norm,
            "); lower --lr or check the data. The last checkpoint is intact.");
     const R clip = R(std::min(1.0, o.clip / (grad_norm + 1e-6)));
     if (o.clip > 0)
-      for (R& g : model.grads) g *= clip;
-    opt.update(model.layout(), model.params, model.grads, o, lr, st.step + 1);
+      for (size_t i = 0; i < hi - lo; i++) g_update[i] *= clip;
+    opt.update(model.layout(), model.params.data(), g_update, o, lr, st.step + 1);
+    if (zero) {
+      std::fill(param_send.begin(), param_send.end(), R(0));
+      std::copy(model.params.begin() + ptrdiff_t(lo), model.params.begin() + ptrdiff_t(hi), param_send.begin());
+      comm.all_gather(param_send.data(), param_all.data(), shard * sizeof(R));
+      std::copy(param_all.begin(), param_all.begin() + ptrdiff_t(total), model.params.begin());
+    }
     st.step++;
 
     double val_loss = NAN;
@@ -594,25 +722,32 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
       StepOptions eo;
       eo.training = false;
       eo.backward = false;
+      // Running statistics: windows are independent; chunks of B go to the ranks in turn.
       for (int64_t w0 = 0; w0 < windows; w0 += B) {
+        if ((w0 / B) % ranks != rank) continue;
         const int64_t nb = std::min(B, windows - w0);
         for (int64_t b = 0; b < nb; b++)
           for (int64_t t = 0; t <= T; t++)
             batch[size_t(b * (T + 1) + t)] = int32_t(corpus.val[size_t((w0 + b) * T + t)]);
         sum += model.step(batch.data(), nb, T, eo).lm * double(nb);
       }
+      if (ranks > 1) comm.all_reduce_sum(&sum, 1);
       val_loss = sum / double(windows);
     }
     const auto t1 = std::chrono::steady_clock::now();
     const double step_s = std::chrono::duration<double>(t1 - t0).count();
     const double elapsed = std::chrono::duration<double>(t1 - t_start).count();
     const double tok_s = double(B * A * T) / step_s;
+    const CommStats comm_step = comm.stats();  // this step's collectives (rank 0's view)
     char val_text[32] = "";
     if (!std::isnan(val_loss)) std::snprintf(val_text, sizeof val_text, "%.10f", val_loss);
-    std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f\n", (long long)st.step,
-                 (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
-                 val_text, tok_s, elapsed);
-    if (std::ferror(log) || std::fflush(log) != 0) fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
+    if (root) {
+      std::fprintf(log, "%lld,%lld,%.9e,%.10f,%.10f,%.10f,%.10f,%.9e,%s,%.1f,%.2f,%d,%lld,%.6f\n", (long long)st.step,
+                   (long long)(st.step * B * A * T), lr, mean.total, mean.lm, mean.unif, mean.amb, grad_norm,
+                   val_text, tok_s, elapsed, ranks, (long long)comm_step.bytes, comm_step.seconds);
+      if (std::ferror(log) || std::fflush(log) != 0)
+        fail(log_path.string(), ": write failed (", std::strerror(errno), ")");
+    }
     TrainStepReport report;
     report.step = st.step;
     report.steps = o.steps;
@@ -624,13 +759,20 @@ void train_loop(const TrainOptions& o, const Tokenizer& tok) {
     report.tokens_per_s = tok_s;
     report.eta_seconds = elapsed / double(st.step - first_step) * double(o.steps - st.step);
     report.val_loss = val_loss;
+    report.ranks = ranks;
+    report.comm_bytes = comm_step.bytes;
+    report.comm_seconds = comm_step.seconds;
     if ((o.save_every > 0 && st.step % o.save_every == 0) || st.step == o.steps) {
-      save_checkpoint(o, model, opt, st, code);
+      if (zero) {
+        const AdamW<R> full = gather_optimizer(comm, opt);  // every rank takes part
+        if (root) save_checkpoint(o, model, full, st, code);
+      } else if (root) {
+        save_checkpoint(o, model, opt, st, code);
+      }
       report.saved = (fs::path(o.out) / step_dir_name(st.step)).string();
     }
-    if (o.on_step) o.on_step(report);
+    if (o.on_step && root) o.on_step(report);
   }
-  std::fclose(log);
 }
 
 }  // namespace
@@ -640,10 +782,12 @@ void run_training(const TrainOptions& opts) {
   validate_train_options(o);
   ScopedThreads threads(o.threads);
   std::error_code ec;
-  fs::create_directories(o.out, ec);
-  if (ec) fail(o.out, ": cannot create the output folder (", ec.message(), ")");
-  remove_stale_temporaries(o.out);
-  remove_stale_temporaries(fs::path(o.out) / "data");
+  if (is_root(o)) {
+    fs::create_directories(o.out, ec);
+    if (ec) fail(o.out, ": cannot create the output folder (", ec.message(), ")");
+    remove_stale_temporaries(o.out);
+    remove_stale_temporaries(fs::path(o.out) / "data");
+  }
   if (o.resume && list_checkpoints(o.out).empty()) fail_nothing_to_resume(o.out);  // before tokenizing the data
   if (o.tokenizer.empty()) {  // --init / --resume: the checkpoint's own tokenizer
     const auto cps = list_checkpoints(o.out);
