@@ -15,7 +15,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <tuple>
 
 #include "backend/cpu/cpu_backend.h"
@@ -45,11 +44,10 @@ void weight_segment(const KernelSet& k, const Weight& w, int64_t r, int64_t c0, 
 
 // bf16 products with oneDNN's matmul: AMX tiles or AVX-512-BF16 dot
 // products, whichever the CPU has (oneDNN picks at run time). Creating a
-// primitive compiles its kernels, so they are kept. A row count M seen for
-// the second time gets a primitive of its own (10-20 % faster than one that
-// leaves M open, bench/bench_gemm.cpp); a new M runs through the open-M
-// primitive of its weight shape, so prompts of ever-new lengths (a server's
-// batches) compile nothing.
+// primitive compiles its kernels, so they are kept, one per shape with its
+// row count M: a primitive that leaves M open runs 10-20 % slower
+// (bench/bench_gemm.cpp), and mixing the two would make a result depend on
+// which shapes ran before (they sum in different orders).
 class Bf16Matmul {
  public:
   static Bf16Matmul& instance() {
@@ -64,18 +62,10 @@ class Bf16Matmul {
     std::shared_ptr<Entry> e;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cache_.size() > 512) cache_.clear(), seen_.clear();  // many shapes: start over rather than grow
-      const Key exact{M, N, K, ldc, transposed, accumulate};
-      auto it = cache_.find(exact);
-      if (it != cache_.end()) {
-        e = it->second;
-      } else {
-        const bool repeated = !seen_.insert(exact).second;
-        const Key key = repeated ? exact : Key{kOpenM, N, K, ldc, transposed, accumulate};
-        auto& slot = cache_[key];
-        if (!slot) slot = std::make_shared<Entry>(make(key));
-        e = slot;
-      }
+      if (cache_.size() > 512) cache_.clear();  // prompts of many lengths: start over rather than grow
+      std::shared_ptr<Entry>& slot = cache_[Key{M, N, K, ldc, transposed, accumulate}];
+      if (!slot) slot = std::make_shared<Entry>(make(Key{M, N, K, ldc, transposed, accumulate}));
+      e = slot;
     }
     using dnnl::memory;
     memory a(memory::desc({M, K}, memory::data_type::bf16, memory::dims{K, 1}), engine_,
@@ -94,9 +84,8 @@ class Bf16Matmul {
   }
 
  private:
-  static constexpr int64_t kOpenM = DNNL_RUNTIME_DIM_VAL;
   struct Key {
-    int64_t M, N, K, ldc;  // M: kOpenM for the primitive that takes any M
+    int64_t M, N, K, ldc;
     bool transposed, accumulate;
     bool operator<(const Key& o) const {
       return std::tie(M, N, K, ldc, transposed, accumulate) < std::tie(o.M, o.N, o.K, o.ldc, o.transposed, o.accumulate);
@@ -127,7 +116,6 @@ class Bf16Matmul {
   dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
   std::mutex mutex_;
   std::map<Key, std::shared_ptr<Entry>> cache_;
-  std::set<Key> seen_;  // shapes run once already
 };
 
 }  // namespace
