@@ -15,6 +15,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -25,6 +26,7 @@
 #include "monet/error.h"
 #include "monet/evaluate.h"
 #include "monet/generate.h"
+#include "monet/index.h"
 #include "monet/interp.h"
 #include "monet/mask.h"
 #include "monet/model.h"
@@ -108,12 +110,15 @@ struct ForwardResult {
   std::vector<float> logits;                 // [rows, V]
   int64_t logit_rows = 0;
   std::vector<std::vector<float>> g1, g2;    // per router layer [T, H, E]
+  std::vector<std::vector<float>> captures;  // per capture name [T, d]
 };
 
 // The forward pass of `ids` from an empty cache, in chunks of kForwardChunk
-// tokens with a signal check between them. logits: "all", "last" or "none".
+// tokens with a signal check between them. logits: "all", "last" or "none";
+// capture: intermediates by name ("resid_pre.{l}", ...: monet::ActivationCapture).
 ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode,
-                          bool routing, const monet::ExpertMask* mask) {
+                          bool routing, const monet::ExpertMask* mask,
+                          const std::vector<std::string>& capture_names = {}) {
   const monet::MonetConfig& c = m.model->config();
   const int64_t T = int64_t(ids.size()), R = c.num_router_layers();
   if (logits_mode != "all" && logits_mode != "last" && logits_mode != "none")
@@ -126,12 +131,13 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
     monet::ForwardOptions fo;
     fo.mask = mask;
     // Only routing wanted: stop after the last router (one call: routing_only
-    // does not fill the cache for a next chunk).
-    fo.routing_only = logits_mode == "none" && !chunked;
+    // does not fill the cache for a next chunk; captures may lie beyond it).
+    fo.routing_only = logits_mode == "none" && !chunked && capture_names.empty();
     if (routing) {
       r.g1.resize(size_t(R));
       r.g2.resize(size_t(R));
     }
+    r.captures.resize(capture_names.size());
     std::vector<float> chunk_logits;
     for (int64_t start = 0; start < T; start += kForwardChunk) {
       check_signals();
@@ -139,8 +145,16 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
       const bool last_chunk = start + n == T;
       monet::RouterCapture capture;
       fo.capture = routing ? &capture : nullptr;
+      monet::ActivationCapture activations;
+      activations.names = capture_names;
+      fo.activations = capture_names.empty() ? nullptr : &activations;
       fo.all_logits = logits_mode == "all";
       m.model->forward(cache, ids.data() + start, n, chunk_logits, fo);
+      for (size_t k = 0; k < capture_names.size(); k++) {
+        std::vector<float>& got = activations.values[capture_names[k]];
+        if (!chunked) r.captures[k] = std::move(got);
+        else r.captures[k].insert(r.captures[k].end(), got.begin(), got.end());
+      }
       if (logits_mode == "all") {
         if (!chunked) r.logits = std::move(chunk_logits);
         else r.logits.insert(r.logits.end(), chunk_logits.begin(), chunk_logits.end());
@@ -164,10 +178,15 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
 }
 
 nb::dict forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode, bool routing,
-                 const std::optional<std::string>& mask_json, const std::string& mask_source) {
-  if (logits_mode == "none" && !routing) throw monet::Error("forward: nothing to compute (logits=None, routing=False)");
+                 const std::vector<std::string>& capture_names, const std::optional<std::string>& mask_json,
+                 const std::string& mask_source) {
+  if (logits_mode == "none" && !routing && capture_names.empty())
+    throw monet::Error("forward: nothing to compute (logits=None, routing=False, no capture)");
+  for (size_t k = 0; k < capture_names.size(); k++)
+    for (size_t k2 = 0; k2 < k; k2++)
+      if (capture_names[k] == capture_names[k2]) throw monet::Error("capture \"" + capture_names[k] + "\" named twice");
   const auto mask = m.mask_of(mask_json, mask_source);
-  ForwardResult r = run_forward(m, ids, logits_mode, routing, mask ? &*mask : nullptr);
+  ForwardResult r = run_forward(m, ids, logits_mode, routing, mask ? &*mask : nullptr, capture_names);
   const monet::MonetConfig& c = m.model->config();
   const size_t T = ids.size(), H = size_t(c.moe_heads), E = size_t(c.moe_experts);
   nb::dict out;
@@ -177,6 +196,8 @@ nb::dict forward(const Model& m, const std::vector<int32_t>& ids, const std::str
     out[("router." + layer + ".g1").c_str()] = to_numpy(std::move(r.g1[l]), {T, H, E});
     out[("router." + layer + ".g2").c_str()] = to_numpy(std::move(r.g2[l]), {T, H, E});
   }
+  for (size_t k = 0; k < capture_names.size(); k++)
+    out[capture_names[k].c_str()] = to_numpy(std::move(r.captures[k]), {T, size_t(c.hidden_size)});
   return out;
 }
 
@@ -237,6 +258,7 @@ struct Sampling {  // monet::SamplingParams and max_tokens, as Python sets them
   int top_k = 40, repeat_last_n = 64;
   uint64_t seed = 0;
   int64_t max_tokens = 64;
+  std::vector<int32_t> stop_ids;  // more ids that end the generation (a chat format's end of turn)
 };
 
 monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const std::vector<std::string>& stops,
@@ -257,6 +279,7 @@ monet::GenerateOptions generate_options(const Model& m, const Sampling& s, const
   go.sampling.seed = s.seed;
   const auto& eos = m.model->config().eos_token_ids;
   go.stop_ids.assign(eos.begin(), eos.end());
+  go.stop_ids.insert(go.stop_ids.end(), s.stop_ids.begin(), s.stop_ids.end());
   go.mask = mask;
   return go;
 }
@@ -428,6 +451,191 @@ std::tuple<double, int64_t> eval_loss(const Model& m, const std::string& text, i
   });
 }
 
+// The domain experts of the paper's statistic (monet find-experts): one mask
+// (as mask-file JSON) per domain text.
+std::vector<std::string> find_experts(const Model& m, const std::vector<std::string>& texts, int64_t context,
+                                      double ratio, double min_prob) {
+  if (texts.size() < 2) throw monet::Error("find_experts: give at least two domains");
+  if (!(ratio >= 1.0)) throw monet::Error("find_experts: ratio must be >= 1, got " + std::to_string(ratio));
+  if (!(min_prob >= 0.0)) throw monet::Error("find_experts: min_prob must be >= 0, got " + std::to_string(min_prob));
+  return without_gil([&] {
+    const monet::Tokenizer& tok = m.tok();
+    context = std::min(context, m.model->config().max_position_embeddings);
+    std::vector<monet::RoutingStats> stats;
+    for (size_t d = 0; d < texts.size(); d++) {
+      check_signals();
+      const std::vector<int32_t> ids = tok.encode(texts[d], false);
+      if (ids.empty()) throw monet::Error("find_experts: domain " + std::to_string(d) + " has no tokens");
+      stats.push_back(monet::routing_stats(*m.model, ids, context, tok.bos_id()));
+    }
+    std::vector<std::string> masks;
+    for (const monet::ExpertMask& mask : monet::domain_experts(m.model->config(), stats, ratio, min_prob))
+      masks.push_back(mask.to_json());
+    return masks;
+  });
+}
+
+// The tokens expert `id` of router group g promotes most (the viewer's
+// "outputs"): (id, token text, logit), strongest first.
+std::vector<std::tuple<int32_t, std::string, float>> expert_outputs(const Model& m, int64_t group, int64_t id, int64_t n) {
+  const monet::MonetConfig& c = m.model->config();
+  if (group < 0 || group >= c.num_router_layers())
+    throw monet::Error("group " + std::to_string(group) + " is outside [0, " + std::to_string(c.num_router_layers()) + ")");
+  if (id < 0 || id >= c.moe_experts * c.moe_experts)
+    throw monet::Error("expert " + std::to_string(id) + " is outside [0, " + std::to_string(c.moe_experts * c.moe_experts) + ")");
+  if (n < 0) throw monet::Error("n must be >= 0, got " + std::to_string(n));
+  return without_gil([&] {
+    const std::vector<float> logits = monet::expert_output_logits(*m.model, group, id);
+    std::vector<int32_t> order(logits.size());
+    for (size_t k = 0; k < order.size(); k++) order[k] = int32_t(k);
+    const size_t top = std::min(order.size(), size_t(n));
+    std::partial_sort(order.begin(), order.begin() + ptrdiff_t(top), order.end(), [&](int32_t a, int32_t b) {
+      return logits[size_t(a)] > logits[size_t(b)] || (logits[size_t(a)] == logits[size_t(b)] && a < b);
+    });
+    std::vector<std::tuple<int32_t, std::string, float>> out;
+    for (size_t k = 0; k < top; k++)
+      out.emplace_back(order[k], m.tokenizer ? m.tokenizer->token_text(order[k]) : std::to_string(order[k]),
+                       logits[size_t(order[k])]);
+    return out;
+  });
+}
+
+// monet index: streams corpus files through the model into an expert index.
+int64_t build_index(const Model& m, const std::vector<std::string>& files, const std::string& path, int64_t top_k,
+                    int64_t window, int64_t context, float threshold, bool resume, int64_t checkpoint_tokens,
+                    int64_t max_tokens) {
+  monet::IndexOptions o;
+  o.top_k = top_k;
+  o.window = window;
+  o.context = context;
+  o.threshold = threshold;
+  o.resume = resume;
+  o.checkpoint_tokens = checkpoint_tokens;
+  o.max_tokens = max_tokens;
+  return without_gil([&] {
+    // Ctrl-C between commits: what was committed stays (resume=True continues).
+    const monet::IndexProgress p = monet::build_index(*m.model, m.tok(), files, path, o,
+                                                      [](const monet::IndexProgress&) { check_signals(); });
+    return p.tokens_done;
+  });
+}
+
+// A conversation rendered with the checkpoint's chat template (or the named
+// format: "llama2", "mistral", "chatml"): (prompt ids, the ids that end a reply).
+std::tuple<std::vector<int32_t>, std::vector<int32_t>> chat_prompt(
+    const Model& m, const std::vector<std::tuple<std::string, std::string>>& messages, const std::string& format_name,
+    bool add_generation_prompt) {
+  const monet::Tokenizer& tok = m.tok();
+  if (format_name.empty() && tok.chat_template().empty())
+    throw monet::Error(m.dir + ": tokenizer_config.json has no chat_template; name a chat_format "
+                       "(\"llama2\", \"mistral\" or \"chatml\")");
+  const monet::ChatFormat format = format_name.empty() ? monet::detect_chat_format(tok.chat_template())
+                                                       : monet::chat_format_from_name(format_name);
+  std::vector<monet::ChatMessage> msgs;
+  for (const auto& [role, content] : messages) msgs.push_back({role, content});
+  const std::string text = monet::render_chat_prompt(tok, format, msgs, add_generation_prompt);
+  return {tok.encode(text, false), monet::chat_stop_ids(m.model->config(), tok, format)};
+}
+
+// monet.Index: read access to an expert index (the viewer's data). One
+// SQLite connection, queried by one thread at a time.
+class Index {
+ public:
+  explicit Index(const std::string& path) {
+    without_gil([&] { reader_ = std::make_unique<monet::IndexReader>(path); });
+  }
+
+  nb::dict settings() const {
+    const monet::IndexSettings& st = reader_->settings();
+    nb::dict d;
+    d["model"] = st.model;
+    d["experts"] = st.experts;
+    d["groups"] = st.groups;
+    d["moe_groups"] = st.moe_groups;
+    d["top_k"] = st.top_k;
+    d["window"] = st.window;
+    d["context"] = st.context;
+    d["threshold"] = st.threshold;
+    return d;
+  }
+
+  int64_t tokens() const {
+    return locked([&] { return reader_->tokens(); });
+  }
+
+  // (experts, total fired) of a group; order: "count", "max" or "id".
+  std::tuple<nb::list, int64_t> experts(int64_t group, const std::string& order, int64_t limit, int64_t offset) const {
+    if (order != "count" && order != "max" && order != "id")
+      throw monet::Error("order must be \"count\", \"max\" or \"id\", got \"" + order + "\"");
+    if (limit < 0 || offset < 0) throw monet::Error("limit and offset must be >= 0");
+    const monet::ExpertOrder by = order == "max" ? monet::ExpertOrder::MaxProb
+                                  : order == "id" ? monet::ExpertOrder::Id : monet::ExpertOrder::Count;
+    int64_t total = 0;
+    const auto rows = locked([&] { return reader_->experts(group, by, limit, offset, &total); });
+    nb::list out;
+    for (const monet::ExpertSummary& e : rows) out.append(summary(e));
+    return {out, total};
+  }
+
+  nb::dict expert(int64_t group, int64_t id) const {
+    const monet::ExpertDetail e = locked([&] { return reader_->expert(group, id); });
+    nb::dict d = summary(e.summary);
+    d["group"] = group;
+    d["i"] = id / reader_->settings().experts;
+    d["j"] = id % reader_->settings().experts;
+    nb::list contexts;
+    for (const monet::ExpertContext& x : e.contexts) {
+      nb::dict c;
+      c["prob"] = x.prob;
+      c["doc"] = x.doc;
+      c["pos"] = x.pos;
+      c["token"] = x.token;
+      c["context"] = nb::cast(x.context);
+      c["focus"] = x.focus;
+      contexts.append(c);
+    }
+    d["contexts"] = contexts;
+    return d;
+  }
+
+  nb::list search(const std::string& token, int64_t limit) const {
+    if (token.empty()) throw monet::Error("search: the token is empty");
+    if (limit < 0) throw monet::Error("limit must be >= 0, got " + std::to_string(limit));
+    const auto rows = locked([&] { return reader_->search(token, limit); });
+    nb::list out;
+    for (const monet::TokenMatch& t : rows) {
+      nb::dict d;
+      d["group"] = t.group;
+      d["expert"] = t.expert;
+      d["contexts"] = t.contexts;
+      d["max_prob"] = t.max_prob;
+      out.append(d);
+    }
+    return out;
+  }
+
+ private:
+  static nb::dict summary(const monet::ExpertSummary& e) {
+    nb::dict d;
+    d["expert"] = e.expert;
+    d["count"] = e.count;
+    d["density"] = e.density;
+    d["max_prob"] = e.max_prob;
+    return d;
+  }
+
+  template <class F>
+  auto locked(F&& f) const -> decltype(f()) {
+    return without_gil([&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      return f();
+    });
+  }
+
+  std::unique_ptr<monet::IndexReader> reader_;
+  mutable std::mutex mu_;
+};
+
 }  // namespace
 
 NB_MODULE(_monet, mod) {
@@ -443,7 +651,8 @@ NB_MODULE(_monet, mod) {
       .def_rw("repeat_penalty", &Sampling::repeat_penalty)
       .def_rw("repeat_last_n", &Sampling::repeat_last_n)
       .def_rw("seed", &Sampling::seed)
-      .def_rw("max_tokens", &Sampling::max_tokens);
+      .def_rw("max_tokens", &Sampling::max_tokens)
+      .def_rw("stop_ids", &Sampling::stop_ids);
 
   nb::class_<Model>(mod, "Model")
       .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a)
@@ -467,7 +676,7 @@ NB_MODULE(_monet, mod) {
         return without_gil([&] { return m.tok().decode(ids, skip_special); });
       }, "ids"_a, "skip_special"_a)
       .def("token_text", [](const Model& m, int32_t id) { return m.tok().token_text(id); }, "id"_a)
-      .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "capture"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("stream", [](const Model& m, std::vector<int32_t> prompt, const Sampling& s,
@@ -475,7 +684,21 @@ NB_MODULE(_monet, mod) {
                         const std::string& mask_source) {
         return new Stream(m, std::move(prompt), s, stops, m.mask_of(mask_json, mask_source));
       }, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
-      .def("eval_loss", &eval_loss, "text"_a, "context"_a, "mask_json"_a.none(), "mask_source"_a);
+      .def("eval_loss", &eval_loss, "text"_a, "context"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("chat_prompt", &chat_prompt, "messages"_a, "format"_a, "add_generation_prompt"_a)
+      .def("find_experts", &find_experts, "texts"_a, "context"_a, "ratio"_a, "min_prob"_a)
+      .def("expert_outputs", &expert_outputs, "group"_a, "expert"_a, "n"_a);
+
+  nb::class_<Index>(mod, "Index")
+      .def(nb::init<const std::string&>(), "path"_a)
+      .def_prop_ro("settings", &Index::settings)
+      .def_prop_ro("tokens", &Index::tokens)
+      .def("experts", &Index::experts, "group"_a, "order"_a, "limit"_a, "offset"_a)
+      .def("expert", &Index::expert, "group"_a, "expert"_a)
+      .def("search", &Index::search, "token"_a, "limit"_a);
+
+  mod.def("build_index", &build_index, "model"_a, "files"_a, "path"_a, "top_k"_a, "window"_a, "context"_a,
+          "threshold"_a, "resume"_a, "checkpoint_tokens"_a, "max_tokens"_a);
 
   nb::class_<Stream>(mod, "Stream")
       .def("next", &Stream::next)
