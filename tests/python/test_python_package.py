@@ -398,10 +398,11 @@ def test_errors(checkpoints, tmp_path):
 
 
 def test_threads_share_one_model(checkpoints, default_model):
-    """4 threads on one Model (GIL released in compute) give the serial results."""
+    """4 threads on one Model (GIL released in compute) give the serial results, bit for bit."""
     m = monet.Model(checkpoints["hd"][0])
     inputs = [list(np.random.default_rng(s).integers(0, 256, 10 + 7 * s)) for s in range(8)]
-    serial = [m.forward(ids) for ids in inputs]
+    capture = ["resid_pre.1", "moe_out.2"]
+    serial = [m.forward(ids, capture=capture) for ids in inputs]
     prompts = ["It was a fine morning", "The whale", "Call me", "She said"]
     serial_gen = [default_model.generate(p, max_tokens=12, temperature=0).ids for p in prompts]
     results, gens, errors = {}, {}, []
@@ -410,7 +411,7 @@ def test_threads_share_one_model(checkpoints, default_model):
         try:
             for rep in range(3):
                 for i in range(k, len(inputs), 4):
-                    results[(i, rep)] = m.forward(inputs[i])
+                    results[(i, rep)] = m.forward(inputs[i], capture=capture)
             gens[k] = default_model.generate(prompts[k], max_tokens=12, temperature=0).ids
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -421,7 +422,9 @@ def test_threads_share_one_model(checkpoints, default_model):
     for t in threads:
         t.join()
     assert not errors, errors
+    assert len(results) == 3 * len(inputs)
     for (i, rep), out in results.items():
+        assert set(out) == set(serial[i])
         for k in serial[i]:
             np.testing.assert_array_equal(out[k], serial[i][k], err_msg=f"input {i} rep {rep} {k}")
     assert [gens[k] for k in range(4)] == serial_gen
@@ -437,6 +440,13 @@ INTERRUPT = textwrap.dedent("""
         ids = [i % 256 for i in range(16384)]
         m.forward(ids[:600])  # warm
         call = lambda: m.forward(ids)
+    elif what in ("generate", "stream"):
+        from monet_ref.make_checkpoint import make_checkpoint
+        make_checkpoint(sys.argv[2], seed=1, vocab=301, layers=2, groups=2, hidden=128, max_pos=16384,
+                        tokenizer=True, extra_config={"eos_token_id": None})  # no EOS: it runs to max_tokens
+        m = monet.Model(sys.argv[2])
+        kw = dict(max_tokens=16000, temperature=0)
+        call = (lambda: m.generate([1, 5, 9], **kw)) if what == "generate" else (lambda: list(m.stream([1, 5, 9], **kw)))
     else:
         m = monet.Model()
         text = open(sys.argv[2]).read() * 40
@@ -451,11 +461,11 @@ INTERRUPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("what", ["forward", "eval_loss"])
+@pytest.mark.parametrize("what", ["forward", "generate", "stream", "eval_loss"])
 def test_ctrl_c_interrupts(tmp_path, what):
     script = tmp_path / "interrupt.py"
     script.write_text(INTERRUPT)
-    arg = tmp_path / "ckpt" if what == "forward" else os.path.join(REPO, "models", "monet-vd-books", "README.md")
+    arg = tmp_path / "ckpt" if what != "eval_loss" else os.path.join(REPO, "models", "monet-vd-books", "README.md")
     # the installed package first, then python/ for monet_ref (python/monet is the unbuilt source)
     site = os.path.dirname(os.path.dirname(os.path.abspath(monet.__file__)))
     env = dict(os.environ, PYTHONPATH=site + os.pathsep + os.path.join(REPO, "python"))
