@@ -29,7 +29,7 @@ import numpy as np
 from . import _monet
 from ._monet import Error
 
-__all__ = ["Model", "Mask", "Index", "Generation", "Error", "DEFAULT_MODEL"]
+__all__ = ["Model", "Mask", "Index", "Generation", "Error", "DEFAULT_MODEL", "IMAGE_TOKEN"]
 
 #: The embedded default model (models/monet-vd-books), shipped in the package.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "monet-vd-books")
@@ -158,6 +158,26 @@ def _mask_args(mask):
     return mask.to_json(), mask.source
 
 
+#: LLaVA's marker of an image in token ids (IMAGE_TOKEN_INDEX)
+IMAGE_TOKEN = -200
+
+
+def _images(image) -> list:
+    """[(name, bytes or None)] of forward's image argument: a path, bytes, or a list of them."""
+    if image is None:
+        return []
+    items = image if isinstance(image, (list, tuple)) else [image]
+    out = []
+    for n, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            out.append((f"image {n} (bytes)", bytes(item)))
+        elif isinstance(item, (str, os.PathLike)):
+            out.append((os.fspath(item), None))
+        else:
+            raise TypeError(f"image must be a path or the bytes of an image file, got {type(item).__name__}")
+    return out
+
+
 def _stops(stop) -> list:
     if isinstance(stop, str):
         return [stop]
@@ -187,11 +207,18 @@ class Model:
     compute: the arithmetic of large matrix products: "auto" (bf16 products
         for bf16 weights where the CPU has AMX, float32 otherwise), "f32"
         (exact float32) or "bf16".
+    vision_tower, projector: for a VisionMonet (llava_monet) checkpoint, a CLIP
+        vision tower directory and projector weights instead of those the
+        checkpoint names (as the CLI's --vision-tower / --projector); the tower
+        is loaded with the first image.
     """
 
-    def __init__(self, path=None, threads: int | None = None, compute: str = "auto"):
+    def __init__(self, path=None, threads: int | None = None, compute: str = "auto", vision_tower=None,
+                 projector=None):
         self.path = DEFAULT_MODEL if path is None else os.fspath(path)
-        self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads), str(compute))
+        self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads), str(compute),
+                                    "" if vision_tower is None else os.fspath(vision_tower),
+                                    "" if projector is None else os.fspath(projector))
         with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
             self.config: dict = json.load(f)  #: config.json as a dict
         self.threads: int = self._m.threads
@@ -231,15 +258,16 @@ class Model:
             raise Error(f"token id {int(a[pos])} at position {pos} is outside the vocabulary [0, {self._m.vocab_size})")
         return a.tolist()
 
-    def _tokens(self, ids_or_text: TokensOrText) -> list:
+    def _tokens(self, ids_or_text: TokensOrText, images=()) -> list:
         if isinstance(ids_or_text, str):
-            return self.tokenize(ids_or_text, True)
+            # with images, the text between <image> placeholders is tokenized chunk by chunk, as LLaVA does
+            return self._m.tokenize_with_images(ids_or_text) if images else self.tokenize(ids_or_text, True)
         return self._ids(ids_or_text)
 
     # --- compute ----------------------------------------------------------
 
     def forward(self, ids_or_text: TokensOrText, logits: str | None = "all", routing: bool = True,
-                capture: Sequence[str] = (), mask: Mask | None = None) -> dict:
+                capture: Sequence[str] = (), mask: Mask | None = None, image=None) -> dict:
         """One forward pass over a text (tokenized with BOS) or token ids.
 
         Returns a dict of float32 numpy arrays keyed as `monet forward`'s file:
@@ -253,14 +281,21 @@ class Model:
         "attn_out.{l}" (the attention block's output), "moe_out.{l}" (the
         expert mix's output), "resid_post.{l}" (the residual stream leaving
         layer l = resid_pre + attn_out + moe_out). Only those named are kept.
+
+        image: for a VisionMonet (llava_monet) checkpoint, an image (a path, or
+        the bytes of a JPEG, PNG or WebP file) or a list of them, one per
+        "<image>" in the text (or IMAGE_TOKEN = -200 in the ids); each stands
+        for the image's patch embeddings. The dict also holds "ids" [T] int32,
+        -200 at image positions, as `monet vision --model`'s file.
         """
         mode = "none" if logits is None else logits
         if mode not in ("all", "last", "none"):
             raise Error(f'logits must be "all", "last" or None, got {logits!r}')
         if isinstance(capture, str):
             capture = (capture,)
-        return self._m.forward(self._tokens(ids_or_text), mode, bool(routing), [str(c) for c in capture],
-                               *_mask_args(mask))
+        images = _images(image)
+        return self._m.forward(self._tokens(ids_or_text, images), mode, bool(routing), [str(c) for c in capture],
+                               *_mask_args(mask), images)
 
     def experts(self, ids_or_text: TokensOrText, threshold: float = 0.01, mask: Mask | None = None) -> list:
         """Per token, per router group: the experts whose probability exceeds threshold, most
@@ -283,23 +318,28 @@ class Model:
 
     def generate(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Generation:
+                 stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64,
+                 image=None) -> Generation:
         """Continues prompt (a text, tokenized with BOS, or token ids) by up to max_tokens tokens,
         as `monet generate`: temperature 0 is greedy; EOS, a stop string (not part of the text)
         or the end of the context stops it; the same seed gives the same text (seed None: a
-        random one)."""
+        random one). image: as in forward() (VisionMonet checkpoints; text must follow the
+        last image)."""
         s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        ids, text, reason, n_prompt, t_prompt, t_gen = self._m.generate(self._tokens(prompt), s, _stops(stop),
-                                                                        *_mask_args(mask))
+        images = _images(image)
+        ids, text, reason, n_prompt, t_prompt, t_gen = self._m.generate(self._tokens(prompt, images), s,
+                                                                        _stops(stop), *_mask_args(mask), images)
         return Generation(text, ids, reason, n_prompt, t_prompt, t_gen)
 
     def stream(self, prompt: TokensOrText, max_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
-               stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64) -> Iterator[str]:
+               stop: Sequence[str] = (), mask: Mask | None = None, repeat_last_n: int = 64,
+               image=None) -> Iterator[str]:
         """generate(), yielding the text as it is generated (pieces of whole characters);
         the pieces joined are generate()'s text for the same seed."""
         s = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-        stream = self._m.stream(self._tokens(prompt), s, _stops(stop), *_mask_args(mask))
+        images = _images(image)
+        stream = self._m.stream(self._tokens(prompt, images), s, _stops(stop), *_mask_args(mask), images)
         try:
             while True:
                 piece = stream.next()
@@ -356,7 +396,7 @@ class Model:
         if stream:
             return self._stream_chunks(ids, s, stop, mask, meta, prefix,
                                        lambda piece: choice(piece, None), lambda reason: choice("", reason))
-        got = self._m.generate(ids, s, _stops(stop), *_mask_args(mask))
+        got = self._m.generate(ids, s, _stops(stop), *_mask_args(mask), [])
         return dict(meta, choices=[choice(prefix + got[1], got[2])], usage=_usage(len(ids), len(got[0])))
 
     def create_chat_completion(self, messages: Sequence[dict], max_tokens: int | None = None,
@@ -396,14 +436,14 @@ class Model:
                     lambda piece: {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None},
                     lambda reason: {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
             return chunks()
-        got = self._m.generate(ids, s, _stops(stop), *_mask_args(mask))
+        got = self._m.generate(ids, s, _stops(stop), *_mask_args(mask), [])
         message = {"role": "assistant", "content": got[1]}
         return dict(meta, object="chat.completion",
                     choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": got[2]}],
                     usage=_usage(len(ids), len(got[0])))
 
     def _stream_chunks(self, ids, s, stop, mask, meta, prefix, piece_choice, end_choice):
-        stream = self._m.stream(ids, s, _stops(stop), *_mask_args(mask))
+        stream = self._m.stream(ids, s, _stops(stop), *_mask_args(mask), [])
         try:
             if prefix:
                 yield dict(meta, choices=[piece_choice(prefix)])

@@ -26,11 +26,13 @@
 #include "monet/error.h"
 #include "monet/evaluate.h"
 #include "monet/generate.h"
+#include "monet/image.h"
 #include "monet/index.h"
 #include "monet/interp.h"
 #include "monet/mask.h"
 #include "monet/model.h"
 #include "monet/tokenizer.h"
+#include "monet/vision.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -62,15 +64,45 @@ auto without_gil(F&& f) -> decltype(f()) {
   }
 }
 
-// A float32 numpy array owning `values` (moved, not copied).
-nb::object to_numpy(std::vector<float>&& values, std::vector<size_t> shape) {
-  auto* owned = new std::vector<float>(std::move(values));
-  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-  return nb::cast(nb::ndarray<nb::numpy, float>(owned->data(), shape.size(), shape.data(), owner));
+// A numpy array owning `values` (moved, not copied).
+template <class T>
+nb::object to_numpy(std::vector<T>&& values, std::vector<size_t> shape) {
+  auto* owned = new std::vector<T>(std::move(values));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::cast(nb::ndarray<nb::numpy, T>(owned->data(), shape.size(), shape.data(), owner));
 }
+
+// An image given from Python: a file path, or the bytes of a file.
+struct ImageInput {
+  std::string name;           // the path, or "image N" for bytes
+  std::vector<uint8_t> data;  // the bytes; empty: read the file `name`
+};
+
+std::vector<ImageInput> image_inputs(const std::vector<std::tuple<std::string, std::optional<nb::bytes>>>& given) {
+  std::vector<ImageInput> out;
+  for (const auto& [name, bytes] : given) {
+    ImageInput in{name, {}};
+    if (bytes) {
+      const auto* p = static_cast<const uint8_t*>(bytes->data());
+      in.data.assign(p, p + bytes->size());
+      if (in.data.empty()) throw monet::Error(name + ": no bytes");
+    }
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
+// The vision tower of a VisionMonet (llava_monet) checkpoint, loaded on the
+// first image; shared by the copies of a Model (a stream holds one).
+struct VisionState {
+  std::mutex mu;
+  monet::VisionLoadOptions options;
+  std::unique_ptr<monet::VisionTower> tower;
+};
 
 struct Model {
   std::shared_ptr<const monet::Model> model;
+  std::shared_ptr<VisionState> vision = std::make_shared<VisionState>();
   std::shared_ptr<const monet::Tokenizer> tokenizer;
   std::string tokenizer_error;  // why there is no tokenizer (raised on use)
   std::string dir;
@@ -80,6 +112,26 @@ struct Model {
     return *tokenizer;
   }
 
+  const monet::VisionTower& tower() const {
+    std::lock_guard<std::mutex> lock(vision->mu);
+    if (!vision->tower)
+      vision->tower = monet::VisionTower::load(dir, model->config().hidden_size, model->backend(), vision->options);
+    return *vision->tower;
+  }
+
+  // A prompt with images: ids with monet::kImageToken markers and each
+  // image's projected patch embeddings (no GIL needed).
+  monet::MultimodalPrompt image_prompt(const std::vector<int32_t>& ids, const std::vector<ImageInput>& images) const {
+    const monet::VisionTower& t = tower();
+    std::vector<std::vector<float>> embeds;
+    for (const ImageInput& in : images) {
+      const monet::Image image = in.data.empty() ? monet::decode_image_file(in.name)
+                                                 : monet::decode_image(in.data.data(), in.data.size(), in.name);
+      embeds.push_back(t.embed_image(image));
+    }
+    return monet::build_multimodal_prompt(*model, ids, embeds, t.tokens_per_image());
+  }
+
   // The mask of a JSON text (monet.Mask), checked against this model.
   std::optional<monet::ExpertMask> mask_of(const std::optional<std::string>& json, const std::string& source) const {
     if (!json) return std::nullopt;
@@ -87,10 +139,13 @@ struct Model {
   }
 };
 
-Model load_model(const std::string& dir, int threads, const std::string& compute) {
+Model load_model(const std::string& dir, int threads, const std::string& compute, const std::string& vision_tower,
+                 const std::string& projector) {
   if (threads < 0) throw monet::Error("threads must be >= 0 (0: all cores), got " + std::to_string(threads));
   Model m;
   m.dir = dir;
+  m.vision->options.vision_tower_dir = vision_tower;
+  m.vision->options.projector_file = projector;
   without_gil([&] {
     monet::LoadOptions lo;
     lo.threads = threads;
@@ -115,24 +170,27 @@ struct ForwardResult {
 
 // The forward pass of `ids` from an empty cache, in chunks of kForwardChunk
 // tokens with a signal check between them. logits: "all", "last" or "none";
-// capture: intermediates by name ("resid_pre.{l}", ...: monet::ActivationCapture).
+// capture: intermediates by name ("resid_pre.{l}", ...: monet::ActivationCapture);
+// embeds: [T, d] input embeddings used instead of the ids' (a prompt with images).
 ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode,
                           bool routing, const monet::ExpertMask* mask,
-                          const std::vector<std::string>& capture_names = {}) {
+                          const std::vector<std::string>& capture_names = {}, const float* embeds = nullptr) {
   const monet::MonetConfig& c = m.model->config();
-  const int64_t T = int64_t(ids.size()), R = c.num_router_layers();
+  const int64_t T = int64_t(ids.size()), R = c.num_router_layers(), d = c.hidden_size;
   if (logits_mode != "all" && logits_mode != "last" && logits_mode != "none")
     throw monet::Error("logits must be \"all\", \"last\" or None, got \"" + logits_mode + "\"");
   if (T == 0) throw monet::Error("forward: no tokens given");
+  if (embeds && T > c.max_position_embeddings)  // as `monet vision`
+    throw monet::Error("the prompt is " + std::to_string(T) + " tokens with its images, over max_position_embeddings = " +
+                       std::to_string(c.max_position_embeddings));
   ForwardResult r;
   without_gil([&] {
     const bool chunked = T > kForwardChunk;
     monet::KvCache cache = m.model->new_cache(T);
-    monet::ForwardOptions fo;
-    fo.mask = mask;
+    monet::BatchOptions bo;
     // Only routing wanted: stop after the last router (one call: routing_only
     // does not fill the cache for a next chunk; captures may lie beyond it).
-    fo.routing_only = logits_mode == "none" && !chunked && capture_names.empty();
+    bo.routing_only = logits_mode == "none" && !chunked && capture_names.empty();
     if (routing) {
       r.g1.resize(size_t(R));
       r.g2.resize(size_t(R));
@@ -144,12 +202,21 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
       const int64_t n = std::min(kForwardChunk, T - start);
       const bool last_chunk = start + n == T;
       monet::RouterCapture capture;
-      fo.capture = routing ? &capture : nullptr;
       monet::ActivationCapture activations;
       activations.names = capture_names;
-      fo.activations = capture_names.empty() ? nullptr : &activations;
-      fo.all_logits = logits_mode == "all";
-      m.model->forward(cache, ids.data() + start, n, chunk_logits, fo);
+      std::vector<monet::Sequence> seqs(1);
+      monet::Sequence& sq = seqs[0];
+      sq.cache = &cache;
+      sq.ids = ids.data() + start;
+      sq.embeds = embeds ? embeds + start * d : nullptr;
+      sq.n = n;
+      sq.logits = logits_mode == "all" ? monet::Logits::All
+                  : logits_mode == "last" && last_chunk ? monet::Logits::Last : monet::Logits::None;
+      sq.logits_out = &chunk_logits;
+      sq.routing = routing ? &capture : nullptr;
+      sq.activations = capture_names.empty() ? nullptr : &activations;
+      sq.mask = mask;
+      m.model->forward_batch(seqs, bo);
       for (size_t k = 0; k < capture_names.size(); k++) {
         std::vector<float>& got = activations.values[capture_names[k]];
         if (!chunked) r.captures[k] = std::move(got);
@@ -158,6 +225,7 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
       if (logits_mode == "all") {
         if (!chunked) r.logits = std::move(chunk_logits);
         else r.logits.insert(r.logits.end(), chunk_logits.begin(), chunk_logits.end());
+        chunk_logits.clear();
         r.logit_rows = T;
       } else if (logits_mode == "last" && last_chunk) {
         r.logits = std::move(chunk_logits);
@@ -177,19 +245,29 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
   return r;
 }
 
-nb::dict forward(const Model& m, const std::vector<int32_t>& ids, const std::string& logits_mode, bool routing,
+nb::dict forward(const Model& m, std::vector<int32_t> ids, const std::string& logits_mode, bool routing,
                  const std::vector<std::string>& capture_names, const std::optional<std::string>& mask_json,
-                 const std::string& mask_source) {
+                 const std::string& mask_source,
+                 const std::vector<std::tuple<std::string, std::optional<nb::bytes>>>& images) {
   if (logits_mode == "none" && !routing && capture_names.empty())
     throw monet::Error("forward: nothing to compute (logits=None, routing=False, no capture)");
   for (size_t k = 0; k < capture_names.size(); k++)
     for (size_t k2 = 0; k2 < k; k2++)
       if (capture_names[k] == capture_names[k2]) throw monet::Error("capture \"" + capture_names[k] + "\" named twice");
   const auto mask = m.mask_of(mask_json, mask_source);
-  ForwardResult r = run_forward(m, ids, logits_mode, routing, mask ? &*mask : nullptr, capture_names);
+  // With images: the ids of the prompt (image positions kImageToken) and its embeddings, as `monet vision`.
+  monet::MultimodalPrompt mp;
+  if (!images.empty()) {
+    const std::vector<ImageInput> inputs = image_inputs(images);
+    without_gil([&] { mp = m.image_prompt(ids, inputs); });
+    ids = mp.ids;
+  }
+  ForwardResult r = run_forward(m, ids, logits_mode, routing, mask ? &*mask : nullptr, capture_names,
+                                images.empty() ? nullptr : mp.embeds.data());
   const monet::MonetConfig& c = m.model->config();
   const size_t T = ids.size(), H = size_t(c.moe_heads), E = size_t(c.moe_experts);
   nb::dict out;
+  if (!images.empty()) out["ids"] = to_numpy(std::move(mp.ids), {T});
   if (logits_mode != "none") out["logits"] = to_numpy(std::move(r.logits), {size_t(r.logit_rows), size_t(c.vocab_size)});
   for (size_t l = 0; l < r.g1.size(); l++) {
     const std::string layer = std::to_string(int64_t(l) * c.moe_groups);
@@ -292,26 +370,50 @@ Generation to_tuple(const monet::GenerateResult& r) {
                     r.stats.generate_seconds);
 }
 
+// A cache ready for generation: with images, the prompt up to its last
+// token prefilled (text and image embeddings); returns what generate() feeds
+// next (the whole prompt without images) and sets prompt_size (positions).
+std::vector<int32_t> start_generation(const Model& m, const std::vector<int32_t>& prompt,
+                                      const std::vector<ImageInput>& images, int64_t max_tokens,
+                                      const monet::ExpertMask* mask, monet::KvCache& cache, int64_t& prompt_size) {
+  if (images.empty()) {
+    prompt_size = int64_t(prompt.size());
+    cache = m.model->new_cache(prompt_size + max_tokens);
+    return prompt;
+  }
+  const monet::MultimodalPrompt mp = m.image_prompt(prompt, images);
+  prompt_size = mp.size();
+  cache = m.model->new_cache(prompt_size + max_tokens);
+  return {monet::prefill_multimodal_prompt(*m.model, cache, mp, 0, mask)};
+}
+
 // monet::generate_text (stop strings, finish reason); with no tokenizer, ids only.
 Generation generate(const Model& m, const std::vector<int32_t>& prompt, const Sampling& s,
                     const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
-                    const std::string& mask_source) {
+                    const std::string& mask_source,
+                    const std::vector<std::tuple<std::string, std::optional<nb::bytes>>>& images) {
   const auto mask = m.mask_of(mask_json, mask_source);
   const monet::GenerateOptions go = generate_options(m, s, stops, mask ? &*mask : nullptr);
+  const std::vector<ImageInput> inputs = image_inputs(images);
   return without_gil([&] {
-    monet::KvCache cache = m.model->new_cache(int64_t(prompt.size()) + s.max_tokens);
-    if (m.tokenizer)
-      return to_tuple(monet::generate_text(*m.model, *m.tokenizer, cache, prompt, go, [](const std::string&) {
+    monet::KvCache cache;
+    int64_t prompt_size = 0;
+    const std::vector<int32_t> feed = start_generation(m, prompt, inputs, s.max_tokens, go.mask, cache, prompt_size);
+    monet::GenerateResult r;
+    if (m.tokenizer) {
+      r = monet::generate_text(*m.model, *m.tokenizer, cache, feed, go, [](const std::string&) {
         check_signals();
         return true;
-      }));
-    monet::GenerateResult r;
-    r.ids = monet::generate(*m.model, cache, prompt, go, [](int32_t) {
-      check_signals();
-      return true;
-    }, &r.stats);
-    const bool hit_length = int64_t(r.ids.size()) >= s.max_tokens || r.stats.hit_context_end;
-    r.finish_reason = hit_length ? "length" : "stop";
+      });
+    } else {
+      r.ids = monet::generate(*m.model, cache, feed, go, [](int32_t) {
+        check_signals();
+        return true;
+      }, &r.stats);
+      const bool hit_length = int64_t(r.ids.size()) >= s.max_tokens || r.stats.hit_context_end;
+      r.finish_reason = hit_length ? "length" : "stop";
+    }
+    r.stats.prompt_tokens = prompt_size;
     return to_tuple(r);
   });
 }
@@ -323,8 +425,8 @@ Generation generate(const Model& m, const std::vector<int32_t>& prompt, const Sa
 class Stream {
  public:
   Stream(const Model& m, std::vector<int32_t> prompt, const Sampling& s, const std::vector<std::string>& stops,
-         std::optional<monet::ExpertMask> mask)
-      : model_(m), prompt_(std::move(prompt)), sampling_(s), mask_(std::move(mask)) {
+         std::optional<monet::ExpertMask> mask, std::vector<ImageInput> images)
+      : model_(m), prompt_(std::move(prompt)), sampling_(s), mask_(std::move(mask)), images_(std::move(images)) {
     model_.tok();  // a stream is text: fail now without a tokenizer
     go_ = generate_options(model_, sampling_, stops, mask_ ? &*mask_ : nullptr);
     worker_ = std::thread([this] { run(); });
@@ -392,11 +494,15 @@ class Stream {
     monet::GenerateResult r;
     std::string error;
     try {
-      monet::KvCache cache = model_.model->new_cache(int64_t(prompt_.size()) + sampling_.max_tokens);
-      r = monet::generate_text(*model_.model, model_.tok(), cache, prompt_, go_, [&](const std::string& piece) {
+      monet::KvCache cache;
+      int64_t prompt_size = 0;
+      const std::vector<int32_t> feed =
+          start_generation(model_, prompt_, images_, sampling_.max_tokens, go_.mask, cache, prompt_size);
+      r = monet::generate_text(*model_.model, model_.tok(), cache, feed, go_, [&](const std::string& piece) {
         push(piece);
         return !cancel_;
       });
+      r.stats.prompt_tokens = prompt_size;
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -413,6 +519,7 @@ class Stream {
   std::vector<int32_t> prompt_;
   Sampling sampling_;
   std::optional<monet::ExpertMask> mask_;
+  std::vector<ImageInput> images_;
   monet::GenerateOptions go_;
   std::thread worker_;
   std::mutex mu_;
@@ -655,7 +762,7 @@ NB_MODULE(_monet, mod) {
       .def_rw("stop_ids", &Sampling::stop_ids);
 
   nb::class_<Model>(mod, "Model")
-      .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a)
+      .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a, "vision_tower"_a, "projector"_a)
       .def_prop_ro("backend", [](const Model& m) { return m.model->backend_name(); })
       .def_prop_ro("dir", [](const Model& m) { return m.dir; })
       .def_prop_ro("threads", [](const Model& m) { return m.model->threads(); })
@@ -676,14 +783,23 @@ NB_MODULE(_monet, mod) {
         return without_gil([&] { return m.tok().decode(ids, skip_special); });
       }, "ids"_a, "skip_special"_a)
       .def("token_text", [](const Model& m, int32_t id) { return m.tok().token_text(id); }, "id"_a)
-      .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "capture"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "capture"_a, "mask_json"_a.none(), "mask_source"_a,
+           "images"_a)
       .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a)
-      .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a,
+           "images"_a)
       .def("stream", [](const Model& m, std::vector<int32_t> prompt, const Sampling& s,
                         const std::vector<std::string>& stops, const std::optional<std::string>& mask_json,
-                        const std::string& mask_source) {
-        return new Stream(m, std::move(prompt), s, stops, m.mask_of(mask_json, mask_source));
-      }, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a)
+                        const std::string& mask_source,
+                        const std::vector<std::tuple<std::string, std::optional<nb::bytes>>>& images) {
+        return new Stream(m, std::move(prompt), s, stops, m.mask_of(mask_json, mask_source), image_inputs(images));
+      }, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a, "images"_a)
+      .def("tokenize_with_images", [](const Model& m, const std::string& text) {
+        return without_gil([&] { return monet::tokenize_with_images(m.tok(), text); });
+      }, "text"_a)
+      .def("vision", [](const Model& m) {
+        return without_gil([&] { return m.tower().describe(); });
+      })
       .def("eval_loss", &eval_loss, "text"_a, "context"_a, "mask_json"_a.none(), "mask_source"_a)
       .def("chat_prompt", &chat_prompt, "messages"_a, "format"_a, "add_generation_prompt"_a)
       .def("find_experts", &find_experts, "texts"_a, "context"_a, "ratio"_a, "min_prob"_a)

@@ -653,3 +653,73 @@ def test_index(tmp_path, monet_bin):
     (tmp_path / "junk.db").write_text("not a database")
     with pytest.raises(monet.Error, match="junk.db"):
         monet.Index(tmp_path / "junk.db")
+
+
+# --- images (VisionMonet / llava_monet checkpoints) --------------------------
+
+PHOTO = os.path.join(REPO, "tests", "data", "images", "grace_hopper.jpg")
+LLAVA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                  "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from monet_ref import make_checkpoint as mc
+    d = str(tmp_path_factory.mktemp("llava"))
+    mc.make_llava_checkpoint(d, vocab=320, tokenizer=True, chat_template=LLAVA_TEMPLATE)
+    return d
+
+
+def test_forward_with_an_image_equals_cli(llava, monet_bin, tmp_path):
+    """forward(image=...) is `monet vision --model`'s pass: the same ids, logits and routers, bit for bit."""
+    ids = [1, 40, monet.IMAGE_TOKEN, 41, 42]
+    run(monet_bin, "vision", "--model", llava, "--image", PHOTO, "--ids", ",".join(map(str, ids)),
+        "--out", tmp_path / "v.safetensors")
+    cli = read_safetensors(str(tmp_path / "v.safetensors"))
+    m = monet.Model(llava)
+    out = m.forward(ids, image=PHOTO, capture=["resid_post.0"])
+    T = len(cli["ids"])
+    assert T > len(ids) and out["ids"].dtype == np.int32 and list(out["ids"]) == list(cli["ids"])
+    for k in ["logits"] + [k for k in cli if k.startswith("router.")]:
+        np.testing.assert_array_equal(out[k], cli[k], err_msg=k)
+    assert out["resid_post.0"].shape == (T, m.config["hidden_size"])
+    # the bytes of the file, and a text prompt with <image>, give the same
+    with open(PHOTO, "rb") as f:
+        data = f.read()
+    np.testing.assert_array_equal(m.forward(ids, image=data)["logits"], out["logits"])
+    text = m.forward("look <image> here", image=[PHOTO])
+    n_image = int((out["ids"] == monet.IMAGE_TOKEN).sum())
+    head, tail = m.tokenize("look "), m.tokenize(" here", add_special=False)  # LLaVA: chunk by chunk
+    assert list(text["ids"]) == head + [monet.IMAGE_TOKEN] * n_image + tail
+
+
+def test_generate_with_an_image_equals_cli(llava, monet_bin):
+    m = monet.Model(llava)
+    ids = [1, 40, monet.IMAGE_TOKEN, 41, 42]
+    want = cli_generate(monet_bin, "--model", llava, "--image", PHOTO, "--ids", ",".join(map(str, ids)), "-n", "8",
+                        "--temperature", "0")
+    g = m.generate(ids, image=PHOTO, max_tokens=8, temperature=0)
+    assert g.ids == want and g.prompt_tokens > len(ids)
+    prompt = "<image>\nWhat is it?"
+    want_text = run(monet_bin, "generate", "--model", llava, "--image", PHOTO, "-p", prompt, "-n", "8",
+                    "--temperature", "0").stdout.rstrip("\n")
+    assert m.generate(prompt, image=PHOTO, max_tokens=8, temperature=0).text == want_text
+    assert "".join(m.stream(prompt, image=PHOTO, max_tokens=8, temperature=0)) == want_text
+
+
+def test_image_errors(llava, checkpoints, tmp_path):
+    m = monet.Model(llava)
+    with pytest.raises(monet.Error, match="placeholder|<image>"):
+        m.forward("no placeholder here", image=PHOTO)
+    with pytest.raises(monet.Error, match="ends with an image"):
+        m.generate("look: <image>", image=PHOTO, max_tokens=2)
+    with pytest.raises(monet.Error, match="image 0"):
+        m.forward([1, monet.IMAGE_TOKEN, 5], image=b"not an image at all")
+    with pytest.raises(monet.Error, match="missing.jpg"):
+        m.forward([1, monet.IMAGE_TOKEN, 5], image=str(tmp_path / "missing.jpg"))
+    with pytest.raises(TypeError):
+        m.forward([1, monet.IMAGE_TOKEN, 5], image=3)
+    with pytest.raises(monet.Error, match="outside the vocabulary"):
+        m.forward([1, monet.IMAGE_TOKEN, 5])  # an image marker without an image
+    with pytest.raises(monet.Error):  # a text-only checkpoint has no vision tower
+        monet.Model(checkpoints["vd"][0]).forward([1, monet.IMAGE_TOKEN, 5], image=PHOTO)
