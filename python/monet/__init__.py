@@ -297,12 +297,15 @@ class Model:
         return self._m.forward(self._tokens(ids_or_text, images), mode, bool(routing), [str(c) for c in capture],
                                *_mask_args(mask), images)
 
-    def experts(self, ids_or_text: TokensOrText, threshold: float = 0.01, mask: Mask | None = None) -> list:
+    def experts(self, ids_or_text: TokensOrText, threshold: float = 0.01, mask: Mask | None = None,
+                image=None) -> list:
         """Per token, per router group: the experts whose probability exceeds threshold, most
         probable first, as (expert id, i, j, probability), like `monet experts --json`:
         [{"position", "id", "piece", "groups": [{"group", "count", "experts"[, "removed"]}]}].
-        With a mask, experts it removes are listed under "removed", not as firing."""
-        return self._m.experts(self._tokens(ids_or_text), float(threshold), *_mask_args(mask))
+        With a mask, experts it removes are listed under "removed", not as firing. image: as in
+        forward(); an image patch's entry has "image", "patch", "row", "col" instead of "piece"."""
+        images = _images(image)
+        return self._m.experts(self._tokens(ids_or_text, images), float(threshold), *_mask_args(mask), images)
 
     def _sampling(self, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed):
         s = _monet.Sampling()

@@ -286,11 +286,25 @@ struct TokenGroups {
   std::vector<Activations> kept, removed;  // [group]
 };
 
-nb::list experts(const Model& m, const std::vector<int32_t>& ids, float threshold,
-                 const std::optional<std::string>& mask_json, const std::string& mask_source) {
+nb::list experts(const Model& m, std::vector<int32_t> ids, float threshold,
+                 const std::optional<std::string>& mask_json, const std::string& mask_source,
+                 const std::vector<std::tuple<std::string, std::optional<nb::bytes>>>& images) {
   if (!(threshold >= 0.0f)) throw monet::Error("threshold must be >= 0, got " + std::to_string(threshold));
   const auto mask = m.mask_of(mask_json, mask_source);
-  ForwardResult r = run_forward(m, ids, "none", true, mask ? &*mask : nullptr);
+  // With images (as `monet experts --image`): every image patch is a position of its own.
+  monet::MultimodalPrompt mp;
+  int64_t grid = 0;  // patches per side; negative: patch 0 is the CLS token
+  if (!images.empty()) {
+    const std::vector<ImageInput> inputs = image_inputs(images);
+    without_gil([&] {
+      mp = m.image_prompt(ids, inputs);
+      grid = m.tower().clip().grid();
+      if (m.tower().llava().select_feature == "cls_patch") grid = -grid;
+    });
+    ids = mp.ids;
+  }
+  ForwardResult r = run_forward(m, ids, "none", true, mask ? &*mask : nullptr, {},
+                                images.empty() ? nullptr : mp.embeds.data());
   const monet::MonetConfig& c = m.model->config();
   const int64_t H = c.moe_heads, E = c.moe_experts;
   std::vector<TokenGroups> tokens(ids.size());
@@ -324,7 +338,18 @@ nb::list experts(const Model& m, const std::vector<int32_t>& ids, float threshol
     nb::dict jt;
     jt["position"] = t;
     jt["id"] = ids[t];
-    jt["piece"] = m.tokenizer ? m.tokenizer->token_text(ids[t]) : std::to_string(ids[t]);
+    if (!images.empty() && mp.image[t] >= 0) {
+      // An image patch: where it lies in the image's grid of patches (row, column from the top left).
+      const int64_t g = std::abs(grid), k = mp.patch[t] - (grid < 0 ? 1 : 0);
+      jt["image"] = mp.image[t];
+      jt["patch"] = mp.patch[t];
+      if (k >= 0) {
+        jt["row"] = k / g;
+        jt["col"] = k % g;
+      }
+    } else {
+      jt["piece"] = m.tokenizer ? m.tokenizer->token_text(ids[t]) : std::to_string(ids[t]);
+    }
     jt["groups"] = groups;
     out.append(jt);
   }
@@ -785,7 +810,7 @@ NB_MODULE(_monet, mod) {
       .def("token_text", [](const Model& m, int32_t id) { return m.tok().token_text(id); }, "id"_a)
       .def("forward", &forward, "ids"_a, "logits"_a, "routing"_a, "capture"_a, "mask_json"_a.none(), "mask_source"_a,
            "images"_a)
-      .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a)
+      .def("experts", &experts, "ids"_a, "threshold"_a, "mask_json"_a.none(), "mask_source"_a, "images"_a)
       .def("generate", &generate, "prompt"_a, "sampling"_a, "stop"_a, "mask_json"_a.none(), "mask_source"_a,
            "images"_a)
       .def("stream", [](const Model& m, std::vector<int32_t> prompt, const Sampling& s,

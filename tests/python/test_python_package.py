@@ -723,3 +723,16 @@ def test_image_errors(llava, checkpoints, tmp_path):
         m.forward([1, monet.IMAGE_TOKEN, 5])  # an image marker without an image
     with pytest.raises(monet.Error):  # a text-only checkpoint has no vision tower
         monet.Model(checkpoints["vd"][0]).forward([1, monet.IMAGE_TOKEN, 5], image=PHOTO)
+
+
+def test_experts_with_an_image_equal_cli(llava, monet_bin):
+    ids = [1, 40, monet.IMAGE_TOKEN, 41]
+    want = json.loads(run(monet_bin, "experts", "--model", llava, "--image", PHOTO, "--ids", ",".join(map(str, ids)),
+                          "--json").stdout)["tokens"]
+    got = monet.Model(llava).experts(ids, image=PHOTO)
+    assert len(got) == len(want) == 3 + 16
+    for g_tok, w_tok in zip(got, want):
+        for key in ("position", "id", "piece", "image", "patch", "row", "col"):
+            assert g_tok.get(key) == w_tok.get(key), key
+        for g, w in zip(g_tok["groups"], w_tok["groups"]):
+            assert [e[0] for e in g["experts"]] == [e["id"] for e in w["experts"]]
