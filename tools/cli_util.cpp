@@ -70,6 +70,6 @@ void add_device_options(CLI::App* cmd, DeviceArgs& args) {
   cmd->add_option("--device", args.device, "where the model runs: cpu (the only backend of this build)");
   cmd->add_option("--threads", args.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--compute", args.compute,
-                  "arithmetic of large matrix products: auto (bf16 products for bf16 weights where the CPU has AMX; "
+                  "arithmetic of large matrix products: auto (bf16 products for bf16 weights where the CPU multiplies bf16; "
                   "the default), f32 (exact) or bf16 (inputs rounded to bf16, float32 sums)");
 }

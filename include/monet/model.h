@@ -23,7 +23,7 @@ struct LoadOptions {
   int threads = 0;             // CPU threads this model's forward passes use; 0: all cores
   std::string cpu_kernels;     // "" (best this CPU runs), "avx512bf16", "avx512", "avx2" or "generic"
   // Arithmetic of large matrix products: "auto" (bf16 products for bf16
-  // weights where the CPU has AMX, float32 otherwise), "f32" (exact float32) or
+  // weights where the CPU multiplies bf16 natively, float32 otherwise), "f32" (exact float32) or
   // "bf16". docs/architecture.md, "Accuracy and speed of bf16 products".
   std::string compute = "auto";
 };

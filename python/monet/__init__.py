@@ -205,7 +205,7 @@ class Model:
     path: the checkpoint directory; None: the embedded default model.
     threads: CPU threads for compute; None: all cores.
     compute: the arithmetic of large matrix products: "auto" (bf16 products
-        for bf16 weights where the CPU has AMX, float32 otherwise), "f32"
+        for bf16 weights where the CPU multiplies bf16 natively (AVX-512-BF16 or AMX), float32 otherwise), "f32"
         (exact float32) or "bf16".
     vision_tower, projector: for a VisionMonet (llava_monet) checkpoint, a CLIP
         vision tower directory and projector weights instead of those the

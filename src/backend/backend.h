@@ -105,8 +105,8 @@ class Backend {
 // every weight dtype; BF16 rounds the activations to bf16 and multiplies them
 // with the weights in bf16, summing in float32 (AMX or AVX-512-BF16 through
 // oneDNN; emulated exactly elsewhere). Auto: BF16 for bf16 weights where the
-// CPU has AMX tiles (several times faster than float32 there), F32
-// otherwise. Decode-sized batches (streamed GEMV) and the routers are float32
+// CPU multiplies bf16 natively (twice float32's rate with AVX-512-BF16, more
+// with AMX), F32 otherwise. Decode-sized batches (streamed GEMV) and the routers are float32
 // in every mode. docs/architecture.md, "Accuracy and speed of bf16 products".
 enum class Compute { Auto, F32, BF16 };
 

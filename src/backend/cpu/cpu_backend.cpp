@@ -41,7 +41,7 @@ CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute)
 std::string CpuBackend::name() const {
   const char* arith = compute_ == Compute::F32 ? "f32 products"
                       : compute_ == Compute::BF16 ? (bf16_products_native() ? "bf16 products" : "bf16 products (emulated)")
-                      : bf16_tiles() ? "bf16 products for bf16 weights (AMX)" : "f32 products";
+                      : bf16_products_native() ? "bf16 products for bf16 weights" : "f32 products";
   return std::string("cpu (") + k_.name + " kernels, " + std::to_string(threads_) + " threads, " + arith + ")";
 }
 
@@ -182,7 +182,7 @@ void CpuBackend::matmul_nn(const float* x, int64_t T, const Weight& w, float* y,
 }
 
 GemmCompute CpuBackend::products(const Weight& w) const {
-  if (compute_ == Compute::Auto) return w.dtype == DType::BF16 && bf16_tiles() ? GemmCompute::BF16 : GemmCompute::F32;
+  if (compute_ == Compute::Auto) return w.dtype == DType::BF16 && bf16_products_native() ? GemmCompute::BF16 : GemmCompute::F32;
   return compute_ == Compute::BF16 ? GemmCompute::BF16 : GemmCompute::F32;
 }
 
@@ -379,7 +379,7 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
   if (opts.compute == "f32") compute = Compute::F32;
   else if (opts.compute == "bf16") compute = Compute::BF16;
   else if (!opts.compute.empty() && opts.compute != "auto")
-    fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU has AMX), ",
+    fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU multiplies bf16), ",
          "f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
   const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
   return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute);
