@@ -44,6 +44,11 @@ namespace {
 // the same as one call, to float rounding).
 constexpr int64_t kForwardChunk = 512;
 
+// Seconds the library spent in this thread's last forward pass (run_forward,
+// GIL released): bench/bench_python.py pairs it with the Python call's wall
+// time to measure the package's overhead on the same call.
+thread_local double last_forward_seconds = 0;
+
 // Thrown where a Python signal handler raised (Ctrl-C: KeyboardInterrupt);
 // the Python error stays set and is raised once the GIL is held again.
 struct Interrupted {};
@@ -184,6 +189,7 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
     throw monet::Error("the prompt is " + std::to_string(T) + " tokens with its images, over max_position_embeddings = " +
                        std::to_string(c.max_position_embeddings));
   ForwardResult r;
+  const auto t0 = std::chrono::steady_clock::now();
   without_gil([&] {
     const bool chunked = T > kForwardChunk;
     monet::KvCache cache = m.model->new_cache(T);
@@ -242,6 +248,7 @@ ForwardResult run_forward(const Model& m, const std::vector<int32_t>& ids, const
       }
     }
   });
+  last_forward_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
 
@@ -845,6 +852,9 @@ NB_MODULE(_monet, mod) {
       .def("next", &Stream::next)
       .def("close", &Stream::close)
       .def("result", &Stream::result);
+
+  mod.def("last_forward_seconds", [] { return last_forward_seconds; },
+          "seconds of this thread's last forward pass inside the library (bench/bench_python.py)");
 
   mod.def("sentencepiece_to_tokenizer_json", [](const std::string& path) {
     return without_gil([&] { return monet::sentencepiece_to_tokenizer_json(path); });
