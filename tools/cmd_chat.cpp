@@ -24,6 +24,19 @@
 
 namespace {
 
+// The next non-empty line of the user's input (a "> " prompt first when
+// interactive); false at the end of the input.
+bool read_user_line(bool interactive, std::string& line) {
+  while (true) {
+    if (interactive) {
+      std::printf("> ");
+      std::fflush(stdout);
+    }
+    if (!std::getline(std::cin, line)) return false;
+    if (!line.empty()) return true;
+  }
+}
+
 std::vector<monet::ChatMessage> read_conversation(const std::string& path) {
   nlohmann::json j;
   try {
@@ -65,13 +78,7 @@ void chat_with_images(const monet::Model& model, const monet::Tokenizer& tok, mo
                  monet::chat_format_name(format), li.embeds.size());
   std::string line;
   bool first = true;
-  while (true) {
-    if (interactive) {
-      std::printf("> ");
-      std::fflush(stdout);
-    }
-    if (!std::getline(std::cin, line)) break;
-    if (line.empty()) continue;
+  while (read_user_line(interactive, line)) {
     msgs.push_back({"user", first ? placeholders + line : line});
     first = false;
     const std::string text = monet::render_chat_prompt(tok, format, msgs, true);
@@ -159,13 +166,7 @@ void add_chat_command(CLI::App& app) {
     if (interactive)
       std::fprintf(stderr, "monet chat: %s, %s template. Ctrl-D to quit.\n", model_dir.c_str(), monet::chat_format_name(format));
     std::string line;
-    while (true) {
-      if (interactive) {
-        std::printf("> ");
-        std::fflush(stdout);
-      }
-      if (!std::getline(std::cin, line)) break;
-      if (line.empty()) continue;
+    while (read_user_line(interactive, line)) {
       int64_t reused = 0;
       const monet::GenerateResult r = chat.reply(line, go, [](const std::string& text) {
         std::fwrite(text.data(), 1, text.size(), stdout);

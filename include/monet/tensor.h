@@ -26,6 +26,15 @@ struct Weight {
 
   // A weight holding `values` [rows, cols] converted to `dtype` (owned).
   static Weight from_f32(const float* values, int64_t rows, int64_t cols, DType dtype);
+  // A weight read in place from `data` (not owned: a mapped file, say).
+  static Weight view(DType dtype, int64_t rows, int64_t cols, const void* data) {
+    Weight w;
+    w.dtype = dtype;
+    w.rows = rows;
+    w.cols = cols;
+    w.data = data;
+    return w;
+  }
 };
 
 // Memory a backend allocated: host memory for the CPU backend, device memory

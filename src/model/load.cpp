@@ -31,12 +31,7 @@ class Loader {
   // A matrix as stored (any weight dtype), used in place from the mapping.
   Weight matrix(const std::string& name, int64_t rows, int64_t cols) {
     const TensorInfo& t = tensor(name, {rows, cols});
-    Weight w;
-    w.dtype = t.dtype;
-    w.rows = rows;
-    w.cols = cols;
-    w.data = t.data;
-    return w;
+    return Weight::view(t.dtype, rows, cols, t.data);
   }
 
   // HF stores v.. as [rows, cols]; we keep [cols, rows] in the same dtype so

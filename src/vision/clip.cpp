@@ -180,12 +180,7 @@ class WeightReader {
   }
   Weight matrix(const std::string& name, int64_t rows, int64_t cols) {
     const TensorInfo& t = tensor(name, {rows, cols});
-    Weight w;
-    w.dtype = t.dtype;
-    w.rows = rows;
-    w.cols = cols;
-    w.data = t.data;
-    return be_.prepare(w);
+    return be_.prepare(Weight::view(t.dtype, rows, cols, t.data));
   }
   std::vector<float> values(const std::string& name, const std::vector<int64_t>& shape) {
     const TensorInfo& t = tensor(name, shape);

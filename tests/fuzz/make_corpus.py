@@ -7,7 +7,9 @@ per target, from which libFuzzer's mutations start.
 import json
 import os
 import shutil
+import sqlite3
 import struct
+import subprocess
 import sys
 import tempfile
 
@@ -189,11 +191,32 @@ def mask_seeds():
     put("mask", "components", json.dumps({"components": [{"group": 0, "side": 2, "index": 15}]}))
 
 
+def index_seeds(tmp):
+    """A real index of the default model over two short documents (build/monet
+    or $MONET_BIN), compacted into 512-byte pages so that it stays small."""
+    monet = os.environ.get("MONET_BIN", os.path.join(REPO, "build", "monet"))
+    docs = []
+    for i, text in enumerate(["The whale swam.", "A fine morning."]):
+        docs.append(os.path.join(tmp, f"doc{i}.txt"))
+        with open(docs[-1], "w") as f:
+            f.write(text)
+    db = os.path.join(tmp, "index.db")
+    subprocess.run([monet, "index", "--model", DEFAULT_MODEL, "--corpus", *docs, "--out", db, "--top-k", "1",
+                    "--window", "2", "--context", "16", "--threshold", "0.5"], check=True, capture_output=True)
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA page_size = 512")
+    con.execute("VACUUM")
+    con.close()
+    with open(db, "rb") as f:
+        put("index", "two-documents.db", f.read())
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         safetensors_seeds(tmp)
         tokenizer_json_seeds(tmp)
+        index_seeds(tmp)
     config_seeds()
     tokenizer_model_seeds()
     chat_seeds()

@@ -18,7 +18,7 @@
 namespace monet::cpu {
 
 float* thread_scratch(int slot, size_t n) {
-  static thread_local std::vector<float> buffers[6];
+  static thread_local std::vector<float> buffers[8];
   std::vector<float>& b = buffers[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
