@@ -75,9 +75,15 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+# Compared with the CLI bit for bit: exact float32 products on both sides. (compute "auto" takes
+# bf16 products for the bf16 default model where the CPU has them natively; oneDNN compiles a
+# primitive per row count on its second use, so the rounding then depends on the process's history.)
+CLI_F32 = ("--compute", "f32")
+
+
 @pytest.fixture(scope="session")
 def default_model():
-    return monet.Model()
+    return monet.Model(compute="f32")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -257,7 +263,7 @@ def _saved(mask):
 def test_experts_equal_cli(default_model, monet_bin):
     text = "The whale swam towards the ship"
     got = default_model.experts(text, threshold=0.02)
-    want = json.loads(run(monet_bin, "experts", "-p", text, "--threshold", "0.02", "--json").stdout)["tokens"]
+    want = json.loads(run(monet_bin, "experts", "-p", text, "--threshold", "0.02", "--json", *CLI_F32).stdout)["tokens"]
     assert len(got) == len(want) == len(default_model.tokenize(text))
     for g_tok, w_tok in zip(got, want):
         assert (g_tok["position"], g_tok["id"], g_tok["piece"]) == (w_tok["position"], w_tok["id"], w_tok["piece"])
@@ -270,7 +276,7 @@ def test_experts_equal_cli(default_model, monet_bin):
 
 
 def cli_generate(monet_bin, *args):
-    line = run(monet_bin, "generate", "--print-ids", *args).stdout.strip()
+    line = run(monet_bin, "generate", "--print-ids", *CLI_F32, *args).stdout.strip()
     return [int(x) for x in line.split(",")] if line else []
 
 
@@ -299,7 +305,7 @@ def test_stop_strings(default_model, monet_bin):
     stop = full.text[10:14]  # a string the greedy continuation contains
     g = default_model.generate(prompt, max_tokens=24, temperature=0, stop=[stop, "zzz-never"])
     assert g.finish_reason == "stop" and g.text == full.text[:full.text.index(stop)]
-    cli = run(monet_bin, "generate", "-p", prompt, "-n", "24", "--temperature", "0", "--stop", stop).stdout
+    cli = run(monet_bin, "generate", "-p", prompt, "-n", "24", "--temperature", "0", "--stop", stop, *CLI_F32).stdout
     assert cli.rstrip("\n") == g.text
     assert "".join(default_model.stream(prompt, max_tokens=24, temperature=0, stop=stop)) == g.text
     with pytest.raises(monet.Error, match="stop"):
@@ -332,7 +338,8 @@ def test_stream_closed_early(default_model):
 def test_eval_loss_equals_cli(default_model, monet_bin, tmp_path):
     text = open(os.path.join(REPO, "models", "monet-vd-books", "README.md"), encoding="utf-8").read()[:6000]
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    want = json.loads(run(monet_bin, "eval-loss", "--data", tmp_path / "t.txt", "--context", "128", "--json").stdout)
+    want = json.loads(run(monet_bin, "eval-loss", "--data", tmp_path / "t.txt", "--context", "128", "--json",
+                          *CLI_F32).stdout)
     loss, ppl = default_model.eval_loss(text, context=128)
     assert abs(loss - want["loss"]) < 2e-6 and abs(ppl - np.exp(loss)) < 1e-9 * ppl
     for bad in (1, 513):
@@ -480,7 +487,7 @@ def test_ctrl_c_interrupts(tmp_path, what):
     assert time.time() - t_signal < 10
 
 
-def test_fresh_venv_wheel(tmp_path):
+def test_fresh_venv_wheel(tmp_path, monet_bin):
     """The wheel alone (no build tree, no checkout): install it into a new venv and generate
     with the embedded default model, as the README's check does."""
     wheels = sorted(glob.glob(os.path.join(REPO, "build-python", "dist", "monet_cpp-*.whl")), key=os.path.getmtime)
@@ -494,7 +501,8 @@ def test_fresh_venv_wheel(tmp_path):
                cwd=tmp_path).stdout.strip()
     assert site.startswith(str(venv))
     assert REPO not in run("readelf", "-d", glob.glob(os.path.join(site, "_monet*.so"))[0]).stdout  # no build-tree RUNPATH
-    want = monet.Model().generate("Once", max_tokens=8, temperature=0).text
+    # the CLI in a fresh process too (compute "auto" as the README's check: see CLI_F32)
+    want = run(monet_bin, "generate", "-p", "Once", "-n", "8", "--temperature", "0").stdout.rstrip("\n")
     assert got == want and len(got) > 5
 
 
@@ -587,7 +595,7 @@ def test_find_experts_equal_cli(default_model, monet_bin, tmp_path):
     files = {"austen": os.path.join(HELDOUT, "austen-persuasion-end.txt"),
              "melville": os.path.join(HELDOUT, "melville-moby-dick-end.txt")}
     run(monet_bin, "find-experts", *[a for n, f in files.items() for a in ("--domain", f"{n}={f}")],
-        "--out-dir", tmp_path / "masks")
+        "--out-dir", tmp_path / "masks", *CLI_F32)
     got = default_model.find_experts({n: open(f, encoding="utf-8").read() for n, f in files.items()})
     assert set(got) == set(files)
     for n in files:
