@@ -1,9 +1,14 @@
 // monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
 //   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute auto|f32|bf16]
+//               [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W]
 // With --batch B, B sequences (each its own P-token prompt and cache) decode
 // together: one batched forward step per token position, B tokens each.
-// Timings are the best of R repeats.
+// --ids: the prompt of batch 1 (instead of a pseudo-random one); --logits and
+// --routing: what the prefill returns (all logits and the router
+// probabilities: `monet forward`'s outputs, bench/bench_python.py).
+// Timings are the best of R repeats, after W untimed ones (a process's first
+// passes compile matrix-product primitives for new row counts).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -26,9 +31,9 @@ int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir, compute = "auto";
-  int threads = 0;
-  int64_t prompt = 64, decode = 32, batch = 1, repeat = 1;
+  std::string model_dir, compute = "auto", ids_text, logits_mode = "last";
+  int threads = 0, routing = 0;
+  int64_t prompt = 64, decode = 32, batch = 1, repeat = 1, warmup = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--model")) model_dir = argv[i + 1];
     else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
@@ -37,13 +42,26 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--batch")) batch = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--repeat")) repeat = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--compute")) compute = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--ids")) ids_text = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--logits")) logits_mode = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--routing")) routing = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
     }
   }
-  if (model_dir.empty() || prompt < 1 || decode < 1 || batch < 1 || repeat < 1) {
-    std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R]\n");
+  std::vector<int32_t> given_ids;
+  for (size_t at = 0; at < ids_text.size();) {
+    const size_t comma = std::min(ids_text.find(',', at), ids_text.size());
+    given_ids.push_back(int32_t(std::atoll(ids_text.substr(at, comma - at).c_str())));
+    at = comma + 1;
+  }
+  if (!given_ids.empty()) prompt = int64_t(given_ids.size());
+  if (model_dir.empty() || prompt < 1 || decode < 1 || batch < 1 || repeat < 1 || warmup < 0 ||
+      (logits_mode != "last" && logits_mode != "all") || (!given_ids.empty() && batch != 1)) {
+    std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] "
+                         "[--compute auto|f32|bf16] [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W]\n");
     return 2;
   }
   try {
@@ -57,6 +75,7 @@ int main(int argc, char** argv) {
     const int64_t V = c.vocab_size;
     // Sequence b's prompt: a fixed pseudo-random text, different per sequence.
     auto prompt_ids = [&](int64_t b) {
+      if (!given_ids.empty()) return given_ids;
       std::vector<int32_t> ids(static_cast<size_t>(prompt));
       for (int64_t i = 0; i < prompt; i++) ids[size_t(i)] = int32_t((i * 7919 + b * 104729 + 13) % V);
       return ids;
@@ -78,7 +97,8 @@ int main(int argc, char** argv) {
 
     double best_prefill = 1e300, best_decode = 1e300;
     double expert_fraction = 0;
-    for (int64_t rep = 0; rep < repeat; rep++) {
+    for (int64_t rep = -warmup; rep < repeat; rep++) {
+      const bool timed = rep >= 0;
       std::vector<monet::KvCache> caches;
       std::vector<std::vector<int32_t>> prompts;
       std::vector<std::vector<float>> logits(static_cast<size_t>(batch));
@@ -88,15 +108,22 @@ int main(int argc, char** argv) {
       }
       // Prefill: every sequence's prompt in one batched call.
       std::vector<monet::Sequence> seqs(static_cast<size_t>(batch));
+      std::vector<monet::RouterCapture> prefill_routing(static_cast<size_t>(batch));
       for (int64_t b = 0; b < batch; b++) {
         seqs[size_t(b)].cache = &caches[size_t(b)];
         seqs[size_t(b)].ids = prompts[size_t(b)].data();
         seqs[size_t(b)].n = prompt;
+        seqs[size_t(b)].logits = logits_mode == "all" ? monet::Logits::All : monet::Logits::Last;
         seqs[size_t(b)].logits_out = &logits[size_t(b)];
+        seqs[size_t(b)].routing = routing ? &prefill_routing[size_t(b)] : nullptr;
       }
       auto t0 = std::chrono::steady_clock::now();
       model->forward_batch(seqs);
-      best_prefill = std::min(best_prefill, seconds_since(t0));
+      if (timed) best_prefill = std::min(best_prefill, seconds_since(t0));
+      for (int64_t b = 0; b < batch; b++) {  // decode from the last position's logits
+        seqs[size_t(b)].logits = monet::Logits::Last;
+        logits[size_t(b)].erase(logits[size_t(b)].begin(), logits[size_t(b)].end() - V);
+      }
 
       // Decode, counting the expert slices each token's routers selected (the
       // capture is a copy of H*E floats per router layer: negligible).
@@ -125,7 +152,7 @@ int main(int argc, char** argv) {
               }
         for (int64_t b = 0; b < batch; b++) next[size_t(b)] = argmax(logits[size_t(b)].data(), V);
       }
-      best_decode = std::min(best_decode, decode_s);
+      if (timed) best_decode = std::min(best_decode, decode_s);
       expert_fraction = double(kept) / double(std::max<int64_t>(slots, 1));
     }
     std::printf("{\"load_s\": %.3f, \"batch\": %lld, \"prefill_tokens\": %lld, \"prefill_s\": %.4f, "

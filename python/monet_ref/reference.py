@@ -171,30 +171,38 @@ def experts_explicit(model, l, y, g1, g2, D, mask=None):
     return out
 
 
-def forward(model: Model, ids, masks: dict | None = None):
+def forward(model: Model, ids, masks: dict | None = None, trace: dict | None = None):
     """ids: list of token ids. masks: {group: [E, E] 0/1 matrix} (uses the explicit sum).
-    Returns logits [T, V] and {router layer: (g1, g2)}."""
+    Returns logits [T, V] and {router layer: (g1, g2)}. trace: a dict to fill with the
+    intermediates "resid_pre.{l}", "attn_out.{l}", "moe_out.{l}", "resid_post.{l}" [T, d]."""
     ids = np.asarray(ids, dtype=np.int64)
-    return forward_embeds(model, model.w["model.embed_tokens.weight"][ids], masks)
+    return forward_embeds(model, model.w["model.embed_tokens.weight"][ids], masks, trace)
 
 
-def forward_embeds(model: Model, x, masks: dict | None = None):
+def forward_embeds(model: Model, x, masks: dict | None = None, trace: dict | None = None):
     """forward() from input embeddings x [T, d] (token rows of embed_tokens, or image features)."""
     D = dims(model.config)
     x = np.asarray(x, dtype=np.float64)
     routers, g1, g2 = {}, None, None
+    trace = {} if trace is None else trace
     for l in range(D["L"]):
         p = f"model.layers.{l}."
-        x = x + attention(model, l, rmsnorm(x, model.w[p + "input_layernorm.weight"], D["eps"]), D)
+        trace[f"resid_pre.{l}"] = x
+        attn_out = attention(model, l, rmsnorm(x, model.w[p + "input_layernorm.weight"], D["eps"]), D)
+        trace[f"attn_out.{l}"] = attn_out
+        x = x + attn_out
         y = rmsnorm(x, model.w[p + "post_attention_layernorm.weight"], D["eps"])
         if l % D["G"] == 0:
             g1, g2 = router(model, l, y, D)
             routers[l] = (g1, g2)
         group = l // D["G"]
         if masks and group in masks:
-            x = x + experts_explicit(model, l, y, g1, g2, D, masks[group])
+            moe_out = experts_explicit(model, l, y, g1, g2, D, masks[group])
         else:
-            x = x + (experts_vd if D["vd"] else experts_hd)(model, l, y, g1, g2, D)
+            moe_out = (experts_vd if D["vd"] else experts_hd)(model, l, y, g1, g2, D)
+        trace[f"moe_out.{l}"] = moe_out
+        x = x + moe_out
+        trace[f"resid_post.{l}"] = x
     x = rmsnorm(x, model.w["model.norm.weight"], D["eps"])
     head = model.w.get("lm_head.weight", model.w["model.embed_tokens.weight"])
     if model.config.get("tie_word_embeddings", False):
