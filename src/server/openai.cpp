@@ -78,7 +78,7 @@ int64_t get_int(const json& body, const char* key, int64_t fallback, int64_t lo,
   if (!v) return fallback;
   const std::string range = "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
   if (!v->is_number_integer()) bad(key, std::string("\"") + key + "\" must be an integer in " + range + ", got " + dump(*v));
-  const bool out = v->is_number_unsigned() ? v->get<uint64_t>() > uint64_t(hi)
+  const bool out = v->is_number_unsigned() ? (v->get<uint64_t>() > uint64_t(hi) || (lo > 0 && v->get<uint64_t>() < uint64_t(lo)))
                                            : (v->get<int64_t>() < lo || v->get<int64_t>() > hi);
   if (out) bad(key, std::string("\"") + key + "\" = " + dump(*v) + " is outside " + range);
   return v->get<int64_t>();
@@ -477,7 +477,7 @@ json absorb_event(const Server::State& st, const GenSpec& g, Choice& ch, const T
     } else {
       json item = {{"id", ev.id}, {"logprob", ev.logprob.logprob}, {"offset", offset}};
       json top = json::object();
-      for (const auto& [id, l] : ev.logprob.top) top[tok.token_text(id)] = l;
+      for (const auto& [id, l] : ev.logprob.top) top.emplace(tok.token_text(id), l);  // same text: the likelier one
       item["top"] = top;
       ch.logprob_items.push_back(item);
       delta["logprobs"] = {{"tokens", {tok.token_text(ev.id)}}, {"token_logprobs", {ev.logprob.logprob}},
@@ -503,7 +503,7 @@ json prompt_logprob_items(const Tokenizer& tok, const PromptIn& p, const BatchRe
       const TokenLogprob& lp = r.prompt_logprobs[t - 1];
       item["logprob"] = lp.logprob;
       json top = json::object();
-      for (const auto& [id, l] : lp.top) top[tok.token_text(id)] = l;
+      for (const auto& [id, l] : lp.top) top.emplace(tok.token_text(id), l);  // same text: the likelier one
       item["top"] = top;
     } else {
       item["logprob"] = nullptr;

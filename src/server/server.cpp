@@ -50,7 +50,7 @@ int64_t json_int(const json& body, const char* key, int64_t fallback, int64_t lo
   if (!body.contains(key) || body[key].is_null()) return fallback;
   const json& v = body[key];
   if (!v.is_number_integer()) fail("\"", key, "\" must be an integer in [", lo, ", ", hi, "], got ", v.dump());
-  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+  if (v.is_number_unsigned() ? (v.get<uint64_t>() > uint64_t(hi) || (lo > 0 && v.get<uint64_t>() < uint64_t(lo))) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
     fail("\"", key, "\" = ", v.dump(), " is outside [", lo, ", ", hi, "]");
   return v.get<int64_t>();
 }
