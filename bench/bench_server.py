@@ -51,13 +51,15 @@ def make_workload(n, seed, n_experts):
     """Request specs: (kind, prompt, max_tokens, masked, stream, cancel_after)."""
     rng = random.Random(seed)
     words = "the cat sat on a mat while the dog ran to the old house near river and tree".split()
-    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 24))) for _ in range(40)]
+    # 16 prompts, each with its own length limit: 64 distinct (kind, prompt, mask) answers to check against.
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 24))) for _ in range(16)]
+    limits = [rng.choice([4, 8, 16, 24]) for _ in prompts]
     mask = {"components": [{"group": 0, "side": 1, "index": i} for i in range(0, n_experts, 3)]}
     specs = []
     for k in range(n):
         kind = "chat" if rng.random() < 0.3 else "completion"
-        prompt = rng.choice(prompts)
-        max_tokens = rng.choice([8, 16, 32, 48])
+        which = rng.randrange(len(prompts))
+        prompt, max_tokens = prompts[which], limits[which]
         masked = rng.random() < 0.2
         stream = rng.random() < 0.5
         cancel_after = rng.randint(1, 4) if stream and rng.random() < 0.15 else None
@@ -103,7 +105,7 @@ def send(conn, spec, mask, model_name):
     chunks, done = 0, False
     buf = b""
     while True:
-        line = r.fp.readline()
+        line = r.readline()
         if not line:
             break
         line = line.strip()
@@ -115,6 +117,9 @@ def send(conn, spec, mask, model_name):
         data = line[6:]
         if data == b"[DONE]":
             done = True
+            if r.read().strip():  # the end of the chunked body; nothing may follow [DONE]
+                out["error"] = "data after [DONE]"
+                return out
             break
         j = json.loads(data)
         if "error" in j:
@@ -234,13 +239,19 @@ def main():
                         raise SystemExit(f"single request failed: {answers[k]['error']}")
             conn.close()
             r = run_load(host, port, specs, mask, answers, a.clients, a.time_limit, model_name)
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("GET", "/metrics")
+            metrics = conn.getresponse().read().decode()
+            r["server_cancelled"] = next(int(float(l.split()[1])) for l in metrics.splitlines()
+                                         if l.startswith("monet_requests_cancelled_total "))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
         bad = r["lost"] or r["malformed"] or r["mixed"]
         failed |= bool(bad)
         print(f"--parallel {parallel}: {r['requests']} requests ({r['cancelled']} cancelled midway) in "
-              f"{r['wall']:.1f} s; lost {r['lost']}, malformed {len(r['malformed'])}, mixed {r['mixed']}")
+              f"{r['wall']:.1f} s; lost {r['lost']}, malformed {len(r['malformed'])}, mixed {r['mixed']}; "
+              f"slots freed by the server on disconnect: {r['server_cancelled']}")
         for e in r["malformed"][:5]:
             print("  malformed:", e)
         rows.append((parallel, r))
