@@ -73,6 +73,11 @@ void add_serve_command(CLI::App& app) {
       }
       served.model = monet::Model::load(model_dir, device.load_options());
       served.tok = monet::Tokenizer::load_dir(model_dir);
+      // VisionMonet (llava_monet): its tower embeds the images of chat messages.
+      if (monet::is_llava_config((std::filesystem::path(model_dir) / "config.json").string())) {
+        served.vision = monet::VisionTower::load(model_dir, served.model->config().hidden_size, served.model->backend());
+        std::fprintf(stderr, "vision: %s\n", served.vision->describe().c_str());
+      }
       if (served.index) {
         const monet::MonetConfig& c = served.model->config();
         const monet::IndexSettings& built = served.index->settings();

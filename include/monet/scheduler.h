@@ -52,6 +52,10 @@ struct BatchResult {
 
 struct BatchRequest {
   std::vector<int32_t> prompt;  // at least one token
+  // Optional input embeddings of the prompt [prompt.size(), hidden] (host
+  // memory; VisionMonet prompts with images, whose positions hold kImageToken
+  // in `prompt`). The last position must be text.
+  std::shared_ptr<const std::vector<float>> embeds;
   int64_t max_tokens = 16;      // generation also ends at the scheduler's context
   SamplingParams sampling;
   std::vector<int32_t> stop_ids;          // end the generation; never part of the output

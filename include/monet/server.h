@@ -10,6 +10,7 @@
 #include "monet/index.h"
 #include "monet/model.h"
 #include "monet/tokenizer.h"
+#include "monet/vision.h"
 
 namespace monet {
 
@@ -35,6 +36,7 @@ struct ServedModel {
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<IndexReader> index;  // may be null (the viewer's probe and output tokens only)
+  std::unique_ptr<VisionTower> vision;  // VisionMonet: chat messages may carry images (data: URLs)
 };
 
 class Server {

@@ -82,8 +82,15 @@ bool BatchScheduler::queue_full() const {
 uint64_t BatchScheduler::submit(BatchRequest req) {
   if (req.prompt.empty()) fail("the prompt has no tokens");
   const int64_t V = model_.config().vocab_size;
-  for (int32_t id : req.prompt)
-    if (id < 0 || id >= V) fail("prompt token id ", id, " is outside the vocabulary [0, ", V, ")");
+  for (size_t t = 0; t < req.prompt.size(); t++) {
+    const int32_t id = req.prompt[t];
+    const bool embedded = req.embeds && t + 1 < req.prompt.size();  // positions given by their embeddings
+    if (!embedded && (id < 0 || id >= V)) fail("prompt token id ", id, " is outside the vocabulary [0, ", V, ")");
+  }
+  if (req.embeds && req.embeds->size() != req.prompt.size() * size_t(model_.config().hidden_size))
+    fail("the prompt's embeddings hold ", req.embeds->size(), " values; ", req.prompt.size(), " positions x ",
+         model_.config().hidden_size, " expected");
+  if (req.embeds && req.prompt_logprobs) fail("prompt logprobs of a prompt given as embeddings are not supported");
   if (int64_t(req.prompt.size()) >= context_)
     fail("the prompt has ", req.prompt.size(), " tokens; the context holds ", context_,
          " positions (prompt + generated tokens, at least one generated)");
@@ -205,6 +212,7 @@ void BatchScheduler::step(std::vector<std::unique_ptr<Slot>>& active) {
     q.cache = &s.cache;
     q.ids = s.feed.data();
     q.n = int64_t(s.feed.size());
+    if (!s.prefilled && s.req.embeds) q.embeds = s.req.embeds->data();
     q.logits = s.finishing ? Logits::None : (!s.prefilled && s.req.prompt_logprobs) ? Logits::All : Logits::Last;
     q.logits_out = &s.logits;
     s.routing = RouterCapture();

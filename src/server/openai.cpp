@@ -18,7 +18,9 @@
 
 #include "monet/error.h"
 #include "monet/interp.h"
+#include "monet/image.h"
 #include "monet/mask.h"
+#include "monet/vision.h"
 #include "server_state.h"
 
 namespace monet {
@@ -106,6 +108,7 @@ bool get_bool(const json& body, const char* key, bool fallback) {
 struct PromptIn {
   std::vector<int32_t> ids;
   std::string echo_text;  // the prompt as text (completions' echo)
+  std::shared_ptr<const std::vector<float>> embeds;  // with images: every position's input embedding
 };
 
 struct GenSpec {
@@ -246,7 +249,7 @@ GenSpec parse_completion(const Server::State& st, const json& body) {
   g.echo = get_bool(body, "echo", false);
   const json* p = field(body, "prompt");
   if (!p) bad("prompt", "\"prompt\" is required: a string, a list of token ids, or a list of either");
-  auto text_prompt = [&](const std::string& s) { return PromptIn{tok.encode(s, true), s}; };
+  auto text_prompt = [&](const std::string& s) { return PromptIn{tok.encode(s, true), s, nullptr}; };
   auto ids_prompt = [&](const json& arr) {
     PromptIn in;
     in.ids = parse_ids(arr, "prompt", V);
@@ -273,6 +276,72 @@ GenSpec parse_completion(const Server::State& st, const json& body) {
   return g;
 }
 
+// The bytes of a base64 text (standard or URL-safe alphabet, padding optional).
+std::vector<uint8_t> base64_decode(const std::string& text, const std::string& param) {
+  std::vector<uint8_t> out;
+  out.reserve(text.size() / 4 * 3 + 3);
+  uint32_t acc = 0;
+  int bits = 0;
+  size_t k = 0;
+  for (; k < text.size() && text[k] != '='; k++) {
+    const char ch = text[k];
+    int v = -1;
+    if (ch >= 'A' && ch <= 'Z') v = ch - 'A';
+    else if (ch >= 'a' && ch <= 'z') v = ch - 'a' + 26;
+    else if (ch >= '0' && ch <= '9') v = ch - '0' + 52;
+    else if (ch == '+' || ch == '-') v = 62;
+    else if (ch == '/' || ch == '_') v = 63;
+    else if (ch == '\n' || ch == '\r') continue;
+    else bad(param, "the data URL's base64 has an invalid character at offset " + std::to_string(k));
+    acc = (acc << 6) | uint32_t(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(uint8_t((acc >> bits) & 0xff));
+    }
+  }
+  for (; k < text.size(); k++)
+    if (text[k] != '=') bad(param, "the data URL's base64 has data after its padding");
+  return out;
+}
+
+// An image_url content part: a data: URL, decoded and embedded by the vision
+// tower. Remote URLs are refused: the server never fetches anything.
+std::vector<float> embed_image_part(const Server::State& st, const json& part, size_t index) {
+  only_fields(part, {"type", "image_url"}, "an image_url content part");
+  const json* iu = field(part, "image_url");
+  std::string url;
+  if (iu && iu->is_string()) {
+    url = iu->get<std::string>();
+  } else if (iu && iu->is_object()) {
+    only_fields(*iu, {"url", "detail"}, "image_url");
+    if (!iu->contains("url") || !(*iu)["url"].is_string()) bad("messages", "image_url needs a string \"url\"");
+    url = (*iu)["url"].get<std::string>();
+  } else {
+    bad("messages", "an image_url part needs \"image_url\": {\"url\": \"data:image/...;base64,...\"}");
+  }
+  if (url.rfind("data:", 0) != 0) {
+    const bool remote = url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0;
+    bad("messages", std::string(remote ? "remote image URLs are not fetched (the server makes no network requests)"
+                                       : "image URLs must be data: URLs") +
+                        "; send the image inline as data:image/png;base64,...");
+  }
+  if (!st.served.vision)
+    bad("messages", "this checkpoint has no vision tower: image_url parts need a VisionMonet (llava_monet) checkpoint");
+  const size_t comma = url.find(',');
+  if (comma == std::string::npos) bad("messages", "the data URL has no ',' before its data");
+  const std::string meta = url.substr(5, comma - 5);
+  if (meta.size() < 7 || meta.compare(meta.size() - 7, 7, ";base64") != 0)
+    bad("messages", "the data URL must be base64 (data:image/png;base64,...)");
+  const std::vector<uint8_t> bytes = base64_decode(url.substr(comma + 1), "messages");
+  try {
+    const Image image = decode_image(bytes.data(), bytes.size(), "image " + std::to_string(index));
+    return st.served.vision->embed_image(image);
+  } catch (const Error& e) {
+    bad("messages", e.what());
+  }
+}
+
 GenSpec parse_chat(const Server::State& st, const json& body) {
   std::set<std::string> known = kCommonFields;
   known.insert({"messages", "max_completion_tokens", "top_logprobs"});
@@ -291,6 +360,7 @@ GenSpec parse_chat(const Server::State& st, const json& body) {
   const json* m = field(body, "messages");
   if (!m || !m->is_array() || m->empty()) bad("messages", "\"messages\" must be a non-empty list of {\"role\", \"content\"}");
   std::vector<ChatMessage> msgs;
+  std::vector<std::vector<float>> images;  // in the order of their parts
   for (const json& x : *m) {
     if (!x.is_object()) bad("messages", "each message must be an object {\"role\", \"content\"}, got " + dump(x));
     only_fields(x, {"role", "content", "name"}, "a message");
@@ -310,10 +380,16 @@ GenSpec parse_chat(const Server::State& st, const json& body) {
         if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
           bad("messages", "content parts must be objects with a \"type\", got " + dump(part));
         const std::string type = part["type"].get<std::string>();
-        if (type != "text") bad("messages", "content part type \"" + type + "\" is not supported (text only)");
+        if (!text.empty()) text += "\n";
+        if (type == "image_url") {
+          // LLaVA's placeholder where the image goes; its patches replace it.
+          images.push_back(embed_image_part(st, part, images.size()));
+          text += kImagePlaceholder;
+          continue;
+        }
+        if (type != "text") bad("messages", "content part type \"" + type + "\" is not supported (text, image_url)");
         only_fields(part, {"type", "text"}, "a content part");
         if (!part.contains("text") || !part["text"].is_string()) bad("messages", "a text part needs a string \"text\"");
-        if (!text.empty()) text += "\n";
         text += part["text"].get<std::string>();
       }
     } else {
@@ -328,7 +404,18 @@ GenSpec parse_chat(const Server::State& st, const json& body) {
   } catch (const Error& e) {
     bad("messages", e.what());
   }
-  g.prompts.push_back({tok.encode(rendered, false), rendered});
+  if (images.empty()) {
+    g.prompts.push_back({tok.encode(rendered, false), rendered, nullptr});
+  } else {
+    MultimodalPrompt mp;
+    try {
+      mp = build_multimodal_prompt(*st.served.model, tokenize_with_images(tok, rendered, false), images,
+                                   st.served.vision->tokens_per_image());
+    } catch (const Error& e) {
+      bad("messages", e.what());
+    }
+    g.prompts.push_back({mp.ids, rendered, std::make_shared<const std::vector<float>>(std::move(mp.embeds))});
+  }
   g.stop_ids = chat_stop_ids(st.served.model->config(), tok, *st.chat_format);
   return g;
 }
@@ -414,6 +501,7 @@ std::shared_ptr<Job> start_job(Server::State& st, const GenSpec& g) {
       job->choices[index].prompt = p;
       BatchRequest r;
       r.prompt = g.prompts[p].ids;
+      r.embeds = g.prompts[p].embeds;
       r.max_tokens = max_tokens;
       r.sampling = g.sampling;
       r.sampling.seed = seed + index;

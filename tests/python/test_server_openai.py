@@ -301,6 +301,9 @@ def test_errors_are_openai_shaped(server, client):
         assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"], err
     status, err = http(server.base + "/v1/chat/completions", {"model": "vd", "messages": [{"role": "robot", "content": "x"}]})
     assert status == 400 and err["error"]["param"] == "messages"
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]
+    status, err = http(server.base + "/v1/chat/completions", {"model": "vd", "messages": [{"role": "user", "content": image}]})
+    assert status == 400 and "vision tower" in err["error"]["message"]
     status, err = http(server.base + "/v1/completions", raw=b'{"model": "vd", "prompt": "x"')
     assert status == 400 and "JSON" in err["error"]["message"]
     status, err = http(server.base + "/v1/completions", raw=b'{"model": "vd", "prompt": "\xff\xfe"}')
@@ -328,3 +331,37 @@ def test_sigterm_finishes_requests_in_flight(monet_bin, model):
     assert finish in ("length", "stop")
     assert ids == reference_greedy(model, PROMPT, 100)[:len(ids)] and len(ids) > 1
     assert s.proc.wait(timeout=30) == 0
+
+
+def test_image_url_data_urls(monet_bin, tmp_path):
+    """VisionMonet: an image_url part (a data: URL) answers as `monet chat --image`; remote URLs are refused."""
+    import base64
+    from monet_ref import make_checkpoint as mc
+    photo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "images",
+                         "grace_hopper.jpg")
+    ckpt = str(tmp_path / "llava")
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    mc.make_llava_checkpoint(ckpt, vocab=320, tokenizer=True, chat_template=template)
+    chat = subprocess.run([monet_bin, "chat", "--model", ckpt, "--image", photo, "-n", "8", "--temperature", "0"],
+                          input="what is this\n", capture_output=True, text=True, check=True).stdout
+    s = ServerProcess(monet_bin, ckpt, "--parallel", "2")
+    try:
+        url = "data:image/jpeg;base64," + base64.b64encode(open(photo, "rb").read()).decode()
+        body = {"model": os.path.basename(ckpt), "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "what is this"}]}]}
+        status, r = http(s.base + "/v1/chat/completions", body)
+        assert status == 200, r
+        assert r["choices"][0]["message"]["content"] + "\n" == chat
+        assert r["usage"]["prompt_tokens"] > 16  # the image's patches are positions of the prompt
+        for bad_url in ("https://example.com/cat.png", "http://127.0.0.1/x.png", "file:///etc/passwd",
+                        "data:image/png;base64,@@@@", "data:image/png;base64,aGVsbG8="):
+            body["messages"][0]["content"][0]["image_url"]["url"] = bad_url
+            status, err = http(s.base + "/v1/chat/completions", body)
+            assert status == 400 and err["error"]["param"] == "messages", (bad_url, err)
+        assert "not fetched" in http(s.base + "/v1/chat/completions", dict(body, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]))[1][
+            "error"]["message"]
+    finally:
+        s.stop()
