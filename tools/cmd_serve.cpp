@@ -48,8 +48,8 @@ void add_serve_command(CLI::App& app) {
     std::signal(SIGPIPE, SIG_IGN);  // a client that went away is a failed write, not the end of the server
 
     o.on_ready = [](const std::string& host, int port) {
-      std::printf("monet serve on http://%s:%d/ (loading the model; /health says 503 until it is ready)\n",
-                  host.c_str(), port);
+      std::printf("monet viewer on http://%s:%d/, OpenAI API on http://%s:%d/v1 (loading the model: /health "
+                  "answers 503 until it is ready)\n", host.c_str(), port, host.c_str(), port);
       std::fflush(stdout);
     };
     o.on_loaded = [] {

@@ -30,7 +30,7 @@ class ServerProcess:
         self.proc = subprocess.Popen([monet_bin, "serve", "--model", model, "--port", "0", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
-        assert "monet serve on http://" in line, line + self.proc.stderr.read()
+        assert "monet viewer on http://" in line, line + self.proc.stderr.read()
         self.url = line.split("http://", 1)[1].split("/", 1)[0]
         self.base = f"http://{self.url}"
         deadline = time.time() + 60
