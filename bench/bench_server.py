@@ -245,8 +245,16 @@ def main():
             r["server_cancelled"] = next(int(float(l.split()[1])) for l in metrics.splitlines()
                                          if l.startswith("monet_requests_cancelled_total "))
         finally:
+            t_stop = time.perf_counter()
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=120)
+                print(f"server stopped {time.perf_counter() - t_stop:.1f} s after SIGTERM", flush=True)
+            except subprocess.TimeoutExpired:
+                print("server still running 120 s after SIGTERM: killed", flush=True)
+                failed = True
+                proc.kill()
+                proc.wait()
         bad = r["lost"] or r["malformed"] or r["mixed"]
         failed |= bool(bad)
         print(f"--parallel {parallel}: {r['requests']} requests ({r['cancelled']} cancelled midway) in "
