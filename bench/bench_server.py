@@ -109,7 +109,7 @@ def send(conn, spec, mask, model_name):
         if not line:
             break
         line = line.strip()
-        if not line:
+        if not line or line.startswith(b":"):  # blank lines end events; ':' lines are SSE comments
             continue
         if not line.startswith(b"data: "):
             out["error"] = f"not an SSE data line: {line[:100]!r}"

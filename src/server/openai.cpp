@@ -757,6 +757,9 @@ void run_generation(Server::State& st, const GenSpec& g, httplib::Response& res)
     }
     (void)tok;
     if (all_done) out += "data: [DONE]\n\n";
+    // Nothing to send for a while (queued, or a long prefill): an SSE comment,
+    // which clients ignore, tells whether the client is still there.
+    if (out.empty()) out = ": waiting\n\n";
     if (!out.empty() && !sink.write(out.data(), out.size())) {
       cancel_job(st, *job);  // the client went away: its slots free before the next step
       return false;
