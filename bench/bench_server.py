@@ -242,8 +242,11 @@ def main():
             conn = http.client.HTTPConnection(host, port, timeout=30)
             conn.request("GET", "/metrics")
             metrics = conn.getresponse().read().decode()
-            r["server_cancelled"] = next(int(float(l.split()[1])) for l in metrics.splitlines()
-                                         if l.startswith("monet_requests_cancelled_total "))
+            values = {l.split()[0]: float(l.split()[1]) for l in metrics.splitlines() if l and not l.startswith("#")}
+            r["server_cancelled"] = int(values["monet_requests_cancelled_total"])
+            # The engine's share of the wall time: low means the clients (or other processes) were the limit.
+            r["engine_busy"] = values["monet_engine_busy_seconds_total"]
+            r["engine_tps"] = values["monet_generated_tokens_per_second"]
         finally:
             t_stop = time.perf_counter()
             proc.terminate()
@@ -265,10 +268,12 @@ def main():
         rows.append((parallel, r))
     print()
     print(f"{'--parallel':>10} {'req/s':>8} {'gen tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} "
-          f"{'TTFT p50 s':>11} {'TTFT p99 s':>11}   (peer server: none on this machine)")
+          f"{'TTFT p50 s':>11} {'TTFT p99 s':>11} {'engine busy':>12} {'engine tok/s':>13}   (peer server: none here)")
     for parallel, r in rows:
         print(f"{parallel:>10} {r['rps']:>8.2f} {r['tps']:>10.1f} {r['p50']:>10.3f} {r['p99']:>10.3f} "
-              f"{r['ttft50']:>11.3f} {r['ttft99']:>11.3f}")
+              f"{r['ttft50']:>11.3f} {r['ttft99']:>11.3f} {r['engine_busy'] / r['wall']:>11.0%} {r['engine_tps']:>13.1f}")
+    print("engine busy: the server's time in batched steps over the load's wall time; engine tok/s: all generated "
+          "tokens (single answers included) per second of engine time")
     if len(rows) == 2:
         print(f"batching gain (gen tok/s, --parallel {rows[0][0]} / {rows[1][0]}): {rows[0][1]['tps'] / rows[1][1]['tps']:.2f}x")
     print(f"{a.clients} clients, {a.requests} requests, model {a.model}; timings are noisy on a shared machine")
