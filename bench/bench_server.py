@@ -47,6 +47,14 @@ def start_server(monet, model, parallel, threads):
     raise SystemExit("server did not become healthy")
 
 
+def server_metrics(host, port):
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return {l.split()[0]: float(l.split()[1]) for l in text.splitlines() if l and not l.startswith("#")}
+
+
 def make_workload(n, seed, n_experts):
     """Request specs: (kind, prompt, max_tokens, masked, stream, cancel_after)."""
     rng = random.Random(seed)
@@ -238,15 +246,14 @@ def main():
                     if not answers[k]["ok"]:
                         raise SystemExit(f"single request failed: {answers[k]['error']}")
             conn.close()
+            before = server_metrics(host, port)
             r = run_load(host, port, specs, mask, answers, a.clients, a.time_limit, model_name)
-            conn = http.client.HTTPConnection(host, port, timeout=30)
-            conn.request("GET", "/metrics")
-            metrics = conn.getresponse().read().decode()
-            values = {l.split()[0]: float(l.split()[1]) for l in metrics.splitlines() if l and not l.startswith("#")}
-            r["server_cancelled"] = int(values["monet_requests_cancelled_total"])
-            # The engine's share of the wall time: low means the clients (or other processes) were the limit.
-            r["engine_busy"] = values["monet_engine_busy_seconds_total"]
-            r["engine_tps"] = values["monet_generated_tokens_per_second"]
+            after = server_metrics(host, port)
+            delta = {k: after[k] - before.get(k, 0.0) for k in after}
+            r["server_cancelled"] = int(delta["monet_requests_cancelled_total"])
+            # The engine's share of the load's wall time: low means the clients (or other processes) were the limit.
+            r["engine_busy"] = delta["monet_engine_busy_seconds_total"]
+            r["engine_tps"] = delta["monet_generated_tokens_total"] / max(delta["monet_engine_busy_seconds_total"], 1e-9)
         finally:
             t_stop = time.perf_counter()
             proc.terminate()
@@ -272,8 +279,8 @@ def main():
     for parallel, r in rows:
         print(f"{parallel:>10} {r['rps']:>8.2f} {r['tps']:>10.1f} {r['p50']:>10.3f} {r['p99']:>10.3f} "
               f"{r['ttft50']:>11.3f} {r['ttft99']:>11.3f} {r['engine_busy'] / r['wall']:>11.0%} {r['engine_tps']:>13.1f}")
-    print("engine busy: the server's time in batched steps over the load's wall time; engine tok/s: all generated "
-          "tokens (single answers included) per second of engine time")
+    print("engine busy: the server's time in batched steps over the load's wall time; engine tok/s: the load's "
+          "generated tokens per second of engine time")
     if len(rows) == 2:
         print(f"batching gain (gen tok/s, --parallel {rows[0][0]} / {rows[1][0]}): {rows[0][1]['tps'] / rows[1][1]['tps']:.2f}x")
     print(f"{a.clients} clients, {a.requests} requests, model {a.model}; timings are noisy on a shared machine")
