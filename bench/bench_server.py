@@ -89,14 +89,21 @@ def body_of(spec, mask):
     return b
 
 
+class ResetBeforeAnswer(Exception):
+    """The connection closed before any byte of the answer arrived."""
+
+
 def send(conn, spec, mask, model_name):
     """One request; returns dict(ok, ids, text, finish, latency, ttft, error, cancelled)."""
     body = body_of(spec, mask)
     body["model"] = model_name
     path = "/v1/chat/completions" if spec["kind"] == "chat" else "/v1/completions"
     t0 = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+    except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as e:
+        raise ResetBeforeAnswer(type(e).__name__) from e
     out = dict(ok=False, ids=[], text="", finish=None, latency=None, ttft=None, error=None, cancelled=False)
     if r.status != 200:
         out["error"] = f"status {r.status}: {r.read()[:200]!r}"
@@ -166,6 +173,7 @@ def percentile(xs, q):
 
 def run_load(host, port, specs, mask, answers, clients, time_limit, model_name):
     results = [None] * len(specs)
+    retried = []
     next_k = [0]
     lock = threading.Lock()
     deadline = time.time() + time_limit
@@ -179,8 +187,17 @@ def run_load(host, port, specs, mask, answers, clients, time_limit, model_name):
             if k >= len(specs):
                 break
             try:
-                results[k] = send(conn, specs[k], mask, model_name)
-            except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
+                try:
+                    results[k] = send(conn, specs[k], mask, model_name)
+                except ResetBeforeAnswer as e:
+                    # A kept-alive connection the server closed as the request went out (the usual
+                    # keep-alive race; nothing was answered): once more on a fresh connection, counted.
+                    with lock:
+                        retried.append(str(e))
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, port, timeout=120)
+                    results[k] = send(conn, specs[k], mask, model_name)
+            except (OSError, http.client.HTTPException, ValueError, KeyError, ResetBeforeAnswer) as e:
                 results[k] = dict(ok=False, error=f"{type(e).__name__}: {e}", ids=[], cancelled=False)
             if results[k].get("cancelled") or not results[k]["ok"]:
                 conn.close()
@@ -209,7 +226,7 @@ def run_load(host, port, specs, mask, answers, clients, time_limit, model_name):
     full = [r for r in done if not r["cancelled"]]
     gen_tokens = sum(len(r["ids"]) for r in done)
     ttfts = [r["ttft"] for r in done if r.get("ttft") is not None]
-    return dict(wall=wall, lost=lost, malformed=malformed, mixed=mixed, requests=len(done),
+    return dict(wall=wall, retried=len(retried), lost=lost, malformed=malformed, mixed=mixed, requests=len(done),
                 cancelled=sum(r["cancelled"] for r in done), rps=len(done) / wall, tps=gen_tokens / wall,
                 p50=percentile([r["latency"] for r in full], 0.5), p99=percentile([r["latency"] for r in full], 0.99),
                 ttft50=percentile(ttfts, 0.5), ttft99=percentile(ttfts, 0.99))
@@ -269,7 +286,8 @@ def main():
         failed |= bool(bad)
         print(f"--parallel {parallel}: {r['requests']} requests ({r['cancelled']} cancelled midway) in "
               f"{r['wall']:.1f} s; lost {r['lost']}, malformed {len(r['malformed'])}, mixed {r['mixed']}; "
-              f"slots freed by the server on disconnect: {r['server_cancelled']}")
+              f"slots freed by the server on disconnect: {r['server_cancelled']}; retried after a connection reset "
+              f"before any answer: {r['retried']}")
         for e in r["malformed"][:5]:
             print("  malformed:", e)
         rows.append((parallel, r))

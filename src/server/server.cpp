@@ -252,6 +252,8 @@ void Server::run(const std::function<ServedModel()>& load) {
   if (o.context < 0) fail("serve: --ctx must be >= 0, got ", o.context);
   st.http.new_task_queue = [n = o.http_threads] { return new httplib::ThreadPool(size_t(n)); };
   st.http.set_payload_max_length(o.max_body_bytes);
+  // Clients keep their connections for many requests (httplib's default is 5 per connection).
+  st.http.set_keep_alive_max_count(1000);
   add_openai_routes(st);
   add_viewer_routes(st);
   int port = o.port;
