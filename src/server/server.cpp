@@ -2,6 +2,8 @@
 // page (src/server/viewer.html, embedded at build time).
 #include "monet/server.h"
 
+#include "server_state.h"
+
 #include <httplib.h>
 
 #include <algorithm>
@@ -10,6 +12,9 @@
 #include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <ctime>
+#include <filesystem>
+#include <thread>
 
 #include "monet/error.h"
 #include "monet/interp.h"
@@ -45,7 +50,7 @@ int64_t json_int(const json& body, const char* key, int64_t fallback, int64_t lo
   if (!body.contains(key) || body[key].is_null()) return fallback;
   const json& v = body[key];
   if (!v.is_number_integer()) fail("\"", key, "\" must be an integer in [", lo, ", ", hi, "], got ", v.dump());
-  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+  if (v.is_number_unsigned() ? (v.get<uint64_t>() > uint64_t(hi) || (lo > 0 && v.get<uint64_t>() < uint64_t(lo))) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
     fail("\"", key, "\" = ", v.dump(), " is outside [", lo, ", ", hi, "]");
   return v.get<int64_t>();
 }
@@ -84,29 +89,35 @@ json summary_json(const ExpertSummary& e) {
 
 }  // namespace
 
-void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, const ServeOptions& opts) {
-  httplib::Server server;
-  server.set_payload_max_length(1 << 20);  // probe texts are small; refuse huge bodies early
-  const MonetConfig& c = model.config();
-
-  auto handle = [](auto fn) {
-    return [fn](const httplib::Request& req, httplib::Response& res) {
+void add_viewer_routes(Server::State& st) {
+  httplib::Server& server = st.http;
+  // The viewer's routes answer 503 until the model is loaded.
+  auto handle = [&st](auto fn) {
+    return [&st, fn](const httplib::Request& req, httplib::Response& res) {
+      if (!st.ready) {
+        res.status = 503;
+        res.set_content(json({{"error", "the model is loading"}}).dump(), "application/json");
+        return;
+      }
       try {
-        res.set_content(fn(req), "application/json");
+        res.set_content(fn(req, *st.served.model, *st.served.tok, st.served.index.get()), "application/json");
       } catch (const std::exception& e) {  // bad requests never take the server down
         res.status = 400;
-        res.set_content(json({{"error", e.what()}}).dump(), "application/json");
+        res.set_content(json({{"error", e.what()}}).dump(-1, ' ', false, json::error_handler_t::replace),
+                        "application/json");
       }
     };
   };
-  auto group_param = [&](const httplib::Request& req) {
+  auto group_param = [](const httplib::Request& req, const MonetConfig& c) {
     return int_param(req, "group", 0, 0, c.num_router_layers() - 1);
   };
+  const ServeOptions& opts = st.opts;
 
   server.Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kMonetViewerHtml, "text/html; charset=utf-8");
   });
-  server.Get("/api/info", handle([&](const httplib::Request&) {
+  server.Get("/api/info", handle([=](const httplib::Request&, const Model& model, const Tokenizer&, const IndexReader* index) {
+    const MonetConfig& c = model.config();
     json info = {{"model", model.dir()}, {"decompose", c.decompose_name()}, {"experts_per_side", c.moe_experts},
                  {"experts_per_group", c.moe_experts * c.moe_experts}, {"groups", c.num_router_layers()},
                  {"layers_per_group", c.moe_groups}, {"layers", c.num_hidden_layers}, {"has_index", index != nullptr}};
@@ -119,12 +130,13 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     }
     return info.dump();
   }));
-  server.Get("/api/experts", handle([&](const httplib::Request& req) {
+  server.Get("/api/experts", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+    const MonetConfig& c = model.config();
     if (!index) fail("no index loaded: start monet serve with --index INDEX.db");
     const std::string order = req.has_param("order") ? req.get_param_value("order") : "count";
     if (order != "count" && order != "max" && order != "id") fail("parameter order must be count, max or id");
     const ExpertOrder by = order == "max" ? ExpertOrder::MaxProb : order == "id" ? ExpertOrder::Id : ExpertOrder::Count;
-    const int64_t g = group_param(req);
+    const int64_t g = group_param(req, c);
     int64_t total = 0;
     json experts = json::array();
     for (const ExpertSummary& e : index->experts(g, by, int_param(req, "limit", 100, 1, 10000),
@@ -132,8 +144,9 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
       experts.push_back(summary_json(e));
     return json({{"group", g}, {"total", total}, {"experts", experts}}).dump();
   }));
-  server.Get("/api/expert", handle([&](const httplib::Request& req) {
-    const int64_t g = group_param(req);
+  server.Get("/api/expert", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+    const MonetConfig& c = model.config();
+    const int64_t g = group_param(req, c);
     const int64_t id = required_int_param(req, "expert", 0, c.moe_experts * c.moe_experts - 1);
     json out = {{"group", g}, {"expert", id}};
     if (index) {
@@ -151,7 +164,7 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     out["outputs"] = top_output_tokens(model, tok, g, id, 12);
     return out.dump();
   }));
-  server.Get("/api/search", handle([&](const httplib::Request& req) {
+  server.Get("/api/search", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     if (!index) fail("no index loaded");
     if (!req.has_param("token") || req.get_param_value("token").empty()) fail("parameter token is required");
     const std::string token = req.get_param_value("token");
@@ -160,7 +173,8 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
       experts.push_back({{"group", m.group}, {"expert", m.expert}, {"contexts", m.contexts}, {"max_prob", m.max_prob}});
     return json({{"token", token}, {"experts", experts}}).dump();
   }));
-  server.Post("/api/probe", handle([&](const httplib::Request& req) {
+  server.Post("/api/probe", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+    const MonetConfig& c = model.config();
     json body;
     try {
       body = json::parse(req.body);
@@ -211,9 +225,106 @@ void serve(const Model& model, const Tokenizer& tok, const IndexReader* index, c
     return json({{"tokens", tokens}, {"next", next}, {"masked", mask.entry_count()}}).dump();
   }));
 
-  if (!server.bind_to_port(opts.host, opts.port)) fail("cannot listen on ", opts.host, ":", opts.port);
-  if (opts.on_ready) opts.on_ready(opts.host, opts.port);
-  server.listen_after_bind();
+}
+
+Server::Server(ServeOptions opts) : state_(std::make_unique<State>()) {
+  state_->opts = std::move(opts);
+  state_->created_unix = int64_t(std::time(nullptr));
+}
+
+Server::~Server() = default;
+
+namespace {
+
+// Waits until httplib's listen loop runs (stop() before it would be lost).
+void stop_http(httplib::Server& http, const std::atomic<bool>& listening) {
+  while (!listening || !http.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  http.stop();
+}
+
+}  // namespace
+
+void Server::run(const std::function<ServedModel()>& load) {
+  State& st = *state_;
+  const ServeOptions& o = st.opts;
+  if (o.parallel < 1 || o.parallel > 1024) fail("serve: --parallel must be in [1, 1024], got ", o.parallel);
+  if (o.http_threads < 1) fail("serve: http_threads must be >= 1, got ", o.http_threads);
+  if (o.context < 0) fail("serve: --ctx must be >= 0, got ", o.context);
+  st.http.new_task_queue = [n = o.http_threads] { return new httplib::ThreadPool(size_t(n)); };
+  st.http.set_payload_max_length(o.max_body_bytes);
+  // Clients keep their connections for many requests (httplib's default is 5 per connection).
+  st.http.set_keep_alive_max_count(1000);
+  add_openai_routes(st);
+  add_viewer_routes(st);
+  int port = o.port;
+  if (port == 0) port = st.http.bind_to_any_port(o.host);
+  else if (!st.http.bind_to_port(o.host, port)) port = -1;
+  if (port <= 0) fail("cannot listen on ", o.host, ":", o.port);
+  if (o.on_ready) o.on_ready(o.host, port);
+
+  std::atomic<bool> listening{false};
+  std::thread loader([&] {
+    try {
+      ServedModel served = load();
+      if (!served.model || !served.tok) fail("serve: the loader returned no model or no tokenizer");
+      const MonetConfig& c = served.model->config();
+      const int64_t context = o.context == 0 ? c.max_position_embeddings : o.context;
+      if (context < 2 || context > c.max_position_embeddings)
+        fail("serve: --ctx ", o.context, " must be in [2, max_position_embeddings = ", c.max_position_embeddings, "]");
+      std::optional<ChatFormat> format;
+      std::string format_error;
+      try {
+        if (!o.chat_template.empty()) format = chat_format_from_name(o.chat_template);
+        else if (!served.tok->chat_template().empty()) format = detect_chat_format(served.tok->chat_template());
+        else format_error = "the checkpoint has no chat template (tokenizer_config.json chat_template); start the "
+                            "server with --template llama2|mistral|chatml";
+      } catch (const Error& e) {
+        if (!o.chat_template.empty()) throw;
+        format_error = e.what();
+      }
+      std::string name = o.model_name;
+      if (name.empty()) {
+        name = std::filesystem::path(served.model->dir()).lexically_normal().filename().string();
+        if (name.empty()) name = std::filesystem::path(served.model->dir()).lexically_normal().parent_path().filename().string();
+        if (name.empty()) name = "monet";
+      }
+      std::lock_guard<std::mutex> lock(st.lifecycle);
+      if (st.stopping) return;
+      st.context = context;
+      st.chat_format = format;
+      st.chat_format_error = format_error;
+      st.model_name = name;
+      st.served = std::move(served);
+      st.scheduler = std::make_unique<BatchScheduler>(*st.served.model, *st.served.tok, o.parallel, context, o.max_queue);
+      st.ready = true;
+    } catch (...) {
+      st.load_error = std::current_exception();
+      stop_http(st.http, listening);
+      return;
+    }
+    if (o.on_loaded) o.on_loaded();
+  });
+  listening = true;
+  st.http.listen_after_bind();
+  loader.join();
+  if (st.load_error) std::rethrow_exception(st.load_error);
+}
+
+void Server::shutdown() {
+  State& st = *state_;
+  BatchScheduler* scheduler = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(st.lifecycle);
+    st.stopping = true;
+    scheduler = st.scheduler.get();
+  }
+  if (scheduler) scheduler->drain();  // every accepted request runs to its end
+  // Their responses are being written: wait for them (bounded: a client that stopped reading times out).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (st.in_flight > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  while (!st.http.is_running() && !st.load_error) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  st.http.stop();
 }
 
 }  // namespace monet

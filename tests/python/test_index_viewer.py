@@ -205,6 +205,12 @@ def test_serve_uses_the_index_model(monet_bin, setup):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "MONET_MODEL": ""})
     try:
         assert "monet viewer on" in proc.stdout.readline()
+        for _ in range(300):  # the model loads after the server listens (/health: 503 until then)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
         assert os.path.samefile(get(f"http://127.0.0.1:{port}/api/info")["model"], model_dir)
     finally:
         proc.terminate()
