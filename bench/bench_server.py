@@ -25,10 +25,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_server(monet, model, parallel, threads):
+def start_server(monet, model, parallel, threads, compute=None):
     args = [monet, "serve", "--model", model, "--port", "0", "--parallel", str(parallel)]
     if threads:
         args += ["--threads", str(threads)]
+    if compute:
+        args += ["--compute", compute]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if "http://" not in line:
@@ -243,6 +245,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="the server's --threads (0: all cores)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the load phase; unfinished = lost")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compute", help="the server's --compute (auto, f32, bf16; default: the server's)")
     a = ap.parse_args()
     cfg = json.load(open(os.path.join(a.model, "config.json")))
     specs, mask = make_workload(a.requests, a.seed, cfg["moe_experts"])
@@ -250,7 +253,7 @@ def main():
     failed = False
     rows = []
     for parallel in [a.parallel] + ([a.compare_parallel] if a.compare_parallel else []):
-        proc, host, port = start_server(a.monet, a.model, parallel, a.threads)
+        proc, host, port = start_server(a.monet, a.model, parallel, a.threads, a.compute)
         try:
             # Single-request answers, one at a time (the greedy answers every loaded response must equal).
             answers = {}
