@@ -42,11 +42,7 @@ class Loader {
     auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(rows) * size_t(cols) * esize]);
     if (esize == 2) transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 2>());
     else transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 4>());
-    Weight w;
-    w.dtype = t.dtype;
-    w.rows = cols;
-    w.cols = rows;
-    w.data = buf.get();
+    Weight w = Weight::view(t.dtype, cols, rows, buf.get());
     w.owned = std::shared_ptr<const void>(buf, buf.get());
     return w;
   }

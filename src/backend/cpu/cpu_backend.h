@@ -10,6 +10,8 @@
 
 namespace monet::cpu {
 
+struct SideEntries;  // expert_mix.cpp
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend(int threads, const KernelSet& kernels, Compute compute);
@@ -50,8 +52,9 @@ class CpuBackend final : public Backend {
                  int64_t c1) const;
 
  private:
-  void expert_mix_dense(const ExpertMixArgs& a);
-  void expert_mix_sparse(const ExpertMixArgs& a);
+  // r1, r2: the kept (token, expert) entries of each side (expert_mix.cpp)
+  void expert_mix_dense(const ExpertMixArgs& a, const SideEntries& r1, const SideEntries& r2);
+  void expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1, const SideEntries& r2);
 
   int threads_;
   const KernelSet& k_;

@@ -27,12 +27,6 @@
 
 namespace monet::cpu {
 
-namespace {
-
-// Above this fraction of kept (token, expert slice) pairs the dense GEMMs
-// are faster than the sparse path (expert_mix).
-constexpr double kSparseMaxDensity = 0.2;
-
 // The entries of T tokens on one side, token-major: token t owns entries
 // [start[t], start[t+1]).
 struct SideEntries {
@@ -47,9 +41,16 @@ struct SideEntries {
   int64_t experts_used = 0;       // experts with at least one entry
 };
 
-// count[t] = the experts of one side that token t keeps (any head's g > 0).
-std::vector<int64_t> kept_per_token(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
-  std::vector<int64_t> count(size_t(T), 0);
+namespace {
+
+// Above this fraction of kept (token, expert slice) pairs the dense GEMMs
+// are faster than the sparse path (expert_mix).
+constexpr double kSparseMaxDensity = 0.2;
+
+SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
+  SideEntries s;
+  s.start.assign(size_t(T + 1), 0);
+  std::vector<int64_t> count(size_t(T), 0);  // count[t]: experts token t keeps (any head's g > 0)
 #pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)
   for (int64_t t = 0; t < T; t++) {
     const float* gt = g + t * H * E;
@@ -61,13 +62,6 @@ std::vector<int64_t> kept_per_token(const float* g, int64_t T, int64_t H, int64_
     }
     count[size_t(t)] = n;
   }
-  return count;
-}
-
-SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
-  SideEntries s;
-  s.start.assign(size_t(T + 1), 0);
-  const std::vector<int64_t> count = kept_per_token(g, T, H, E, threads);
   for (int64_t t = 0; t < T; t++) s.start[size_t(t + 1)] = s.start[size_t(t)] + count[size_t(t)];
   const int64_t n = s.start[size_t(T)];
   s.expert.resize(size_t(n));
@@ -199,6 +193,9 @@ const ExpertMask* token_mask(const ExpertMixArgs& a, int64_t t) { return a.masks
 }  // namespace
 
 void CpuBackend::expert_mix(const ExpertMixArgs& a) {
+  // The kept entries of both sides, made once for the choice and the path.
+  const int64_t T = a.T, H = a.config->moe_heads, E = a.config->moe_experts;
+  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
   ExpertPath path = a.path;
   if (path == ExpertPath::Auto) {
     // Sparse work grows with the kept (token, expert) pairs, dense work with
@@ -206,26 +203,21 @@ void CpuBackend::expert_mix(const ExpertMixArgs& a) {
     // costs the dense GEMMs (Monet-VD-1.4B prefill, bf16: sparse 1.3x faster
     // at 12.5 % kept; the default model: dense 1.3x faster at 30 %).
     path = ExpertPath::Sparse;
-    if (a.T > kSmallBatch) {
-      const int64_t H = a.config->moe_heads, E = a.config->moe_experts;
-      int64_t kept = 0;
-      for (const float* g : {a.g1, a.g2})
-        for (int64_t n : kept_per_token(g, a.T, H, E, threads_)) kept += n;
-      const double density = double(kept) / double(2 * a.T * E);
+    if (T > kSmallBatch) {
+      const double density = double(r1.start[size_t(T)] + r2.start[size_t(T)]) / double(2 * T * E);
       if (density > kSparseMaxDensity) path = ExpertPath::Dense;
     }
   }
-  if (path == ExpertPath::Dense) expert_mix_dense(a);
-  else expert_mix_sparse(a);
+  if (path == ExpertPath::Dense) expert_mix_dense(a, r1, r2);
+  else expert_mix_sparse(a, r1, r2);
 }
 
-void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a) {
+void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1, const SideEntries& r2) {
   const MonetConfig& c = *a.config;
   const ExpertWeights& ew = *a.weights;
   const MixShape s{c.moe_decompose == Decompose::Vertical, c.moe_heads, c.moe_experts,
                    c.moe_decompose == Decompose::Vertical ? c.moe_dim / 2 : c.moe_dim, c.hidden_size};
   const int64_t T = a.T, H = s.H, E = s.E, w = s.w, d = s.d;
-  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
   const int64_t n1 = r1.start[size_t(T)], n2 = r2.start[size_t(T)];
 
   // x[e, :] = relu2(u[expert*w .. +w] . y[token] + bias): one pass over each
@@ -307,7 +299,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a) {
   }
 }
 
-void CpuBackend::expert_mix_dense(const ExpertMixArgs& a) {
+void CpuBackend::expert_mix_dense(const ExpertMixArgs& a, const SideEntries& r1, const SideEntries& r2) {
   const MonetConfig& c = *a.config;
   const ExpertWeights& ew = *a.weights;
   const MixShape s{c.moe_decompose == Decompose::Vertical, c.moe_heads, c.moe_experts,
@@ -323,7 +315,6 @@ void CpuBackend::expert_mix_dense(const ExpertMixArgs& a) {
     linear(ew.u2, a.y, T, x2.f32(), &ew.u2_bias);
     activation(Activation::Relu2, x2.f32(), T * Ew);
   }
-  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
   const int64_t n1 = r1.start[size_t(T)], n2 = r2.start[size_t(T)];
   // The kept experts' activations, entry-major as the coefficients want them.
   auto gather = [&](const Buffer& x, const SideEntries& r, std::vector<float>& xs) {
