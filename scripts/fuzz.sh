@@ -22,7 +22,7 @@ if ! { cmake -S . -B "$build" -DMONET_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo 
 fi
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors config tokenizer_json tokenizer_model chat mask index)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors config tokenizer_json tokenizer_model chat mask index http_viewer http_openai)
 export ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 failed=()

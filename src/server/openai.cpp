@@ -689,20 +689,71 @@ json chunk(Server::State& st, const GenSpec& g, const std::string& id, size_t in
 
 std::string sse(const json& j) { return "data: " + dump(j) + "\n\n"; }
 
+// A non-streamed response not ready after this long is answered through a
+// chunked body (below), so that a client that goes away is noticed.
+constexpr auto kPlainAnswerWait = std::chrono::milliseconds(300);
+constexpr auto kGoneCheckEvery = std::chrono::milliseconds(200);
+
+bool all_choices_done(const Job& job) {
+  return std::all_of(job.choices.begin(), job.choices.end(), [](const Choice& c) { return c.done; });
+}
+
+// Frees the slots of a job whose response ends before its choices do (the
+// client went away), and ends its in-flight count.
+auto job_releaser(Server::State& st, std::shared_ptr<Job> job) {
+  return [&st, job](bool) {
+    bool unfinished = false;
+    {
+      std::lock_guard<std::mutex> lock(job->mu);
+      unfinished = !all_choices_done(*job);
+    }
+    if (unfinished) cancel_job(st, *job);
+    st.in_flight--;
+  };
+}
+
 void run_generation(Server::State& st, const GenSpec& g, httplib::Response& res) {
   std::shared_ptr<Job> job = start_job(st, g);
   const std::string id = response_id(st, g.chat);
   st.in_flight++;
   if (!g.stream) {
+    bool finished = false;
     {
       std::unique_lock<std::mutex> lock(job->mu);
-      job->cv.wait(lock, [&] {
-        return std::all_of(job->choices.begin(), job->choices.end(), [](const Choice& c) { return c.done; });
-      });
+      finished = job->cv.wait_for(lock, kPlainAnswerWait, [&] { return all_choices_done(*job); });
     }
-    st.in_flight--;
-    if (const char* err = first_error(*job)) throw ApiError(500, std::string("generation failed: ") + err);
-    res.set_content(dump(full_response(st, g, *job, id)), "application/json");
+    if (finished) {
+      st.in_flight--;
+      if (const char* err = first_error(*job)) throw ApiError(500, std::string("generation failed: ") + err);
+      res.set_content(dump(full_response(st, g, *job, id)), "application/json");
+      return;
+    }
+    // Still generating: the answer goes out as a chunked body, written once
+    // every choice is done, so that httplib watches the connection meanwhile.
+    // A handler has no socket, but a sink's is_writable() turns false once the
+    // peer has closed (httplib 0.11.4 checks that the socket is alive, and
+    // checks it before each call of the provider too): the job is cancelled and
+    // its slots free before the scheduler's next step. The status (200) is
+    // sent now: a generation failure from here on is an error object in the body.
+    auto provider = [&st, g, job, id](size_t, httplib::DataSink& sink) {
+      bool done = false;
+      {
+        std::unique_lock<std::mutex> lock(job->mu);
+        done = job->cv.wait_for(lock, kGoneCheckEvery, [&] { return all_choices_done(*job); });
+      }
+      if (!done) {
+        if (sink.is_writable()) return true;
+        cancel_job(st, *job);
+        return false;
+      }
+      const char* err = first_error(*job);
+      const std::string out = err ? dump(error_json(500, std::string("generation failed: ") + err, "", "", ""))
+                                  : dump(full_response(st, g, *job, id));
+      if (!sink.write(out.data(), out.size())) return false;
+      sink.done();
+      return true;
+    };
+    res.set_chunked_content_provider("application/json", provider, job_releaser(st, job));
     return;
   }
   const Tokenizer* tok = st.served.tok.get();
@@ -767,17 +818,8 @@ void run_generation(Server::State& st, const GenSpec& g, httplib::Response& res)
     if (all_done) sink.done();
     return true;
   };
-  auto release = [&st, job](bool) {
-    bool unfinished = false;
-    {
-      std::lock_guard<std::mutex> lock(job->mu);
-      for (const Choice& c : job->choices) unfinished |= !c.done;
-    }
-    if (unfinished) cancel_job(st, *job);
-    st.in_flight--;
-  };
   res.set_header("Cache-Control", "no-cache");
-  res.set_chunked_content_provider("text/event-stream", provider, release);
+  res.set_chunked_content_provider("text/event-stream", provider, job_releaser(st, job));
 }
 
 json parse_body(const httplib::Request& req) {
@@ -796,42 +838,44 @@ bool is_api_path(const std::string& path) {
 
 }  // namespace
 
-void add_openai_routes(Server::State& st) {
-  httplib::Server& http = st.http;
-  // Counts requests; checks the API key and refuses API calls while loading or stopping.
-  http.set_pre_routing_handler([&st](const httplib::Request& req, httplib::Response& res) {
-    st.http_requests++;
-    if (!is_api_path(req.path)) return httplib::Server::HandlerResponse::Unhandled;
-    if (!st.opts.api_key.empty()) {
-      const std::string auth = req.get_header_value("Authorization");
-      if (auth != "Bearer " + st.opts.api_key) {
-        send_error(res, 401, auth.empty() ? "missing API key: send \"Authorization: Bearer KEY\""
-                                          : "invalid API key", "", "invalid_api_key");
-        return httplib::Server::HandlerResponse::Handled;
-      }
-    }
-    if (st.stopping) {
-      send_error(res, 503, "the server is shutting down", "", "shutting_down");
+httplib::Server::HandlerResponse pre_route(Server::State& st, const httplib::Request& req, httplib::Response& res) {
+  st.http_requests++;
+  if (!is_api_path(req.path)) return httplib::Server::HandlerResponse::Unhandled;
+  if (!st.opts.api_key.empty()) {
+    const std::string auth = req.get_header_value("Authorization");
+    if (auth != "Bearer " + st.opts.api_key) {
+      send_error(res, 401, auth.empty() ? "missing API key: send \"Authorization: Bearer KEY\"" : "invalid API key", "",
+                 "invalid_api_key");
       return httplib::Server::HandlerResponse::Handled;
     }
-    if (!st.ready) {
-      send_error(res, 503, "the model is loading", "", "loading");
-      return httplib::Server::HandlerResponse::Handled;
-    }
-    return httplib::Server::HandlerResponse::Unhandled;
-  });
-  // httplib's own errors (unknown route, body too large, unreadable request) as OpenAI errors.
-  http.set_error_handler(httplib::Server::HandlerWithResponse([&st](const httplib::Request& req, httplib::Response& res) {
-    st.http_errors++;
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    std::string message = "error";
-    if (res.status == 404) message = "no route " + req.method + " " + req.path;
-    else if (res.status == 413) message = "the request body is larger than " + std::to_string(st.opts.max_body_bytes) + " bytes";
-    else if (res.status == 400) message = "malformed HTTP request";
-    else if (res.status == 405) message = "method not allowed";
-    res.set_content(dump(error_json(res.status, message, "", "", "")), "application/json");
+  }
+  if (st.stopping) {
+    send_error(res, 503, "the server is shutting down", "", "shutting_down");
     return httplib::Server::HandlerResponse::Handled;
-  }));
+  }
+  if (!st.ready) {
+    send_error(res, 503, "the model is loading", "", "loading");
+    return httplib::Server::HandlerResponse::Handled;
+  }
+  return httplib::Server::HandlerResponse::Unhandled;
+}
+
+httplib::Server::HandlerResponse on_error_response(Server::State& st, const httplib::Request& req,
+                                                   httplib::Response& res) {
+  st.http_errors++;
+  if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+  std::string message = "error";
+  if (res.status == 404) message = "no route " + req.method + " " + req.path;
+  else if (res.status == 413) message = "the request body is larger than " + std::to_string(st.opts.max_body_bytes) + " bytes";
+  else if (res.status == 400) message = "malformed HTTP request";
+  else if (res.status == 405) message = "method not allowed";
+  res.set_content(dump(error_json(res.status, message, "", "", "")), "application/json");
+  return httplib::Server::HandlerResponse::Handled;
+}
+
+void add_openai_routes(Server::State& st) {
+  auto get = [&st](const char* path, httplib::Server::Handler h) { st.routes.push_back({"GET", path, std::move(h)}); };
+  auto post = [&st](const char* path, httplib::Server::Handler h) { st.routes.push_back({"POST", path, std::move(h)}); };
 
   // Route bodies run with errors mapped to OpenAI-shaped responses.
   auto api = [&st](auto fn) {
@@ -848,7 +892,7 @@ void add_openai_routes(Server::State& st) {
     };
   };
 
-  http.Get("/health", [&st](const httplib::Request&, httplib::Response& res) {
+  get("/health", [&st](const httplib::Request&, httplib::Response& res) {
     if (st.load_error) {
       send_error(res, 500, "the model failed to load");
     } else if (!st.ready) {
@@ -858,12 +902,12 @@ void add_openai_routes(Server::State& st) {
       res.set_content(R"({"status":"ok"})", "application/json");
     }
   });
-  http.Get("/v1/models", api([&st](const httplib::Request&, httplib::Response& res) {
+  get("/v1/models", api([&st](const httplib::Request&, httplib::Response& res) {
     json m = {{"id", st.model_name}, {"object", "model"}, {"created", st.created_unix}, {"owned_by", "monet"},
               {"root", st.served.model->dir()}, {"max_model_len", st.context}};
     res.set_content(dump({{"object", "list"}, {"data", json::array({m})}}), "application/json");
   }));
-  http.Post("/tokenize", api([&st](const httplib::Request& req, httplib::Response& res) {
+  post("/tokenize", api([&st](const httplib::Request& req, httplib::Response& res) {
     const json body = parse_body(req);
     only_fields(body, {"content", "prompt", "add_special", "model"}, "the request");
     if (field(body, "model")) check_model(st, body);
@@ -874,7 +918,7 @@ void add_openai_routes(Server::State& st) {
     const std::vector<int32_t> ids = st.served.tok->encode(text->get<std::string>(), add_special);
     res.set_content(dump({{"tokens", ids}, {"count", ids.size()}, {"max_model_len", st.context}}), "application/json");
   }));
-  http.Post("/detokenize", api([&st](const httplib::Request& req, httplib::Response& res) {
+  post("/detokenize", api([&st](const httplib::Request& req, httplib::Response& res) {
     const json body = parse_body(req);
     only_fields(body, {"tokens", "model", "skip_special"}, "the request");
     if (field(body, "model")) check_model(st, body);
@@ -884,7 +928,7 @@ void add_openai_routes(Server::State& st) {
     const std::string text = st.served.tok->decode(ids, get_bool(body, "skip_special", true));
     res.set_content(dump({{"content", text}, {"prompt", text}}), "application/json");
   }));
-  http.Get("/metrics", api([&st](const httplib::Request&, httplib::Response& res) {
+  get("/metrics", api([&st](const httplib::Request&, httplib::Response& res) {
     const SchedulerStats s = st.scheduler->stats();
     const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.started).count();
     std::string out;
@@ -911,11 +955,11 @@ void add_openai_routes(Server::State& st) {
     metric("monet_uptime_seconds", "gauge", "Seconds since the server started.", up);
     res.set_content(out, "text/plain; version=0.0.4");
   }));
-  http.Post("/v1/completions", api([&st](const httplib::Request& req, httplib::Response& res) {
+  post("/v1/completions", api([&st](const httplib::Request& req, httplib::Response& res) {
     const GenSpec g = parse_completion(st, parse_body(req));
     run_generation(st, g, res);
   }));
-  http.Post("/v1/chat/completions", api([&st](const httplib::Request& req, httplib::Response& res) {
+  post("/v1/chat/completions", api([&st](const httplib::Request& req, httplib::Response& res) {
     const GenSpec g = parse_chat(st, parse_body(req));
     run_generation(st, g, res);
   }));

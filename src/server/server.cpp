@@ -90,7 +90,8 @@ json summary_json(const ExpertSummary& e) {
 }  // namespace
 
 void add_viewer_routes(Server::State& st) {
-  httplib::Server& server = st.http;
+  auto get = [&st](const char* path, httplib::Server::Handler h) { st.routes.push_back({"GET", path, std::move(h)}); };
+  auto post = [&st](const char* path, httplib::Server::Handler h) { st.routes.push_back({"POST", path, std::move(h)}); };
   // The viewer's routes answer 503 until the model is loaded.
   auto handle = [&st](auto fn) {
     return [&st, fn](const httplib::Request& req, httplib::Response& res) {
@@ -113,10 +114,10 @@ void add_viewer_routes(Server::State& st) {
   };
   const ServeOptions& opts = st.opts;
 
-  server.Get("/", [](const httplib::Request&, httplib::Response& res) {
+  get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kMonetViewerHtml, "text/html; charset=utf-8");
   });
-  server.Get("/api/info", handle([=](const httplib::Request&, const Model& model, const Tokenizer&, const IndexReader* index) {
+  get("/api/info", handle([=](const httplib::Request&, const Model& model, const Tokenizer&, const IndexReader* index) {
     const MonetConfig& c = model.config();
     json info = {{"model", model.dir()}, {"decompose", c.decompose_name()}, {"experts_per_side", c.moe_experts},
                  {"experts_per_group", c.moe_experts * c.moe_experts}, {"groups", c.num_router_layers()},
@@ -130,7 +131,7 @@ void add_viewer_routes(Server::State& st) {
     }
     return info.dump();
   }));
-  server.Get("/api/experts", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+  get("/api/experts", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     const MonetConfig& c = model.config();
     if (!index) fail("no index loaded: start monet serve with --index INDEX.db");
     const std::string order = req.has_param("order") ? req.get_param_value("order") : "count";
@@ -144,7 +145,7 @@ void add_viewer_routes(Server::State& st) {
       experts.push_back(summary_json(e));
     return json({{"group", g}, {"total", total}, {"experts", experts}}).dump();
   }));
-  server.Get("/api/expert", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+  get("/api/expert", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     const MonetConfig& c = model.config();
     const int64_t g = group_param(req, c);
     const int64_t id = required_int_param(req, "expert", 0, c.moe_experts * c.moe_experts - 1);
@@ -164,7 +165,7 @@ void add_viewer_routes(Server::State& st) {
     out["outputs"] = top_output_tokens(model, tok, g, id, 12);
     return out.dump();
   }));
-  server.Get("/api/search", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+  get("/api/search", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     if (!index) fail("no index loaded");
     if (!req.has_param("token") || req.get_param_value("token").empty()) fail("parameter token is required");
     const std::string token = req.get_param_value("token");
@@ -173,7 +174,7 @@ void add_viewer_routes(Server::State& st) {
       experts.push_back({{"group", m.group}, {"expert", m.expert}, {"contexts", m.contexts}, {"max_prob", m.max_prob}});
     return json({{"token", token}, {"experts", experts}}).dump();
   }));
-  server.Post("/api/probe", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+  post("/api/probe", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     const MonetConfig& c = model.config();
     json body;
     try {
@@ -244,6 +245,67 @@ void stop_http(httplib::Server& http, const std::atomic<bool>& listening) {
 
 }  // namespace
 
+void register_routes(Server::State& st) {
+  st.http.set_pre_routing_handler([&st](const httplib::Request& req, httplib::Response& res) { return pre_route(st, req, res); });
+  st.http.set_error_handler(httplib::Server::HandlerWithResponse(
+      [&st](const httplib::Request& req, httplib::Response& res) { return on_error_response(st, req, res); }));
+  for (const Route& r : st.routes) {
+    if (r.method == "GET") st.http.Get(r.path, r.handler);
+    else st.http.Post(r.path, r.handler);
+  }
+}
+
+void dispatch(Server::State& st, const httplib::Request& req, httplib::Response& res) {
+  if (pre_route(st, req, res) == httplib::Server::HandlerResponse::Unhandled) {
+    bool routed = false;
+    for (const Route& r : st.routes)
+      if (r.method == req.method && r.path == req.path) {
+        r.handler(req, res);
+        routed = true;
+        break;
+      }
+    if (res.status == -1) res.status = routed ? 200 : 404;
+  } else if (res.status == -1) {
+    res.status = 200;
+  }
+  if (res.status >= 400) on_error_response(st, req, res);
+}
+
+bool install_model(Server::State& st, ServedModel served) {
+  const ServeOptions& o = st.opts;
+  const MonetConfig& c = served.model->config();
+  const int64_t context = o.context == 0 ? c.max_position_embeddings : o.context;
+  if (context < 2 || context > c.max_position_embeddings)
+    fail("serve: --ctx ", o.context, " must be in [2, max_position_embeddings = ", c.max_position_embeddings, "]");
+  std::optional<ChatFormat> format;
+  std::string format_error;
+  try {
+    if (!o.chat_template.empty()) format = chat_format_from_name(o.chat_template);
+    else if (!served.tok->chat_template().empty()) format = detect_chat_format(served.tok->chat_template());
+    else format_error = "the checkpoint has no chat template (tokenizer_config.json chat_template); start the "
+                        "server with --template llama2|mistral|chatml";
+  } catch (const Error& e) {
+    if (!o.chat_template.empty()) throw;
+    format_error = e.what();
+  }
+  std::string name = o.model_name;
+  if (name.empty()) {
+    name = std::filesystem::path(served.model->dir()).lexically_normal().filename().string();
+    if (name.empty()) name = std::filesystem::path(served.model->dir()).lexically_normal().parent_path().filename().string();
+    if (name.empty()) name = "monet";
+  }
+  std::lock_guard<std::mutex> lock(st.lifecycle);
+  if (st.stopping) return false;
+  st.context = context;
+  st.chat_format = format;
+  st.chat_format_error = format_error;
+  st.model_name = name;
+  st.served = std::move(served);
+  st.scheduler = std::make_unique<BatchScheduler>(*st.served.model, *st.served.tok, o.parallel, context, o.max_queue);
+  st.ready = true;
+  return true;
+}
+
 void Server::run(const std::function<ServedModel()>& load) {
   State& st = *state_;
   const ServeOptions& o = st.opts;
@@ -256,6 +318,7 @@ void Server::run(const std::function<ServedModel()>& load) {
   st.http.set_keep_alive_max_count(1000);
   add_openai_routes(st);
   add_viewer_routes(st);
+  register_routes(st);
   int port = o.port;
   if (port == 0) port = st.http.bind_to_any_port(o.host);
   else if (!st.http.bind_to_port(o.host, port)) port = -1;
@@ -267,36 +330,7 @@ void Server::run(const std::function<ServedModel()>& load) {
     try {
       ServedModel served = load();
       if (!served.model || !served.tok) fail("serve: the loader returned no model or no tokenizer");
-      const MonetConfig& c = served.model->config();
-      const int64_t context = o.context == 0 ? c.max_position_embeddings : o.context;
-      if (context < 2 || context > c.max_position_embeddings)
-        fail("serve: --ctx ", o.context, " must be in [2, max_position_embeddings = ", c.max_position_embeddings, "]");
-      std::optional<ChatFormat> format;
-      std::string format_error;
-      try {
-        if (!o.chat_template.empty()) format = chat_format_from_name(o.chat_template);
-        else if (!served.tok->chat_template().empty()) format = detect_chat_format(served.tok->chat_template());
-        else format_error = "the checkpoint has no chat template (tokenizer_config.json chat_template); start the "
-                            "server with --template llama2|mistral|chatml";
-      } catch (const Error& e) {
-        if (!o.chat_template.empty()) throw;
-        format_error = e.what();
-      }
-      std::string name = o.model_name;
-      if (name.empty()) {
-        name = std::filesystem::path(served.model->dir()).lexically_normal().filename().string();
-        if (name.empty()) name = std::filesystem::path(served.model->dir()).lexically_normal().parent_path().filename().string();
-        if (name.empty()) name = "monet";
-      }
-      std::lock_guard<std::mutex> lock(st.lifecycle);
-      if (st.stopping) return;
-      st.context = context;
-      st.chat_format = format;
-      st.chat_format_error = format_error;
-      st.model_name = name;
-      st.served = std::move(served);
-      st.scheduler = std::make_unique<BatchScheduler>(*st.served.model, *st.served.tok, o.parallel, context, o.max_queue);
-      st.ready = true;
+      if (!install_model(st, std::move(served))) return;
     } catch (...) {
       st.load_error = std::current_exception();
       stop_http(st.http, listening);

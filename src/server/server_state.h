@@ -10,12 +10,22 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "monet/chat.h"
 #include "monet/scheduler.h"
 #include "monet/server.h"
 
 namespace monet {
+
+// One route of the server. The table is registered with httplib::Server and
+// also called without a socket by dispatch() (the fuzz targets): both run the
+// same handler code.
+struct Route {
+  std::string method;  // "GET" or "POST"
+  std::string path;    // exact
+  httplib::Server::Handler handler;
+};
 
 struct Server::State {
   ServeOptions opts;
@@ -35,9 +45,27 @@ struct Server::State {
   std::atomic<uint64_t> next_response_id{1};
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   int64_t created_unix = 0;
+  std::vector<Route> routes;  // add_*_routes fill it; register_routes hands it to `http`
 };
 
 void add_viewer_routes(Server::State& st);
 void add_openai_routes(Server::State& st);
+// Before routing: counts the request; checks the API key; refuses API calls
+// while loading or stopping (Handled: `res` is the answer).
+httplib::Server::HandlerResponse pre_route(Server::State& st, const httplib::Request& req, httplib::Response& res);
+// Every response with status >= 400: counts it and gives httplib's own errors
+// (no route, body too large, malformed) an OpenAI-shaped body.
+httplib::Server::HandlerResponse on_error_response(Server::State& st, const httplib::Request& req,
+                                                   httplib::Response& res);
+// The route table and the two hooks above, handed to st.http.
+void register_routes(Server::State& st);
+// What httplib does with a parsed request, without a socket: pre_route, the
+// route of req.method and req.path (404 when none), on_error_response. A
+// content provider set by the route is left in `res` for the caller to drive.
+void dispatch(Server::State& st, const httplib::Request& req, httplib::Response& res);
+// The loader's hand-over: checks the options against the model, picks the
+// chat format and the served name, starts the scheduler and sets `ready`.
+// False when the server is stopping (nothing installed).
+bool install_model(Server::State& st, ServedModel served);
 
 }  // namespace monet

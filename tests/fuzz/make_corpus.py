@@ -211,6 +211,69 @@ def index_seeds(tmp):
         put("index", "two-documents.db", f.read())
 
 
+def http_request(head, body=b"", client=b""):
+    """An input of the HTTP targets (tests/fuzz/fuzz_http.h): the request
+    head, how the client reads the answer, the body."""
+    body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return b"\0".join([head.encode(), client, body])
+
+
+def http_seeds():
+    model = "monet-vd-books"
+    viewer = {
+        "info": http_request("GET /api/info"),
+        "experts": http_request("GET /api/experts?group=1&order=max&limit=5&offset=2"),
+        "experts-by-id": http_request("GET /api/experts?order=id"),
+        "expert": http_request("GET /api/expert?group=0&expert=7"),
+        "search": http_request("GET /api/search?token=whale&limit=3"),
+        "probe": http_request("POST /api/probe\nContent-Type: application/json",
+                              {"text": "The whale swam.", "threshold": 0.05, "top": 3, "next": 4}),
+        "probe-mask": http_request("POST /api/probe", {"text": "A fine", "mask": {"experts": [{"group": 0, "expert": 5}]}}),
+        "page": http_request("GET /"),
+        "bad-group": http_request("GET /api/expert?group=9&expert=x"),
+        "bad-probe": http_request("POST /api/probe", b'{"text": 5'),
+    }
+    for name, data in viewer.items():
+        put("http_viewer", name, data)
+    auth = "\nAuthorization: Bearer fuzz-key\nContent-Type: application/json"
+    openai = {
+        "completion": http_request("POST /v1/completions" + auth,
+                                   {"model": model, "prompt": "The whale", "max_tokens": 4, "temperature": 0}),
+        "completion-echo-logprobs": http_request("POST /v1/completions" + auth,
+                                                 {"model": model, "prompt": [[1, 450, 2], "A fine"], "max_tokens": 3,
+                                                  "echo": True, "logprobs": 2, "n": 2, "seed": 7, "stop": ["."]}),
+        "completion-stream": http_request("POST /v1/completions" + auth,
+                                          {"model": model, "prompt": "Once", "max_tokens": 5, "stream": True,
+                                           "stream_options": {"include_usage": True}, "return_token_ids": True}),
+        "completion-stream-gone": http_request("POST /v1/completions" + auth,
+                                               {"model": model, "prompt": "Once", "max_tokens": 20, "stream": True},
+                                               b"x2"),
+        "chat": http_request("POST /v1/chat/completions" + auth,
+                             {"model": model, "messages": [{"role": "system", "content": "Be brief."},
+                                                           {"role": "user", "content": "Hi"}],
+                              "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2,
+                              "return_experts": {"threshold": 0.1, "top": 2},
+                              "expert_mask": {"experts": [{"group": 0, "expert": 3}]}}),
+        "chat-stream": http_request("POST /v1/chat/completions" + auth,
+                                    {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                     "max_tokens": 3, "stream": True, "return_experts": True}),
+        "chat-long-gone": http_request("POST /v1/chat/completions" + auth,
+                                       {"model": model, "messages": [{"role": "user", "content": "Tell"}], "n": 4},
+                                       b"w1"),
+        "tokenize": http_request("POST /tokenize" + auth, {"content": "the cat", "add_special": False}),
+        "detokenize": http_request("POST /detokenize" + auth, {"tokens": [1, 450, 6635], "skip_special": False}),
+        "models": http_request("GET /v1/models" + auth),
+        "metrics": http_request("GET /metrics" + auth),
+        "health": http_request("GET /health"),
+        "no-key": http_request("GET /v1/models"),
+        "bad-json": http_request("POST /v1/completions" + auth, b'{"model": "x", "prompt": "x"'),
+        "too-long": http_request("POST /v1/completions" + auth, {"model": model, "prompt": "x " * 40, "max_tokens": 8}),
+        "no-route": http_request("DELETE /v1/files" + auth),
+    }
+    for name, data in openai.items():
+        put("http_openai", name, data)
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +284,7 @@ def main():
     tokenizer_model_seeds()
     chat_seeds()
     mask_seeds()
+    http_seeds()
     for target in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, target))
         size = sum(os.path.getsize(os.path.join(OUT, target, f)) for f in files)

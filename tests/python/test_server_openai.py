@@ -365,3 +365,70 @@ def test_image_url_data_urls(monet_bin, tmp_path):
             "error"]["message"]
     finally:
         s.stop()
+
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models",
+                             "monet-vd-books")
+
+
+def metrics(base):
+    status, text = http(base + "/metrics")
+    assert status == 200, text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_non_streaming_client_gone_frees_its_slot(monet_bin):
+    """A non-streamed request still generating after a moment is answered
+    through a chunked body (the same JSON), so that the server watches the
+    connection: a client that closes it has its choices cancelled, and the
+    only slot (--parallel 1) serves the next request instead of finishing
+    sixteen long choices nobody reads."""
+    import http.client
+    import socket
+    openai = require("openai", "the OpenAI API tests use the official client")
+    s = ServerProcess(monet_bin, DEFAULT_MODEL, "--parallel", "1")
+    try:
+        host, port = s.url.rsplit(":", 1)
+        # A slow answer (chunked) is the same JSON response.
+        body = {"model": "monet-vd-books", "prompt": "The whale", "max_tokens": 200, "n": 16, "temperature": 1.0,
+                "seed": 3}
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read()
+        conn.close()
+        assert r.status == 200 and r.getheader("Transfer-Encoding") == "chunked", (r.status, r.getheaders())
+        assert len(json.loads(raw)["choices"]) == 16
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="x", max_retries=0, timeout=120)
+        got = c.completions.create(model="monet-vd-books", prompt="The whale", max_tokens=200, n=16, temperature=1.0,
+                                   seed=3)
+        assert [ch.text for ch in got.choices] == [ch["text"] for ch in json.loads(raw)["choices"]]
+
+        before = metrics(s.base)
+        long = dict(body, max_tokens=400, n=16)
+        sock = socket.create_connection((host, int(port)))
+        payload = json.dumps(long).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        head = b""
+        while b"\r\n\r\n" not in head:  # the 200 of the chunked answer: the request is generating
+            data = sock.recv(4096)
+            assert data, head
+            head += data
+        assert head.startswith(b"HTTP/1.1 200"), head
+        sock.close()
+        deadline = time.time() + 120
+        while True:
+            m = metrics(s.base)
+            if m["monet_requests_cancelled_total"] > before["monet_requests_cancelled_total"] and \
+                    m["monet_busy_slots"] == 0 and m["monet_queue_length"] == 0:
+                break
+            assert time.time() < deadline, m
+            time.sleep(0.05)
+        # Far fewer tokens than the 16 x 400 asked for were generated: the choices were cancelled, not finished.
+        generated = m["monet_generated_tokens_total"] - before["monet_generated_tokens_total"]
+        assert generated < 16 * 400 / 2, generated
+        status, r = http(s.base + "/v1/completions", {"model": "monet-vd-books", "prompt": "A", "max_tokens": 2})
+        assert status == 200 and r["choices"][0]["finish_reason"] in ("length", "stop"), r
+    finally:
+        s.stop()
