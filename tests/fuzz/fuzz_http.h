@@ -6,8 +6,8 @@
 // An input is three parts cut at NUL bytes:
 //   1. the request head: "METHOD /path?a=1&b=2", then "Name: value" lines;
 //   2. how the client reads a response body: "" (to its end), or "wN" / "xN":
-//      after N chunks the connection goes (w: is_writable() turns false;
-//      x: the write fails), as a client that disconnects;
+//      the connection goes after N calls of the content provider (w:
+//      is_writable() turns false; x: writes fail), as a client that disconnects;
 //   3. the request body (any bytes).
 // Properties checked: every answer has a known status; errors and JSON
 // answers parse; streams are well-formed server-sent events; and once a
@@ -51,7 +51,11 @@ inline monet::Server::State& http_state(const std::string& index_path, const std
     monet::ServedModel served;
     served.model = monet::Model::load(kFuzzModelDir, lo);
     served.tok = monet::Tokenizer::load_dir(kFuzzModelDir);
-    if (!index_path.empty()) served.index = std::make_unique<monet::IndexReader>(index_path);
+    if (!index_path.empty()) {  // a copy: SQLite adds files beside a database it opens
+      const std::filesystem::path copy = scratch_dir() / "viewer-index.db";
+      std::filesystem::copy_file(index_path, copy, std::filesystem::copy_options::overwrite_existing);
+      served.index = std::make_unique<monet::IndexReader>(copy.string());
+    }
     if (!monet::install_model(*st, std::move(served))) std::abort();
     return st;
   }();
@@ -144,6 +148,9 @@ inline int run_http_input(monet::Server::State& st, const uint8_t* data, size_t 
     httplib::Response res;
     monet::dispatch(st, req, res);
     const int s = res.status;
+    // MONET_FUZZ_VERBOSE=1: what each input got (to check that the seeds are answered as meant).
+    if (std::getenv("MONET_FUZZ_VERBOSE"))
+      std::fprintf(stderr, "%s %s -> %d %.300s\n", req.method.c_str(), req.path.c_str(), s, res.body.c_str());
     FUZZ_CHECK(s == 200 || s == 400 || s == 401 || s == 404 || s == 413 || s == 429 || s == 500 || s == 503);
     const bool api = req.path.rfind("/api/", 0) == 0 || req.path.rfind("/v1/", 0) == 0 || req.path == "/tokenize" ||
                      req.path == "/detokenize" || req.path == "/health";
@@ -157,28 +164,28 @@ inline int run_http_input(monet::Server::State& st, const uint8_t* data, size_t 
       FUZZ_CHECK(res.is_chunked_content_provider_);
       const bool events = res.get_header_value("Content-Type") == "text/event-stream";
       std::string body;
-      long writes = 0;
+      long calls = 0;
       bool connected = true, done = false;
       httplib::DataSink sink;
       sink.write = [&](const char* d, size_t n) {
         if (!connected) return false;
-        if (gone_by == 'x' && writes >= gone_after) {
+        if (gone_by == 'x' && calls >= gone_after) {
           connected = false;
           return false;
         }
-        writes++;
         body.append(d, n);
         return true;
       };
-      sink.is_writable = [&] { return connected && !(gone_by == 'w' && writes >= gone_after); };
+      sink.is_writable = [&] { return connected && !(gone_by == 'w' && calls >= gone_after); };
       sink.done = [&] { done = true; };
       // As httplib's chunked writer: check the connection, call the provider, stop on false.
-      for (size_t calls = 0; !done; calls++) {
+      for (; !done; calls++) {
         FUZZ_CHECK(calls < 1000000);
         if (!sink.is_writable()) break;
         if (!res.content_provider_(body.size(), 0, sink)) break;
         if (!connected) break;
       }
+      if (std::getenv("MONET_FUZZ_VERBOSE")) std::fprintf(stderr, "  streamed: %.300s\n", body.c_str());
       if (done) {
         res.content_provider_success_ = true;
         if (events) check_events(body, true);

@@ -383,16 +383,16 @@ def test_non_streaming_client_gone_frees_its_slot(monet_bin):
     connection: a client that closes it has its choices cancelled, and the
     only slot (--parallel 1) serves the next request instead of finishing
     sixteen long choices nobody reads."""
-    import http.client
+    from http.client import HTTPConnection
     import socket
     openai = require("openai", "the OpenAI API tests use the official client")
     s = ServerProcess(monet_bin, DEFAULT_MODEL, "--parallel", "1")
     try:
         host, port = s.url.rsplit(":", 1)
         # A slow answer (chunked) is the same JSON response.
-        body = {"model": "monet-vd-books", "prompt": "The whale", "max_tokens": 200, "n": 16, "temperature": 1.0,
+        body = {"model": "monet-vd-books", "prompt": "The whale", "max_tokens": 60, "n": 16, "temperature": 1.0,
                 "seed": 3}
-        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn = HTTPConnection(host, int(port), timeout=120)
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         raw = r.read()
@@ -400,7 +400,7 @@ def test_non_streaming_client_gone_frees_its_slot(monet_bin):
         assert r.status == 200 and r.getheader("Transfer-Encoding") == "chunked", (r.status, r.getheaders())
         assert len(json.loads(raw)["choices"]) == 16
         c = openai.OpenAI(base_url=s.base + "/v1", api_key="x", max_retries=0, timeout=120)
-        got = c.completions.create(model="monet-vd-books", prompt="The whale", max_tokens=200, n=16, temperature=1.0,
+        got = c.completions.create(model="monet-vd-books", prompt="The whale", max_tokens=60, n=16, temperature=1.0,
                                    seed=3)
         assert [ch.text for ch in got.choices] == [ch["text"] for ch in json.loads(raw)["choices"]]
 

@@ -1,5 +1,7 @@
 #include "backend/cpu/kernels.h"
 
+#include <cpuid.h>
+
 #include "monet/error.h"
 
 namespace monet::cpu {
@@ -9,11 +11,17 @@ namespace avx512 { extern const KernelSet kKernels; }
 namespace avx2 { extern const KernelSet kKernels; }
 namespace generic { extern const KernelSet kKernels; }
 
+// F16C from CPUID leaf 1 (clang before 15 has no __builtin_cpu_supports("f16c"); the fuzz build uses clang 14).
+static bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
 std::vector<KernelChoice> kernel_sets() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   return {{&avx512bf16::kKernels, avx512 && __builtin_cpu_supports("avx512bf16")},
           {&avx512::kKernels, avx512},
           {&avx2::kKernels, avx2},
