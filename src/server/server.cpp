@@ -220,7 +220,12 @@ void add_viewer_routes(Server::State& st) {
     Image seen;           // the image as the tower sees it (padded, resized, cropped)
     if (with_image) {
       if (!body["image"].is_string()) fail("\"image\" must be a string: a data URL (data:image/png;base64,...)");
-      const Image image = decode_image_data_url(st, body["image"].get<std::string>(), "image", "the image");
+      Image image;
+      try {
+        image = decode_image_data_url(st, body["image"].get<std::string>(), "image", "the image");
+      } catch (const std::exception& e) {
+        fail("\"image\": ", e.what());
+      }
       const VisionTower& vision = *st.served.vision;
       seen = clip_preprocess_rgb(image, vision.preprocess());
       const std::vector<std::vector<float>> embeds = {vision.embed_image(image)};
