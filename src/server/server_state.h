@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "monet/chat.h"
+#include "monet/image.h"
 #include "monet/scheduler.h"
 #include "monet/server.h"
 
@@ -36,6 +37,12 @@ struct Server::State {
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   int64_t created_unix = 0;
 };
+
+// An image sent inline as a data: URL (data:image/png;base64,...), decoded
+// (`name` in its errors). A remote URL, a checkpoint without a vision tower,
+// bad base64 or a corrupt image throw a 400 naming `param` (a std::exception).
+Image decode_image_data_url(const Server::State& st, const std::string& url, const std::string& param,
+                            const std::string& name);
 
 void add_viewer_routes(Server::State& st);
 void add_openai_routes(Server::State& st);
