@@ -7,9 +7,10 @@ Builds build/monet_bench (unless --skip-build) and, once (cached in
 bench/out/, gitignored), a random checkpoint of the Monet-VD-1.4B shape with
 calibrated routers per dtype. Then measures batch-1 greedy decode tokens/s
 after a --prompt-token prompt and prefill tokens/s of a --prefill-token
-prompt, for monet (build/monet_bench) and for the peer
-(python/monet_ref/torch_model.py, torch.inference_mode, torch.set_num_threads)
-in each dtype, plus the memory-bandwidth limit of decode: measured copy
+prompt, for monet (build/monet_bench) and for two peers
+(python/monet_ref/torch_model.py, torch.inference_mode, torch.set_num_threads):
+the reference's dense einsums, and the sparse peer that gathers only the kept
+experts' slices (monet's algorithm in PyTorch), in each dtype, plus the memory-bandwidth limit of decode: measured copy
 bandwidth (bytes read + written) over the bytes one decode step must read
 (dense, as the peer: every weight but the embedding table; monet: attention,
 routers, lm_head and only the expert slices the routers kept). Needs a python
@@ -84,14 +85,15 @@ def peer_decode_seconds(model, prompts: list, decode: int) -> float:
 
 
 def run_peer(path: str, dtype: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int,
-             batches: list) -> dict:
-    """Loads once; best of `repeat` runs of each measurement. batched: {B: tokens/s of B sequences decoding together}."""
+             batches: list, experts: str = "dense") -> dict:
+    """Loads once; best of `repeat` runs of each measurement. batched: {B: tokens/s of B sequences decoding together}.
+    experts: "dense" (the reference's einsums over every expert) or "gather" (only the kept experts' slices)."""
     import torch
 
     from monet_ref.torch_model import MonetTorch
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = MonetTorch.load(path, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[dtype])
+    model = MonetTorch.load(path, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[dtype], experts=experts)
     load_s = time.perf_counter() - t0
     V = model.config["vocab_size"]
     decode_s = prefill_s = float("inf")
@@ -204,11 +206,14 @@ def main() -> None:
         ours = run_ours(path, args.threads, args.prompt, args.decode, args.prefill, args.repeat)
         print(f"{dtype}: peer ...", file=sys.stderr, flush=True)
         peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat, batches)
+        print(f"{dtype}: sparse peer ...", file=sys.stderr, flush=True)
+        gather = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat, batches,
+                          experts="gather")
         batched_ours = {B: monet_bench(path, args.threads, args.prompt, args.decode, B, args.repeat)["decode_tok_s"]
                         for B in batches}
         batched_peer = peer["batched"]
         dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
-        rows.append(dict(dtype=dtype, ours=ours, peer=peer, dense_bytes=dense_b, sparse_bytes=sparse_b,
+        rows.append(dict(dtype=dtype, ours=ours, peer=peer, gather=gather, dense_bytes=dense_b, sparse_bytes=sparse_b,
                          batched_ours=batched_ours, batched_peer=batched_peer))
 
     shape = "small" if args.small else "1.4B"
@@ -216,18 +221,23 @@ def main() -> None:
           f"prompt (monet {args.decode} steps, peer {args.peer_decode}; best of {args.repeat}); memory bandwidth: copy "
           f"{copy_bw:.1f} GB/s (read+write), read {read_bw:.1f} GB/s\n")
     w = 48
-    print(f"| {'metric':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} |")
-    print(f"|{'-' * (w + 2)}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|")
+    print("peer: the reference modules in PyTorch (dense einsums over every expert); sparse peer: the same in "
+          "PyTorch gathering only the kept experts' slices (index_select + batched matmul), monet's algorithm\n")
+    print(f"| {'metric':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} | {'sparse peer':>11s} | {'ratio':>7s} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|{'-' * 12}:|{'-' * 8}:|")
 
-    def row(label, a, b, fmt="9.2f"):
-        print(f"| {label:{w}s} | {a:{fmt}} | {b:{fmt}} | {a / b:6.2f}x |")
+    def row(label, a, b, fmt="9.2f", c=None):
+        extra = f" {c:11.2f} | {a / c:6.2f}x |" if c is not None else ""
+        print(f"| {label:{w}s} | {a:{fmt}} | {b:{fmt}} | {a / b:6.2f}x |{extra}")
 
     for r in rows:
-        dt, ours, peer = r["dtype"], r["ours"], r["peer"]
-        row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"])
-        row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"])
+        dt, ours, peer, gather = r["dtype"], r["ours"], r["peer"], r["gather"]
+        row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"], c=gather["decode_tok_s"])
+        row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"],
+            c=gather["prefill_tok_s"])
         for B in batches:
-            row(f"{dt} batched decode tok/s (B = {B})", r["batched_ours"][B], r["batched_peer"][B])
+            row(f"{dt} batched decode tok/s (B = {B})", r["batched_ours"][B], r["batched_peer"][B],
+                c=gather["batched"][B])
     print("\nDecode limits (bytes read per token / bandwidth); monet reads the expert slices its routers kept, "
           "the peer every weight:\n")
     print(f"| {'limit':{w}s} | {'monet':>9s} | {'peer':>9s} | {'ratio':>7s} |")

@@ -1,7 +1,8 @@
 // monet chat --model DIR [--system TEXT] [--template NAME] [sampling options]
 // Interactive multi-turn chat; the KV cache carries the conversation, so each
 // turn only processes its new tokens. Ctrl-D ends it. With --image (VisionMonet),
-// the first message starts with one <image> per image, as LLaVA's CLI does.
+// the first message starts with one <image> per image (unless it places its
+// own), as LLaVA's CLI does.
 #include <unistd.h>
 
 #include <cstdio>
@@ -71,15 +72,13 @@ void chat_with_images(const monet::Model& model, const monet::Tokenizer& tok, mo
   go.stop_ids = monet::chat_stop_ids(model.config(), tok, format);
   monet::KvCache cache = model.new_cache(0);
   std::vector<int32_t> cached;  // what the cache holds, per position (kImageToken for image patches)
-  std::string placeholders;
-  for (size_t i = 0; i < li.embeds.size(); i++) placeholders += std::string(monet::kImagePlaceholder) + "\n";
   if (interactive)
     std::fprintf(stderr, "monet chat: %s, %s template, %zu image(s). Ctrl-D to quit.\n", model.dir().c_str(),
                  monet::chat_format_name(format), li.embeds.size());
   std::string line;
   bool first = true;
   while (read_user_line(interactive, line)) {
-    msgs.push_back({"user", first ? placeholders + line : line});
+    msgs.push_back({"user", first ? monet::with_image_placeholders(line, li.embeds.size()) : line});
     first = false;
     const std::string text = monet::render_chat_prompt(tok, format, msgs, true);
     const monet::MultimodalPrompt mp = monet::build_multimodal_prompt(

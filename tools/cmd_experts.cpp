@@ -44,7 +44,10 @@ void add_experts_command(CLI::App& app) {
     }
     const bool with_images = !vision.images.empty();
     std::vector<int32_t> ids;
-    if (with_images) ids = ids_text.empty() ? monet::tokenize_with_images(*tok, prompt) : parse_ids_with_images(ids_text);
+    if (with_images)
+      ids = ids_text.empty()
+                ? monet::tokenize_with_images(*tok, monet::with_image_placeholders(prompt, vision.images.size()))
+                : parse_ids_with_images(ids_text);
     else ids = ids_text.empty() ? tok->encode(prompt, true) : parse_id_list(ids_text);
     monet::ExpertMask mask = monet::ExpertMask::none(c);
     if (!mask_path.empty()) mask = monet::ExpertMask::load_json(mask_path, c);

@@ -59,7 +59,9 @@ void add_generate_command(CLI::App& app) {
     } else {
       tok = monet::Tokenizer::load_dir(a.model_dir);
       // With images, the text between <image> placeholders is tokenized chunk by chunk, as LLaVA does.
-      prompt = with_images ? monet::tokenize_with_images(*tok, a.prompt) : tok->encode(a.prompt, true);
+      prompt = with_images ? monet::tokenize_with_images(
+                                 *tok, monet::with_image_placeholders(a.prompt, a.vision.images.size()))
+                           : tok->encode(a.prompt, true);
     }
     if (!tok && !a.print_ids) {
       try {

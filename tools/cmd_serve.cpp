@@ -37,6 +37,15 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--model-name", o.model_name, "model id of the API (default: the checkpoint directory's name)");
   cmd->add_option("--template", o.chat_template, "chat format: llama2, mistral or chatml (default: tokenizer_config.json)");
   add_device_options(cmd, device);
+  // A served answer must not depend on the requests that share its batched
+  // steps: exact float32 by default (bf16 products differ from f32 by 2^-8 per
+  // input, and a rounding that flips between batch shapes can flip a near-tied
+  // greedy token).
+  device.compute = "f32";
+  cmd->get_option("--compute")
+      ->description("arithmetic of the matrix products: f32 (exact; the server's default, so that an answer does not "
+                    "depend on the requests batched with it), auto or bf16 (bf16 products for bf16 weights: faster "
+                    "prefill and batched steps; near-tied greedy tokens may then differ with the batch)");
   cmd->callback([model_opt] {
     // SIGINT/SIGTERM go to one thread that asks the server to finish (every
     // thread started from here on inherits the blocked mask).

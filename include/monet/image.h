@@ -65,6 +65,10 @@ struct ClipPreprocess {
   double rescale = 1.0 / 255.0;
 };
 
+// The image as the vision tower sees it, before normalisation: padded to a
+// square (pad_to_square), resized, centre-cropped: RGB8 [crop_height, crop_width].
+Image clip_preprocess_rgb(const Image& image, const ClipPreprocess& p = {});
+
 // pixel_values [3, crop_height, crop_width] (channels first), float32
 // computed as the processor does: (float32(u8 * rescale) - mean) / std.
 std::vector<float> clip_preprocess(const Image& image, const ClipPreprocess& p = {});

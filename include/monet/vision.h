@@ -119,6 +119,11 @@ inline constexpr const char* kImagePlaceholder = "<image>";
 // starts every chunk but the first is dropped; kImageToken marks each image.
 std::vector<int32_t> tokenize_with_images(const Tokenizer& tok, const std::string& prompt, bool add_special = true);
 
+// LLaVA's CLI: a text sent with images but without any `<image>`
+// placeholder gets one "<image>\n" per image in front (where LLaVA puts the
+// image of the first message); a text with placeholders is left as it is.
+std::string with_image_placeholders(const std::string& text, size_t n_images);
+
 // A prompt with images as input embeddings: ids with kImageToken markers ->
 // embeds [n, d] (token rows, then each image's rows in order), and for every
 // position the image (or -1) and patch it holds. images[i] is the i-th

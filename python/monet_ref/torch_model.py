@@ -2,7 +2,9 @@
 remote code, written here from shared/monet-spec.md) on torch, for benchmarks.
 
 It computes what the reference modules compute, the way they compute it:
-dense einsums over all E experts per token, the router's BatchNorm in eval
+dense einsums over all E experts per token (or, with experts="gather", only
+the slices of the experts each token's routers kept: the sparse algorithm in
+PyTorch, for a peer that shares monet's algorithmic advantage), the router's BatchNorm in eval
 mode, a concatenating KV cache. Works with torch >= 1.13.
 
 Norms, the router and softmaxes run in float32, or in float64 when the weights
@@ -159,7 +161,59 @@ def relu2(x):
     return torch.relu(x).square()
 
 
-class VDExperts(nn.Module):
+def kept_experts(g):
+    """g [N, H, E] -> idx [N, K]: each token's experts that some head kept,
+    padded with experts no head kept (K: the most any token kept), and
+    g[n, :, idx[n]] [N, H, K]. A padding expert has g = 0 in every head, so it
+    adds exactly nothing."""
+    keep = (g > 0).any(1)
+    K = max(int(keep.sum(-1).max()), 1)
+    idx = keep.to(torch.float32).topk(K, dim=-1).indices
+    return idx, torch.gather(g, 2, idx[:, None, :].expand(-1, g.shape[1], -1))
+
+
+def gathered(w, idx):
+    """Expert-major w [E, ...] at idx [N, K] -> [N, K, ...] (index_select: a copy of only those slices)."""
+    return w.index_select(0, idx.flatten()).view(*idx.shape, *w.shape[1:])
+
+
+class GatheredExperts:
+    """The sparse peer: the same algorithm as monet's sparse expert path in
+    PyTorch. Per token, index_select gathers only the u and v slices of the
+    experts its routers kept, and batched matmuls (einsum over the gathered
+    slices) apply them; exact (the skipped experts have g = 0). Tokens go in
+    chunks of 16 to bound the gathered copies."""
+    chunk = 16
+
+    def use_gathered(self):
+        """Keeps expert-major copies of the v weights (and drops the dense ones)."""
+        E = self.E
+        for name in self.v_names:
+            lin = getattr(self, name)
+            w = lin.weight.data  # [d_out, E*m]
+            setattr(self, name + "_e", w.view(w.shape[0], E, -1).permute(1, 2, 0).contiguous())
+            lin.weight = None
+        self.gather = True
+
+    def forward(self, x, g1, g2):
+        if not getattr(self, "gather", False):
+            return self.dense(x, g1, g2)
+        B, T, d = x.shape
+        y = x.reshape(B * T, d)
+        g1 = g1.reshape(B * T, *g1.shape[2:]).type_as(x)
+        g2 = g2.reshape(B * T, *g2.shape[2:]).type_as(x)
+        out = [self.rows(y[n:n + self.chunk], g1[n:n + self.chunk], g2[n:n + self.chunk])
+               for n in range(0, B * T, self.chunk)]
+        return torch.cat(out).view(B, T, d)
+
+    def acts(self, u, y, idx):
+        """relu2 of the kept experts' u slices: [n, K, m]"""
+        w = u.weight.view(self.E, -1, y.shape[-1])
+        b = u.bias.view(self.E, -1)
+        return relu2(torch.einsum("nkmd,nd->nkm", gathered(w, idx), y) + gathered(b, idx))
+
+
+class VDExperts(GatheredExperts, nn.Module):
     def __init__(self, c):
         super().__init__()
         d, E, m = c["hidden_size"], c["moe_experts"], c["moe_dim"]
@@ -172,8 +226,25 @@ class VDExperts(nn.Module):
         self.v22 = nn.Linear(E * m // 2, d // 2, bias=False, device=META)
         self.b1 = nn.Parameter(torch.empty(E, d // 2, device=META))
         self.b2 = nn.Parameter(torch.empty(E, d // 2, device=META))
+        self.v_names = ("v11", "v12", "v21", "v22")
 
-    def forward(self, x, g1, g2):
+    def rows(self, y, g1, g2):
+        """The gathered form of dense() for n tokens: y [n, d], g [n, H, E]."""
+        i1, h1 = kept_experts(g1)
+        i2, h2 = kept_experts(g2)
+        x1, x2 = self.acts(self.u1, y, i1), self.acts(self.u2, y, i2)
+        a1, a2 = h1.sum(1), h2.sum(1)                                   # [n, K]
+        p1 = torch.einsum("nhk,nkm->nhm", h1, x1)
+        p2 = torch.einsum("nhk,nkm->nhm", h2, x2)
+        proj = lambda c, w, idx: torch.einsum("nkm,nkmd->nd", c, gathered(w, idx))  # noqa: E731
+        bias = lambda a, b, idx: torch.einsum("nk,nkd->nd", a, gathered(b, idx))  # noqa: E731
+        left = (proj(a1[..., None] * x1, self.v11_e, i1) + proj(torch.einsum("nhk,nhm->nkm", h1, p2), self.v12_e, i1)
+                + bias(a1, self.b1.type_as(y), i1))
+        right = (proj(torch.einsum("nhk,nhm->nkm", h2, p1), self.v21_e, i2) + proj(a2[..., None] * x2, self.v22_e, i2)
+                 + bias(a2, self.b2.type_as(y), i2))
+        return torch.cat((left, right), dim=-1)
+
+    def dense(self, x, g1, g2):
         g1, g2 = g1.type_as(x), g2.type_as(x)
         x1 = relu2(self.u1(x).unflatten(-1, (self.E, -1)))
         x2 = relu2(self.u2(x).unflatten(-1, (self.E, -1)))
@@ -186,7 +257,7 @@ class VDExperts(nn.Module):
         return torch.cat((x11 + x12 + x13, x21 + x22 + x23), dim=-1)
 
 
-class HDExperts(nn.Module):
+class HDExperts(GatheredExperts, nn.Module):
     def __init__(self, c):
         super().__init__()
         d, E, m = c["hidden_size"], c["moe_experts"], c["moe_dim"]
@@ -194,8 +265,18 @@ class HDExperts(nn.Module):
         self.u = nn.Linear(d, E * m, device=META)
         self.v = nn.Linear(E * m, d, bias=False, device=META)
         self.b = nn.Parameter(torch.empty(E, d, device=META))
+        self.v_names = ("v",)
 
-    def forward(self, x, g1, g2):
+    def rows(self, y, g1, g2):
+        """The gathered form of dense() for n tokens: y [n, d], g [n, H, E]."""
+        i1, h1 = kept_experts(g1)
+        i2, h2 = kept_experts(g2)
+        p = torch.einsum("nhk,nkm->nhm", h1, self.acts(self.u, y, i1))
+        coef = torch.einsum("nhk,nhm->nkm", h2, p)
+        return (torch.einsum("nkm,nkmd->nd", coef, gathered(self.v_e, i2))
+                + torch.einsum("nk,nkd->nd", h2.sum(1), gathered(self.b.type_as(y), i2)))
+
+    def dense(self, x, g1, g2):
         g1, g2 = g1.type_as(x), g2.type_as(x)
         x = relu2(self.u(x).unflatten(-1, (self.E, -1)))
         x = self.v(torch.einsum("btim,bthi,bthj->btjm", x, g1, g2).flatten(-2))
@@ -232,11 +313,15 @@ class MonetTorch(nn.Module):
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False, device=META)
 
     @classmethod
-    def load(cls, path: str, dtype=torch.bfloat16, trainable: bool = False) -> "MonetTorch":
+    def load(cls, path: str, dtype=torch.bfloat16, trainable: bool = False, experts: str = "dense") -> "MonetTorch":
         """Loads a checkpoint directory; weights in `dtype` (torch.bfloat16,
         float32 or float64), router BatchNorm statistics in float32 (float64 for
         float64 models). trainable: parameters require grad (tied embeddings are
-        one Parameter)."""
+        one Parameter). experts: "dense" (the reference's einsums over every
+        expert) or "gather" (only the kept experts' slices, GatheredExperts;
+        inference only)."""
+        if experts not in ("dense", "gather") or (experts == "gather" and trainable):
+            raise ValueError(f"experts={experts!r}: expected 'dense', or 'gather' for inference")
         with open(os.path.join(path, "config.json")) as f:
             c = json.load(f)
         if c.get("rope_scaling"):
@@ -269,6 +354,9 @@ class MonetTorch(nn.Module):
                 mod._parameters[attr] = params[id(t)]
             else:
                 mod._buffers[attr] = t
+        if experts == "gather":
+            for layer in model.layers:
+                layer.moe.use_gathered()
         return model.eval()
 
     def forward(self, ids, cache=None):

@@ -106,8 +106,10 @@ class Backend {
 // with the weights in bf16, summing in float32 (AMX or AVX-512-BF16 through
 // oneDNN; emulated exactly elsewhere). Auto: BF16 for bf16 weights where the
 // CPU multiplies bf16 natively (twice float32's rate with AVX-512-BF16, more
-// with AMX), F32 otherwise. Decode-sized batches (streamed GEMV) and the routers are float32
-// in every mode. docs/architecture.md, "Accuracy and speed of bf16 products".
+// with AMX), F32 otherwise. Small batches (the row kernels) and the sparse
+// experts round their inputs the same way, so a token's result does not depend
+// on the batch it runs in; the routers are float32 in every mode.
+// docs/architecture.md, "Accuracy and speed of bf16 products".
 enum class Compute { Auto, F32, BF16 };
 
 struct BackendOptions {

@@ -320,27 +320,41 @@ std::vector<float> embed_image_part(const Server::State& st, const json& part, s
   } else {
     bad("messages", "an image_url part needs \"image_url\": {\"url\": \"data:image/...;base64,...\"}");
   }
-  if (url.rfind("data:", 0) != 0) {
-    const bool remote = url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0;
-    bad("messages", std::string(remote ? "remote image URLs are not fetched (the server makes no network requests)"
-                                       : "image URLs must be data: URLs") +
-                        "; send the image inline as data:image/png;base64,...");
-  }
-  if (!st.served.vision)
-    bad("messages", "this checkpoint has no vision tower: image_url parts need a VisionMonet (llava_monet) checkpoint");
-  const size_t comma = url.find(',');
-  if (comma == std::string::npos) bad("messages", "the data URL has no ',' before its data");
-  const std::string meta = url.substr(5, comma - 5);
-  if (meta.size() < 7 || meta.compare(meta.size() - 7, 7, ";base64") != 0)
-    bad("messages", "the data URL must be base64 (data:image/png;base64,...)");
-  const std::vector<uint8_t> bytes = base64_decode(url.substr(comma + 1), "messages");
+  const Image image = decode_image_data_url(st, url, "messages", "image " + std::to_string(index));
   try {
-    const Image image = decode_image(bytes.data(), bytes.size(), "image " + std::to_string(index));
     return st.served.vision->embed_image(image);
   } catch (const Error& e) {
     bad("messages", e.what());
   }
 }
+
+}  // namespace
+
+// Shared with the viewer's probe (server_state.h).
+Image decode_image_data_url(const Server::State& st, const std::string& url, const std::string& param,
+                            const std::string& name) {
+  if (url.rfind("data:", 0) != 0) {
+    const bool remote = url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0;
+    bad(param, std::string(remote ? "remote image URLs are not fetched (the server makes no network requests)"
+                                  : "image URLs must be data: URLs") +
+                   "; send the image inline as data:image/png;base64,...");
+  }
+  if (!st.served.vision)
+    bad(param, "this checkpoint has no vision tower: images need a VisionMonet (llava_monet) checkpoint");
+  const size_t comma = url.find(',');
+  if (comma == std::string::npos) bad(param, "the data URL has no ',' before its data");
+  const std::string meta = url.substr(5, comma - 5);
+  if (meta.size() < 7 || meta.compare(meta.size() - 7, 7, ";base64") != 0)
+    bad(param, "the data URL must be base64 (data:image/png;base64,...)");
+  const std::vector<uint8_t> bytes = base64_decode(url.substr(comma + 1), param);
+  try {
+    return decode_image(bytes.data(), bytes.size(), name);
+  } catch (const Error& e) {
+    bad(param, e.what());
+  }
+}
+
+namespace {
 
 GenSpec parse_chat(const Server::State& st, const json& body) {
   std::set<std::string> known = kCommonFields;

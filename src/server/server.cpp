@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -19,6 +20,7 @@
 #include "monet/error.h"
 #include "monet/interp.h"
 #include "monet/mask.h"
+#include "monet/vision.h"
 
 extern const char* const kMonetViewerHtml;
 
@@ -83,6 +85,21 @@ json top_output_tokens(const Model& model, const Tokenizer& tok, int64_t group, 
   return out;
 }
 
+// RGB bytes for the page (it draws them with putImageData).
+std::string base64_encode(const std::vector<uint8_t>& bytes) {
+  static const char* const digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (size_t k = 0; k < bytes.size(); k += 3) {
+    const size_t n = std::min<size_t>(3, bytes.size() - k);
+    uint32_t acc = uint32_t(bytes[k]) << 16;
+    if (n > 1) acc |= uint32_t(bytes[k + 1]) << 8;
+    if (n > 2) acc |= uint32_t(bytes[k + 2]);
+    for (size_t d = 0; d < 4; d++) out += d <= n ? digits[(acc >> (18 - 6 * d)) & 63] : '=';
+  }
+  return out;
+}
+
 json summary_json(const ExpertSummary& e) {
   return {{"expert", e.expert}, {"count", e.count}, {"density", e.density}, {"max_prob", e.max_prob}};
 }
@@ -117,17 +134,24 @@ void add_viewer_routes(Server::State& st) {
   get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kMonetViewerHtml, "text/html; charset=utf-8");
   });
-  get("/api/info", handle([=](const httplib::Request&, const Model& model, const Tokenizer&, const IndexReader* index) {
+  get("/api/info", handle([=, &st](const httplib::Request&, const Model& model, const Tokenizer&, const IndexReader* index) {
     const MonetConfig& c = model.config();
     json info = {{"model", model.dir()}, {"decompose", c.decompose_name()}, {"experts_per_side", c.moe_experts},
                  {"experts_per_group", c.moe_experts * c.moe_experts}, {"groups", c.num_router_layers()},
                  {"layers_per_group", c.moe_groups}, {"layers", c.num_hidden_layers}, {"has_index", index != nullptr}};
+    info["vision"] = nullptr;  // VisionMonet: the probe takes an image
+    if (st.served.vision) {
+      const ClipVisionConfig& clip = st.served.vision->clip();
+      info["vision"] = {{"image_size", clip.image_size}, {"patch_size", clip.patch_size}, {"grid", clip.grid()},
+                        {"tokens_per_image", st.served.vision->tokens_per_image()}};
+    }
     if (index) {
-      const IndexSettings& st = index->settings();
+      const IndexSettings& settings = index->settings();
       info["tokens_indexed"] = index->tokens();
-      info["index_settings"] = {{"model", st.model}, {"experts", st.experts}, {"groups", st.groups},
-                                {"moe_groups", st.moe_groups}, {"top_k", st.top_k}, {"window", st.window},
-                                {"context", st.context}, {"threshold", st.threshold}};
+      info["index_settings"] = {{"model", settings.model}, {"experts", settings.experts}, {"groups", settings.groups},
+                                {"moe_groups", settings.moe_groups}, {"top_k", settings.top_k},
+                                {"window", settings.window}, {"context", settings.context},
+                                {"threshold", settings.threshold}};
     }
     return info.dump();
   }));
@@ -174,7 +198,7 @@ void add_viewer_routes(Server::State& st) {
       experts.push_back({{"group", m.group}, {"expert", m.expert}, {"contexts", m.contexts}, {"max_prob", m.max_prob}});
     return json({{"token", token}, {"experts", experts}}).dump();
   }));
-  post("/api/probe", handle([=](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
+  post("/api/probe", handle([=, &st](const httplib::Request& req, const Model& model, const Tokenizer& tok, const IndexReader* index) {
     const MonetConfig& c = model.config();
     json body;
     try {
@@ -188,33 +212,85 @@ void add_viewer_routes(Server::State& st) {
     // An optional mask, as in a mask file: the probe runs the model with those experts removed.
     ExpertMask mask = ExpertMask::none(c);
     if (body.contains("mask") && !body["mask"].is_null()) mask = ExpertMask::parse_json(body["mask"].dump(), "the request's mask", c);
-    std::vector<int32_t> ids = tok.encode(body["text"].get<std::string>(), true);
+    const std::string text = body["text"].get<std::string>();
+    // An optional image (VisionMonet), a data: URL as in the OpenAI API's image_url parts; the text
+    // gets its <image> in front unless it places it, as `monet chat --image` does.
+    const bool with_image = body.contains("image") && !body["image"].is_null();
+    std::vector<int32_t> ids;
+    MultimodalPrompt mp;  // with an image: per position, the patch it holds
+    Image seen;           // the image as the tower sees it (padded, resized, cropped)
+    if (with_image) {
+      if (!body["image"].is_string()) fail("\"image\" must be a string: a data URL (data:image/png;base64,...)");
+      Image image;
+      try {
+        image = decode_image_data_url(st, body["image"].get<std::string>(), "image", "the image");
+      } catch (const std::exception& e) {
+        fail("\"image\": ", e.what());
+      }
+      const VisionTower& vision = *st.served.vision;
+      seen = clip_preprocess_rgb(image, vision.preprocess());
+      const std::vector<std::vector<float>> embeds = {vision.embed_image(image)};
+      mp = build_multimodal_prompt(model, tokenize_with_images(tok, with_image_placeholders(text, 1)), embeds,
+                                   vision.tokens_per_image());
+      ids = mp.ids;
+    } else {
+      ids = tok.encode(text, true);
+    }
     if (ids.empty()) fail("the text has no tokens");
     if (int64_t(ids.size()) > std::min<int64_t>(c.max_position_embeddings, opts.max_probe_tokens))
-      fail("the text has ", ids.size(), " tokens; the probe takes at most ",
+      fail("the ", with_image ? "text and image have " : "text has ", ids.size(), " positions; the probe takes at most ",
            std::min<int64_t>(c.max_position_embeddings, opts.max_probe_tokens));
     RouterCapture cap;
-    ForwardOptions fo;
-    fo.capture = &cap;
-    fo.all_logits = false;
-    fo.mask = &mask;
     std::vector<float> logits;
     KvCache cache = model.new_cache(int64_t(ids.size()));
-    model.forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
-    auto experts_json = [top = size_t(top)](const std::vector<ExpertActivation>& list) {
+    if (with_image) {
+      std::vector<Sequence> seqs(1);
+      seqs[0].cache = &cache;
+      seqs[0].embeds = mp.embeds.data();
+      seqs[0].n = mp.size();
+      seqs[0].logits = Logits::Last;
+      seqs[0].logits_out = &logits;
+      seqs[0].routing = &cap;
+      seqs[0].mask = &mask;
+      model.forward_batch(seqs);
+    } else {
+      ForwardOptions fo;
+      fo.capture = &cap;
+      fo.all_logits = false;
+      fo.mask = &mask;
+      model.forward(cache, ids.data(), int64_t(ids.size()), logits, fo);
+    }
+    auto experts_json = [](const std::vector<ExpertActivation>& list, size_t limit) {
       json ex = json::array();
-      for (size_t k = 0; k < list.size() && k < top; k++) ex.push_back({{"expert", list[k].id}, {"p", list[k].prob}});
+      for (size_t k = 0; k < list.size() && k < limit; k++) ex.push_back({{"expert", list[k].id}, {"p", list[k].prob}});
       return ex;
     };
-    json tokens = json::array();
-    for (size_t t = 0; t < ids.size(); t++) {
+    // Per group: the experts above the threshold (at most `limit`), those the mask removed.
+    auto groups_json = [&](size_t t, size_t limit) {
       json groups = json::array();
       for (size_t g = 0; g < cap.g1.size(); g++) {
         const TokenExperts te = token_experts(cap, t, g, c.moe_heads, c.moe_experts, threshold, &mask);
-        groups.push_back({{"group", g}, {"count", te.kept.size()}, {"experts", experts_json(te.kept)},
-                          {"removed", experts_json(te.removed)}});
+        groups.push_back({{"group", g}, {"count", te.kept.size()}, {"experts", experts_json(te.kept, limit)},
+                          {"removed", experts_json(te.removed, limit)}});
       }
-      tokens.push_back({{"id", ids[t]}, {"token", tok.token_text(ids[t])}, {"groups", groups}});
+      return groups;
+    };
+    json tokens = json::array(), patches = json::array();
+    for (size_t t = 0; t < ids.size(); t++) {
+      if (ids[t] != kImageToken) {
+        tokens.push_back({{"position", t}, {"id", ids[t]}, {"token", tok.token_text(ids[t])}, {"groups", groups_json(t, size_t(top))}});
+        continue;
+      }
+      // An image patch: all its experts above the threshold (the heat map of any of them), and
+      // where it lies in the grid (row, column from the top left; none for a CLS token).
+      const VisionTower& vision = *st.served.vision;
+      const int64_t grid = vision.clip().grid(), k = mp.patch[t] - (vision.llava().select_feature == "cls_patch" ? 1 : 0);
+      json patch = {{"position", t}, {"patch", mp.patch[t]}, {"groups", groups_json(t, SIZE_MAX)}};
+      if (k >= 0) {
+        patch["row"] = k / grid;
+        patch["col"] = k % grid;
+      }
+      patches.push_back(patch);
     }
     // The next-token distribution after the text (softmax of the last logits).
     const float mx = *std::max_element(logits.begin(), logits.end());
@@ -223,7 +299,13 @@ void add_viewer_routes(Server::State& st) {
     json next = json::array();
     for (int32_t k : top_ids(logits, size_t(n_next)))
       next.push_back({{"id", k}, {"token", tok.token_text(k)}, {"p", std::exp(double(logits[size_t(k)] - mx)) / sum}});
-    return json({{"tokens", tokens}, {"next", next}, {"masked", mask.entry_count()}}).dump();
+    json out = {{"tokens", tokens}, {"next", next}, {"masked", mask.entry_count()}};
+    if (with_image) {
+      const ClipVisionConfig& clip = st.served.vision->clip();
+      out["image"] = {{"width", seen.width}, {"height", seen.height}, {"rgb", base64_encode(seen.rgb)},
+                      {"grid", clip.grid()}, {"patch_size", clip.patch_size}, {"patches", patches}};
+    }
+    return out.dump(-1, ' ', false, json::error_handler_t::replace);
   }));
 
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "monet/chat.h"
+#include "monet/image.h"
 #include "monet/scheduler.h"
 #include "monet/server.h"
 
@@ -47,6 +48,12 @@ struct Server::State {
   int64_t created_unix = 0;
   std::vector<Route> routes;  // add_*_routes fill it; register_routes hands it to `http`
 };
+
+// An image sent inline as a data: URL (data:image/png;base64,...), decoded
+// (`name` in its errors). A remote URL, a checkpoint without a vision tower,
+// bad base64 or a corrupt image throw a 400 naming `param` (a std::exception).
+Image decode_image_data_url(const Server::State& st, const std::string& url, const std::string& param,
+                            const std::string& name);
 
 void add_viewer_routes(Server::State& st);
 void add_openai_routes(Server::State& st);

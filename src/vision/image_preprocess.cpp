@@ -154,7 +154,7 @@ Image expand_to_square(const Image& in, std::array<uint8_t, 3> fill) {
   return out;
 }
 
-std::vector<float> clip_preprocess(const Image& image, const ClipPreprocess& p) {
+Image clip_preprocess_rgb(const Image& image, const ClipPreprocess& p) {
   if (image.width <= 0 || image.height <= 0) fail("clip_preprocess: empty image");
   if (p.shortest_edge <= 0 || p.crop_height <= 0 || p.crop_width <= 0)
     fail("clip_preprocess: bad sizes (shortest edge ", p.shortest_edge, ", crop ", p.crop_height, "x", p.crop_width, ")");
@@ -184,15 +184,27 @@ std::vector<float> clip_preprocess(const Image& image, const ClipPreprocess& p) 
   }
   const Image resized = resize_bicubic(*img, new_w, new_h);
 
-  // Centre crop (top/left rounded down), rescale, normalise; channels first.
+  // Centre crop (top/left rounded down).
   const int64_t top = (new_h - p.crop_height) / 2, left = (new_w - p.crop_width) / 2;
+  Image out;
+  out.width = p.crop_width;
+  out.height = p.crop_height;
+  out.rgb.resize(size_t(out.width * out.height * 3));
+  for (int64_t y = 0; y < out.height; y++)
+    std::memcpy(out.pixel(0, y), resized.pixel(left, top + y), size_t(out.width * 3));
+  return out;
+}
+
+std::vector<float> clip_preprocess(const Image& image, const ClipPreprocess& p) {
+  const Image cropped = clip_preprocess_rgb(image, p);
+  // Rescale, normalise; channels first.
   const int64_t plane = p.crop_height * p.crop_width;
   std::vector<float> out(size_t(3 * plane));
   for (int c = 0; c < 3; c++) {
     const float mean = float(p.mean[size_t(c)]), std = float(p.std[size_t(c)]);
     for (int64_t y = 0; y < p.crop_height; y++) {
       for (int64_t x = 0; x < p.crop_width; x++) {
-        const float v = float(double(resized.pixel(left + x, top + y)[c]) * p.rescale);
+        const float v = float(double(cropped.pixel(x, y)[c]) * p.rescale);
         out[size_t(c * plane + y * p.crop_width + x)] = (v - mean) / std;
       }
     }

@@ -30,6 +30,13 @@ std::vector<int32_t> tokenize_with_images(const Tokenizer& tok, const std::strin
   return ids;
 }
 
+std::string with_image_placeholders(const std::string& text, size_t n_images) {
+  if (n_images == 0 || text.find(kImagePlaceholder) != std::string::npos) return text;
+  std::string out;
+  for (size_t i = 0; i < n_images; i++) out += std::string(kImagePlaceholder) + "\n";
+  return out + text;
+}
+
 MultimodalPrompt build_multimodal_prompt(const Model& model, const std::vector<int32_t>& ids_with_markers,
                                          const std::vector<std::vector<float>>& images, int64_t tokens_per_image) {
   const int64_t d = model.config().hidden_size;

@@ -14,6 +14,7 @@
 
 #include "monet/error.h"
 #include "monet/image.h"
+#include "monet/vision.h"
 
 namespace {
 
@@ -192,6 +193,30 @@ TEST(Preprocess, PadsWithTheMeanColourAndNormalises) {
   monet::ClipPreprocess bad;
   bad.crop_height = 300;
   EXPECT_THROW(monet::clip_preprocess(img, bad), monet::Error);
+}
+
+// What the viewer draws: the RGB the tower sees, which clip_preprocess normalises.
+TEST(Preprocess, RgbIsWhatGetsNormalised) {
+  const monet::Image img = test_pattern(224, 112);
+  const monet::ClipPreprocess p;
+  const monet::Image seen = monet::clip_preprocess_rgb(img, p);
+  ASSERT_EQ(seen.width, 224);
+  ASSERT_EQ(seen.height, 224);
+  for (int c = 0; c < 3; c++) EXPECT_EQ(seen.pixel(100, 0)[c], uint8_t(int(p.mean[size_t(c)] * 255)));  // the fill
+  EXPECT_EQ(std::vector<uint8_t>(seen.pixel(0, 56), seen.pixel(0, 168)), img.rgb);  // the image, centred
+  const std::vector<float> px = monet::clip_preprocess(img, p);
+  for (int c = 0; c < 3; c++)
+    for (int64_t k = 0; k < 224 * 224; k += 37) {
+      const float v = float(double(seen.rgb[size_t(k * 3 + c)]) * p.rescale);
+      EXPECT_EQ(px[size_t(c * 224 * 224 + k)], (v - float(p.mean[size_t(c)])) / float(p.std[size_t(c)]));
+    }
+}
+
+TEST(Prompt, ImagesGoFirstUnlessPlaced) {
+  EXPECT_EQ(monet::with_image_placeholders("what is this", 1), "<image>\nwhat is this");
+  EXPECT_EQ(monet::with_image_placeholders("a", 2), "<image>\n<image>\na");
+  EXPECT_EQ(monet::with_image_placeholders("look: <image> here", 1), "look: <image> here");
+  EXPECT_EQ(monet::with_image_placeholders("text", 0), "text");
 }
 
 }  // namespace

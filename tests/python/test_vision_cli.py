@@ -109,3 +109,12 @@ def test_chat_with_an_image(monet_bin, ckpt, tmp_path):
     assert reused >= len(ids) - 1 + 16  # the image and the first turn's prompt come from the cache
     # the first reply is generate's greedy continuation of the same prompt (same decoder, same text)
     assert chat.stdout.startswith(gen.stdout)
+
+
+def test_prompt_without_placeholder_gets_the_image_first(monet_bin, ckpt):
+    """As LLaVA's CLI (and monet chat, the viewer): a prompt with images but no
+    <image> gets "<image>\n" per image in front."""
+    for cmd in (["generate", "-n", "3", "--temperature", "0"], ["experts", "--json"]):
+        bare = run(monet_bin, *cmd, "--model", ckpt, "--image", PHOTO, "-p", "what is this").stdout
+        placed = run(monet_bin, *cmd, "--model", ckpt, "--image", PHOTO, "-p", "<image>\nwhat is this").stdout
+        assert bare == placed and bare.strip(), cmd

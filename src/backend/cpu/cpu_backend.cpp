@@ -145,10 +145,25 @@ void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const f
   }
 }
 
+bool CpuBackend::rounds_inputs(const Weight& w) const {
+  return w.dtype == DType::BF16 && products(w) == GemmCompute::BF16;
+}
+
+void round_to_bf16(const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
 void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
   if (T <= kSmallBatch) {
     // Streaming: every weight row is read once and applied to all T rows.
+    if (!exact && rounds_inputs(w)) {
+      // The GEMM's bf16 products, so that a token's result does not depend on
+      // the size of the batch it runs in (bf16 x bf16 is exact in float32).
+      float* rounded = thread_scratch(7, size_t(T * K));
+      round_to_bf16(x, T * K, rounded);
+      x = rounded;
+    }
     const float* xs[kSmallBatch];
     for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
     const RowKernels* rk = k_.rows(w.dtype);

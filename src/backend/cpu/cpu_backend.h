@@ -59,11 +59,17 @@ class CpuBackend final : public Backend {
   int threads_;
   const KernelSet& k_;
   GemmCompute products(const Weight& w) const;  // the arithmetic of GEMMs with w
+  // Whether products with w take bf16-rounded inputs on every path (the row
+  // kernels of small batches and sparse experts as well as the GEMMs).
+  bool rounds_inputs(const Weight& w) const;
   Compute compute_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one
 // thread); reused across calls, so hot loops allocate nothing.
 float* thread_scratch(int slot, size_t n);
+
+// y[i] = x[i] rounded to bf16 (nearest even), as float32; y may be x.
+void round_to_bf16(const float* x, int64_t n, float* y);
 
 }  // namespace monet::cpu

@@ -222,8 +222,15 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
 
   // x[e, :] = relu2(u[expert*w .. +w] . y[token] + bias): one pass over each
   // selected u slice for up to kSmallBatch of its tokens at a time.
+  std::vector<float> y_rounded;  // the tokens' inputs as the GEMM's bf16 products take them
   auto activations = [&](const Weight& u, const Weight& bias, const SideEntries& r, std::vector<float>& x) {
     x.resize(size_t(r.token.size()) * size_t(w));
+    const float* y = a.y;
+    if (rounds_inputs(u)) {
+      y_rounded.resize(size_t(T * d));
+      round_to_bf16(a.y, T * d, y_rounded.data());
+      y = y_rounded.data();
+    }
     const float* bv = static_cast<const float*>(bias.data);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
     for (int64_t i = 0; i < E; i++) {
@@ -235,7 +242,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
         const int64_t nt = std::min<int64_t>(kSmallBatch, r.by_start[size_t(i + 1)] - p);
         for (int64_t k = 0; k < nt; k++) {
           ids[k] = r.by_expert[size_t(p + k)];
-          rows[k] = a.y + int64_t(r.token[size_t(ids[k])]) * d;
+          rows[k] = y + int64_t(r.token[size_t(ids[k])]) * d;
         }
         if (rk) {
           // The expert's w rows together: several rows stream at once.
@@ -269,10 +276,15 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
   // thread owns a column range, so every slice row is read once per range.
   struct Term {
     const Weight* v;
-    const std::vector<float>* coef;
+    std::vector<float>* coef;
   };
   auto project = [&](const SideEntries& r, const Term* terms, int n_terms, const Weight& b,
-                     const std::vector<float>& bias_coef, int64_t col0, int64_t N) {
+                     std::vector<float>& bias_coef, int64_t col0, int64_t N) {
+    // The coefficients as the dense path's bf16 products take them.
+    for (int k = 0; k < n_terms; k++)
+      if (rounds_inputs(*terms[k].v))
+        round_to_bf16(terms[k].coef->data(), int64_t(terms[k].coef->size()), terms[k].coef->data());
+    if (rounds_inputs(b)) round_to_bf16(bias_coef.data(), int64_t(bias_coef.size()), bias_coef.data());
 #pragma omp parallel num_threads(threads_)
     {
       const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
