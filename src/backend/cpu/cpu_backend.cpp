@@ -135,6 +135,12 @@ void CpuBackend::dot_rows(const Weight& w, int64_t row0, int64_t nrows, const fl
 
 void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, float* out, int64_t c0,
                            int64_t c1) const {
+  if (w.dtype == DType::Q8_0) {
+    // Q8_0 rows are read in place, block by block (out is indexed from column 0).
+    for (int64_t r = 0; r < nrows; r++)
+      if (coef[r] != 0.0f) k_.q8_0.axpy(w.row(row0 + r), coef[r], out, c0, c1);
+    return;
+  }
   const RowKernels* rk = k_.rows(w.dtype);
   const size_t esize = rk ? dtype_size(w.dtype) : 4;
   for (int64_t r = 0; r < nrows; r++) {
@@ -145,6 +151,17 @@ void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const f
   }
 }
 
+const BlockQ8Act* CpuBackend::quantize_activations(const float* x, int64_t T, int64_t K, int slot) const {
+  static thread_local std::vector<BlockQ8Act> buffers[2];
+  std::vector<BlockQ8Act>& q = buffers[slot];
+  const int64_t nb = K / kQ8Block;
+  if (q.size() < size_t(T * nb)) q.resize(size_t(T * nb));
+  BlockQ8Act* out = q.data();
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * K > (1 << 16))
+  for (int64_t t = 0; t < T; t++) k_.q8_0.quantize(x + t * K, out + t * nb, K);
+  return out;
+}
+
 void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
   if (T <= kSmallBatch) {
@@ -152,7 +169,19 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
     const float* xs[kSmallBatch];
     for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
     const RowKernels* rk = k_.rows(w.dtype);
-    if (rk) {
+    if (w.dtype == DType::Q8_0 && !exact) {
+      // int8 products: the activations quantized to blocks of 32 once, then
+      // integer dot products with each weight row (docs/quantization.md).
+      const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
+      const BlockQ8Act* xqs[kSmallBatch];
+      for (int64_t t = 0; t < T; t++) xqs[t] = xq + t * (K / kQ8Block);
+      const int64_t blocks = (N + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+      for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * 64;
+        k_.q8_0.dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xqs, T, K, y + n0, N);
+      }
+    } else if (rk) {
       // Blocks of 64 rows: each thread streams long runs of consecutive rows.
       const int64_t blocks = (N + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(threads_)
