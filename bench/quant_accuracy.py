@@ -53,7 +53,9 @@ def perplexity(monet: str, model: str, text: str, context: int, compute: str) ->
 def tokens(monet: str, model: str, text: str, n: int) -> list:
     out = run(monet, "tokenize", "--model", model, "--file", text)
     ids = [int(t) for t in out.replace(",", " ").split() if t.lstrip("-").isdigit()]
-    return [1] + ids[: n - 1]  # BOS, as eval-loss's windows
+    if ids[0] != 1:
+        ids = [1] + ids  # BOS first, as eval-loss's windows
+    return ids[:n]
 
 
 def forward(monet: str, model: str, ids: list, out: str, chunk: int) -> dict:
