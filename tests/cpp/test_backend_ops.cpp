@@ -154,11 +154,11 @@ TEST_P(BackendOps, Linear) {
       const std::vector<float> xh = random_vec(size_t(T * K), rng), bias = random_vec(size_t(N), rng);
       Weight bw = be->prepare(Weight::from_f32(bias.data(), 1, N, DType::F32));
       DeviceVec x(*be, xh), y(*be, size_t(T * N));
-      // Small batches of Q8_0 weights multiply int8 activations (docs/quantization.md).
-      const std::vector<float> xq = q && T <= monet::cpu::kSmallBatch ? q8_activations(xh.data(), T * K) : xh;
+      // Q8_0 weights multiply int8 activations (docs/quantization.md), whatever the compute.
+      const std::vector<float> xq = q ? q8_activations(xh.data(), T * K) : xh;
       for (bool with_bias : {false, true}) {
         be->linear(wp, x.get(), T, y.get(), with_bias ? &bw : nullptr);
-        const bool rounded = bf16_compute && T > monet::cpu::kSmallBatch;
+        const bool rounded = bf16_compute && T > monet::cpu::kSmallBatch && !q;
         std::vector<double> want(size_t(T * N));
         for (int64_t t = 0; t < T; t++)
           for (int64_t n = 0; n < N; n++) {
@@ -505,9 +505,8 @@ TEST_P(BackendOps, ExpertMix) {
           for (int64_t t = 0; t < T; t++)
             if (masking == 1 || (masking == 2 && t % 2 == 0)) masks[size_t(t)] = &mask;
           const std::vector<double> want = explicit_sum(s, yh, g1, g2, T, masks);
-          // Q8_0 u products take int8 activations wherever they stream (the
-          // sparse path; the dense path's small batches): the explicit sum of
-          // the values they see.
+          // Q8_0 u products take int8 activations (both paths): the explicit
+          // sum of the values they see.
           const std::vector<double> want_q8 =
               dt == DType::Q8_0 ? explicit_sum(s, q8_activations(yh.data(), T * d), g1, g2, T, masks) : want;
           for (monet::ExpertPath path : {monet::ExpertPath::Dense, monet::ExpertPath::Sparse, monet::ExpertPath::Auto}) {
@@ -525,11 +524,7 @@ TEST_P(BackendOps, ExpertMix) {
             be->expert_mix(a);
             // bf16 compute rounds the inputs of the large products (u, and the
             // coefficients of v) to bf16: 2^-8 relative per input.
-            const bool q8 = dt == DType::Q8_0 && (path == monet::ExpertPath::Sparse || T <= monet::cpu::kSmallBatch);
-            double err = max_rel_err(out.host(), q8 ? want_q8 : want);
-            if (dt == DType::Q8_0 && path == monet::ExpertPath::Auto)  // Auto's choice depends on the density
-              err = std::min(err, max_rel_err(out.host(), want_q8));
-            EXPECT_LT(err, bf16_compute ? 2e-2 : 1e-5)
+            EXPECT_LT(max_rel_err(out.host(), want_q8), bf16_compute ? 2e-2 : 1e-5)
                 << (dec == monet::Decompose::Vertical ? "VD " : "HD ") << monet::dtype_name(dt) << " T=" << T
                 << " masking=" << masking << " path=" << int(path);
           }

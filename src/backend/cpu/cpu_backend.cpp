@@ -164,24 +164,30 @@ const BlockQ8Act* CpuBackend::quantize_activations(const float* x, int64_t T, in
 
 void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
-  if (T <= kSmallBatch) {
+  if (w.dtype == DType::Q8_0 && !exact) {
+    // int8 products for every batch size (decode and prefill round alike):
+    // the activations quantized to blocks of 32 once, then integer dot
+    // products. Each thread takes blocks of 64 weight rows and applies them
+    // to the tokens kSmallBatch at a time, the rows staying in L2 between
+    // groups (docs/quantization.md).
+    const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
+    const int64_t nb = K / kQ8Block, blocks = (N + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t b = 0; b < blocks; b++) {
+      const int64_t n0 = b * 64;
+      for (int64_t t0 = 0; t0 < T; t0 += kSmallBatch) {
+        const int64_t nt = std::min<int64_t>(kSmallBatch, T - t0);
+        const BlockQ8Act* xqs[kSmallBatch];
+        for (int64_t t = 0; t < nt; t++) xqs[t] = xq + (t0 + t) * nb;
+        k_.q8_0.dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xqs, nt, K, y + t0 * N + n0, N);
+      }
+    }
+  } else if (T <= kSmallBatch) {
     // Streaming: every weight row is read once and applied to all T rows.
     const float* xs[kSmallBatch];
     for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
     const RowKernels* rk = k_.rows(w.dtype);
-    if (w.dtype == DType::Q8_0 && !exact) {
-      // int8 products: the activations quantized to blocks of 32 once, then
-      // integer dot products with each weight row (docs/quantization.md).
-      const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
-      const BlockQ8Act* xqs[kSmallBatch];
-      for (int64_t t = 0; t < T; t++) xqs[t] = xq + t * (K / kQ8Block);
-      const int64_t blocks = (N + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads_)
-      for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * 64;
-        k_.q8_0.dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xqs, T, K, y + n0, N);
-      }
-    } else if (rk) {
+    if (rk) {
       // Blocks of 64 rows: each thread streams long runs of consecutive rows.
       const int64_t blocks = (N + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(threads_)
