@@ -15,7 +15,7 @@ Router agreement: the fraction of (token, router layer, side, head)
 selections (the experts with g > 0) identical, and the mean Jaccard overlap.
 
 Speed (--speed DIR, e.g. from bench/make_big_checkpoint.py --dtype BF16):
-quantizes DIR once (DIR-q8_0 next to it) and compares build/monet_bench
+quantizes DIR once (bench/out/<name of DIR>-q8_0) and compares build/monet_bench
 decode tokens/s of both, best of --repeat runs each (monet_bench --repeat).
 Timings on a shared machine are noisy.
 """
@@ -106,7 +106,7 @@ def accuracy(args) -> None:
 
 def speed(args) -> None:
     src = args.speed.rstrip("/")
-    q8 = src + "-q8_0"
+    q8 = os.path.join(REPO, "bench", "out", os.path.basename(src) + "-q8_0")  # ours, wherever src lies
     if not os.path.exists(os.path.join(q8, "config.json")):
         print(f"quantizing {src} -> {q8} ...", file=sys.stderr, flush=True)
         run(args.monet, "quantize", "--model", src, "--out", q8, "--type", "q8_0")
