@@ -105,3 +105,12 @@ def test_every_command_loads_it(monet_bin, quantized, tmp_path):
         assert body["choices"][0]["text"] is not None
     finally:
         server.stop()
+
+
+def test_tied_embeddings_are_quantized_as_the_lm_head(monet_bin, tmp_path):
+    f32, q8 = str(tmp_path / "f32"), str(tmp_path / "q8")
+    make_checkpoint(f32, vocab=301, layers=2, groups=2, seed=3, tokenizer=True, tie=True)
+    monet(monet_bin, "quantize", "--model", f32, "--out", q8)
+    t = read_safetensors(os.path.join(q8, "model.safetensors"))
+    assert t["model.embed_tokens.weight"].dtype == np.int8 and "lm_head.weight" not in t
+    assert monet(monet_bin, "generate", "--model", q8, "--ids", IDS, "-n", "3")
