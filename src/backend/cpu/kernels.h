@@ -63,7 +63,6 @@ struct KernelSet {
   float (*dot)(const float* a, const float* b, int64_t n);           // sum a[i] b[i]
   void (*axpy)(float a, const float* x, float* y, int64_t n);         // y += a x
   void (*scale)(float a, float* x, int64_t n);                       // x *= a
-  const char* q8_dot;  // the instructions of q8_0.dot_rows: "vpdpbusd", "vpmaddubsw" or "plain loops"
 
   // The row kernels of a weight dtype, or null when rows must be widened
   // through dtype_traits first (block-quantized types).
