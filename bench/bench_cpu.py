@@ -33,11 +33,21 @@ sys.path.insert(0, os.path.join(REPO, "python"))
 BINARY = os.path.join(REPO, "build", "monet_bench")
 
 
-def build(threads: int) -> None:
+def build(threads: int, targets=("monet_bench",)) -> None:
     subprocess.run(["cmake", "-S", REPO, "-B", os.path.join(REPO, "build"), "-DCMAKE_BUILD_TYPE=Release"],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", os.path.join(REPO, "build"), "--target", "monet_bench", f"-j{threads}"],
+    subprocess.run(["cmake", "--build", os.path.join(REPO, "build"), "--target", *targets, f"-j{threads}"],
                    check=True, stdout=subprocess.DEVNULL)
+
+
+def ensure_q8_checkpoint(bf16_path: str) -> str:
+    """The q8_0 copy of a checkpoint (monet quantize, docs/quantization.md), made once."""
+    path = bf16_path + "-q8_0"
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"making {path} ...", file=sys.stderr, flush=True)
+        subprocess.run([os.path.join(REPO, "build", "monet"), "quantize", "--model", bf16_path, "--out", path],
+                       check=True, stdout=sys.stderr)
+    return path
 
 
 def ensure_checkpoint(dtype: str, small: bool) -> str:
@@ -174,6 +184,9 @@ def main() -> None:
                          "empty: skip)")
     ap.add_argument("--small", action="store_true", help="a small shape (hidden 512, 4 layers), to try things out")
     ap.add_argument("--skip-build", action="store_true", help="use build/monet_bench as it is")
+    ap.add_argument("--q8", action="store_true",
+                    help="also monet's decode and prefill with the bf16 checkpoint quantized to q8_0 (the peer's "
+                         "column: its bf16 figures)")
     ap.add_argument("--json", help="also write all measurements to this file")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # keep the table after the progress lines on stderr
@@ -188,8 +201,10 @@ def main() -> None:
         sys.exit("--prompt, --prefill, --decode-tokens, --peer-decode-tokens, --repeat and --threads must be >= 1")
     if not dtypes or any(dt not in ("bf16", "f32") for dt in dtypes):
         sys.exit(f"--dtype: expected a comma list of bf16, f32; got {args.dtypes!r}")
+    if args.q8 and "bf16" not in dtypes:
+        sys.exit("--q8 quantizes the bf16 checkpoint: keep bf16 in --dtype")
     if not args.skip_build:
-        build(args.threads)
+        build(args.threads, ("monet_bench", "monet") if args.q8 else ("monet_bench",))
     if not os.access(BINARY, os.X_OK):
         sys.exit(f"{BINARY} not found: build first (bash scripts/build.sh) or drop --skip-build")
     if importlib.util.find_spec("torch") is None:
@@ -215,6 +230,14 @@ def main() -> None:
         dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
         rows.append(dict(dtype=dtype, ours=ours, peer=peer, gather=gather, dense_bytes=dense_b, sparse_bytes=sparse_b,
                          batched_ours=batched_ours, batched_peer=batched_peer))
+        if args.q8 and dtype == "bf16":
+            print("q8_0: monet ...", file=sys.stderr, flush=True)
+            q8 = run_ours(ensure_q8_checkpoint(path), args.threads, args.prompt, args.decode, args.prefill, args.repeat)
+            # (bytes: every matrix at 34 bytes per 32 values, the routers too, which stay bf16: a lower
+            # bound on what q8_0 decode reads, so its limits are upper bounds)
+            rows.append(dict(dtype="q8_0", ours=q8, peer=peer, gather=gather, dense_bytes=decode_bytes(config, 2, 1.0)[0],
+                             sparse_bytes=decode_bytes(config, 34 / 32, q8["expert_fraction"])[1],
+                             batched_ours={}, batched_peer={}))
 
     shape = "small" if args.small else "1.4B"
     print(f"\nMonet-VD-{shape} shape, random weights, {args.threads} threads; decode after a {args.prompt}-token "
@@ -235,7 +258,7 @@ def main() -> None:
         row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"], c=gather["decode_tok_s"])
         row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"],
             c=gather["prefill_tok_s"])
-        for B in batches:
+        for B in r["batched_ours"]:
             row(f"{dt} batched decode tok/s (B = {B})", r["batched_ours"][B], r["batched_peer"][B],
                 c=gather["batched"][B])
     print("\nDecode limits (bytes read per token / bandwidth); monet reads the expert slices its routers kept, "

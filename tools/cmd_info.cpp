@@ -30,6 +30,7 @@ void add_info_command(CLI::App& app) {
     std::printf("max_positions    %lld\n", (long long)c.max_position_embeddings);
     std::printf("tied embeddings  %s\n", c.tie_word_embeddings ? "yes" : "no");
     std::printf("torch_dtype      %s\n", c.torch_dtype.c_str());
+    if (c.quant_block) std::printf("quantization     monet_q8_0 (int8 blocks of %lld, F16 scales)\n", (long long)c.quant_block);
     const long long params = model->parameter_count();
     std::printf("parameters       %lld (%.3f B)\n", params, double(params) / 1e9);
     std::printf("backend          %s\n", model->backend_name().c_str());

@@ -18,3 +18,4 @@ void add_train_command(CLI::App& app);
 void add_grad_command(CLI::App& app);
 void add_vision_command(CLI::App& app);
 void add_torch_convert_command(CLI::App& app);
+void add_quantize_command(CLI::App& app);

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   add_grad_command(app);
   add_vision_command(app);
   add_torch_convert_command(app);
+  add_quantize_command(app);
   // Under mpirun/srun: MPI starts here; an error on any rank is printed by
   // that rank, then ends every rank (MPI_Abort), so that none waits forever
   // in a collective.

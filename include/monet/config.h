@@ -31,6 +31,10 @@ struct MonetConfig {
   int64_t moe_topk = 32;
   int64_t moe_groups = 4;
   Decompose moe_decompose = Decompose::Vertical;
+  // quantization_config {"quant_method": "monet_q8_0", "block_size": 32}:
+  // the block size of the int8 weights (docs/quantization.md); 0 when the
+  // checkpoint holds no quantized weights.
+  int64_t quant_block = 0;
 
   int64_t head_dim() const { return hidden_size / num_attention_heads; }
   bool has_router(int64_t layer) const { return layer % moe_groups == 0; }

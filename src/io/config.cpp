@@ -121,6 +121,20 @@ MonetConfig parse_config(const std::string& json_text, const std::string& src) {
       fail(src, ": field \"rope_parameters\" = ", rp.dump(), " is not supported (only rope_type \"default\")");
     c.rope_theta = get_field<double>(rp, "rope_theta", c.rope_theta, src);
   }
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    // Only our own block int8 format (docs/quantization.md); other methods' tensors would not load.
+    const json& q = j["quantization_config"];
+    if (!q.is_object()) fail(src, ": field \"quantization_config\" must be an object, found ", q.dump());
+    const std::string method = get_field<std::string>(q, "quant_method", "", src);
+    if (method != "monet_q8_0")
+      fail(src, ": quantization_config.quant_method is \"", method,
+           "\"; only \"monet_q8_0\" (written by monet quantize) is supported");
+    c.quant_block = get_field<int64_t>(q, "block_size", 0, src);
+    if (c.quant_block != 32)
+      fail(src, ": quantization_config.block_size is ", c.quant_block, ", expected 32 (monet_q8_0)");
+    const std::string scale = get_field<std::string>(q, "scale_dtype", "F16", src);
+    if (scale != "F16") fail(src, ": quantization_config.scale_dtype is \"", scale, "\", expected \"F16\"");
+  }
   if (get_field<bool>(j, "attention_bias", false, src))
     fail(src, ": field \"attention_bias\" = true is not supported (Monet attention has no biases)");
   if (c.hidden_act != "relu2")
@@ -261,6 +275,8 @@ std::string config_to_json(const MonetConfig& c) {
   j["moe_topk"] = c.moe_topk;
   j["moe_groups"] = c.moe_groups;
   j["moe_decompose"] = c.decompose_name();
+  if (c.quant_block > 0)
+    j["quantization_config"] = {{"quant_method", "monet_q8_0"}, {"block_size", c.quant_block}, {"scale_dtype", "F16"}};
   return j.dump(2) + "\n";
 }
 

@@ -17,32 +17,89 @@ class Loader {
  public:
   Loader(const TensorStore& store, const MonetConfig& c) : store_(store), c_(c) {}
 
-  const TensorInfo& tensor(const std::string& name, const std::vector<int64_t>& shape) {
+  const TensorInfo& tensor(const std::string& name, const std::vector<int64_t>& shape, bool may_be_int8 = false) {
     const TensorInfo& t = store_.get(name);
     if (t.shape != shape)
       fail(t.file, ": tensor ", name, " has shape ", shape_str(t.shape), ", expected ", shape_str(shape),
            " from config.json (hidden_size=", c_.hidden_size, ", moe_experts=", c_.moe_experts,
            ", moe_dim=", c_.moe_dim, ", moe_heads=", c_.moe_heads, ")");
+    if (t.dtype == DType::I8 && may_be_int8) return t;
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
-      fail(t.file, ": tensor ", name, " has dtype ", dtype_name(t.dtype), ", expected F32, BF16 or F16");
+      fail(t.file, ": tensor ", name, " has dtype ", dtype_name(t.dtype), ", expected F32, BF16 or F16",
+           t.dtype != DType::I8 ? ""
+           : c_.quant_block == 0 ? " (an I8 weight needs quantization_config in config.json)"
+                                 : " (norms, routers, biases and BatchNorm statistics stay in full precision)");
     return t;
   }
 
-  // A matrix as stored (any weight dtype), used in place from the mapping.
-  Weight matrix(const std::string& name, int64_t rows, int64_t cols) {
-    const TensorInfo& t = tensor(name, {rows, cols});
-    return Weight::view(t.dtype, rows, cols, t.data);
+  // A matrix of the HF shape [rows, cols] as the backend reads it: float
+  // dtypes in place from the mapping (transposed: [cols, rows], copied), or
+  // int8 + F16 block scales (docs/quantization.md) packed into Q8_0 blocks
+  // along our rows.
+  Weight matrix(const TensorSpec& spec, bool transposed) {
+    const int64_t rows = spec.shape[0], cols = spec.shape[1];
+    const bool may_be_int8 = c_.quant_block > 0 && quantized_role(spec.role, c_.tie_word_embeddings);
+    const TensorInfo& t = tensor(spec.name, {rows, cols}, may_be_int8);
+    if (t.dtype == DType::I8) return quantized(spec, t, transposed);
+    return transposed ? matrix_transposed(t, rows, cols) : Weight::view(t.dtype, rows, cols, t.data);
   }
 
   // HF stores v.. as [rows, cols]; we keep [cols, rows] in the same dtype so
   // that one expert's columns become one contiguous block of rows.
-  Weight matrix_transposed(const std::string& name, int64_t rows, int64_t cols) {
-    const TensorInfo& t = tensor(name, {rows, cols});
+  Weight matrix_transposed(const TensorInfo& t, int64_t rows, int64_t cols) {
     const size_t esize = dtype_size(t.dtype);
     auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(rows) * size_t(cols) * esize]);
     if (esize == 2) transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 2>());
     else transpose(t.data, rows, cols, buf.get(), std::integral_constant<size_t, 4>());
     Weight w = Weight::view(t.dtype, cols, rows, buf.get());
+    w.owned = std::shared_ptr<const void>(buf, buf.get());
+    return w;
+  }
+
+  // I8 values q and F16 scales d, one per block of kQ8Block values along
+  // quant_axis, as Q8_0 blocks (d, q[32]) along the rows we read: HF rows for
+  // linear layers (axis 1), HF columns for the transposed v (axis 0).
+  Weight quantized(const TensorSpec& spec, const TensorInfo& t, bool transposed) {
+    const int64_t rows = spec.shape[0], cols = spec.shape[1];
+    const int axis = quant_axis(spec.role);
+    if (transposed != (axis == 0))
+      fail(t.file, ": tensor ", spec.name, ": internal error: blocks along dim ", axis, " do not match the layout");
+    const int64_t blocked = axis == 1 ? cols : rows;
+    if (blocked % c_.quant_block != 0)
+      fail(t.file, ": tensor ", spec.name, " is I8 with shape ", shape_str(t.shape), ", but dimension ", axis, " (",
+           blocked, ") is not a whole number of blocks of ", c_.quant_block);
+    const std::string scale_name = quant_scale_name(spec.name);
+    const TensorInfo* s = store_.find(scale_name);
+    if (!s)
+      fail(store_.source(), ": missing tensor ", scale_name, " (the F16 block scales of the I8 tensor ", spec.name, ")");
+    std::vector<int64_t> scale_shape = {rows, cols};
+    scale_shape[size_t(axis)] /= c_.quant_block;
+    if (s->dtype != DType::F16)
+      fail(s->file, ": tensor ", scale_name, " has dtype ", dtype_name(s->dtype), ", expected F16 (block scales of ",
+           spec.name, ")");
+    if (s->shape != scale_shape)
+      fail(s->file, ": tensor ", scale_name, " has shape ", shape_str(s->shape), ", expected ", shape_str(scale_shape),
+           ": one scale per block of ", c_.quant_block, " values along dimension ", axis, " of ", spec.name, " ",
+           shape_str(t.shape));
+    const int64_t out_rows = axis == 1 ? rows : cols, nb = blocked / kQ8Block;  // our rows, blocks per row
+    const int8_t* q = reinterpret_cast<const int8_t*>(t.data);
+    const uint8_t* sb = s->data;
+    auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(out_rows * nb) * sizeof(BlockQ8_0)]);
+    for (int64_t r = 0; r < out_rows; r++)
+      for (int64_t b = 0; b < nb; b++) {
+        BlockQ8_0 blk;
+        const size_t si = size_t(axis == 1 ? r * nb + b : b * cols + r);
+        std::memcpy(&blk.d, sb + 2 * si, 2);
+        const float d = f16_to_f32(blk.d);
+        if (!(d >= 0.0f && d < 65536.0f))
+          fail(s->file, ": tensor ", scale_name, " holds ", d, " at index ", si, ", expected a finite scale >= 0");
+        for (int64_t i = 0; i < kQ8Block; i++) {
+          const int64_t at = b * kQ8Block + i;
+          blk.q[i] = q[axis == 1 ? r * cols + at : at * cols + r];
+        }
+        std::memcpy(buf.get() + size_t(r * nb + b) * sizeof(BlockQ8_0), &blk, sizeof blk);
+      }
+    Weight w = Weight::view(DType::Q8_0, out_rows, blocked, buf.get());
     w.owned = std::shared_ptr<const void>(buf, buf.get());
     return w;
   }
@@ -89,17 +146,20 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   m->store_ = TensorStore::open_dir(dir);
   // What the load copies (transposed expert matrices, vectors) must fit: say
   // how much is needed before allocating any of it.
-  check_load_memory(m->config_, m->store_->get("model.embed_tokens.weight").dtype, 0, dir);
+  // (Quantized checkpoints: the int8 matrices are repacked, about 1.06 bytes
+  // a value; estimated as a BF16 checkpoint, whose v matrices are copied.)
+  check_load_memory(m->config_, m->config_.quant_block ? DType::BF16 : m->store_->get("model.embed_tokens.weight").dtype,
+                    0, dir);
 
   const MonetConfig& c = m->config_;
   Loader ld(*m->store_, c);
   ModelWeights& w = m->weights_;
   w.layers.resize(size_t(c.num_hidden_layers));
   for (const TensorSpec& t : tensor_table(c)) {
-    const int64_t rows = t.shape[0], cols = t.shape.size() > 1 ? t.shape[1] : 0;
+    const int64_t rows = t.shape[0];
     LayerWeights* lw = t.layer >= 0 ? &w.layers[size_t(t.layer)] : nullptr;
-    auto matrix = [&] { return ld.matrix(t.name, rows, cols); };
-    auto transposed = [&] { return ld.matrix_transposed(t.name, rows, cols); };
+    auto matrix = [&] { return ld.matrix(t, /*transposed=*/false); };
+    auto transposed = [&] { return ld.matrix(t, /*transposed=*/true); };
     auto vector = [&] { return ld.vector(t.name, rows); };
     Weight* dst = nullptr;
     Weight value;
@@ -153,6 +213,7 @@ int64_t Model::parameter_count() const {
   int64_t n = 0;
   for (const std::string& name : store_->names()) {
     if (name.find("running_") != std::string::npos || name.find("num_batches_tracked") != std::string::npos) continue;
+    if (config_.quant_block && name.size() > 6 && name.compare(name.size() - 6, 6, "_scale") == 0) continue;  // block scales
     n += store_->get(name).numel();
   }
   return n;

@@ -6,6 +6,24 @@ std::string router_norm_name(int64_t layer, int side, const std::string& stat) {
   return "model.layers." + std::to_string(layer) + ".router.norm" + std::to_string(side) + "." + stat;
 }
 
+bool quantized_role(TensorRole role, bool tied_embeddings) {
+  using R = TensorRole;
+  switch (role) {
+    case R::Wq: case R::Wk: case R::Wv: case R::Wo: case R::LmHead:
+    case R::U1: case R::U2: case R::U: case R::V11: case R::V12: case R::V21: case R::V22: case R::V:
+      return true;
+    case R::Embed: return tied_embeddings;
+    default: return false;
+  }
+}
+
+int quant_axis(TensorRole role) {
+  using R = TensorRole;
+  return role == R::V11 || role == R::V12 || role == R::V21 || role == R::V22 || role == R::V ? 0 : 1;
+}
+
+std::string quant_scale_name(const std::string& name) { return name + "_scale"; }
+
 std::vector<TensorSpec> tensor_table(const MonetConfig& c) {
   const int64_t d = c.hidden_size, hd = c.head_dim(), nh = c.num_attention_heads, nkv = c.num_key_value_heads;
   const int64_t E = c.moe_experts, m = c.moe_dim, H = c.moe_heads, V = c.vocab_size;

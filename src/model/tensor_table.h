@@ -37,6 +37,18 @@ struct TensorSpec {
 // num_batches_tracked counters not listed).
 std::vector<TensorSpec> tensor_table(const MonetConfig& c);
 
+// Weights `monet quantize` stores as block int8 (docs/quantization.md): the
+// attention, expert and lm_head matrices (the embedding when tied, as it is
+// the lm_head then). Norms, routers, biases and BatchNorm statistics stay in
+// full precision so that routing stays faithful.
+bool quantized_role(TensorRole role, bool tied_embeddings);
+// The dimension of the HF tensor the blocks run along: 1 (the input) for
+// linear layers; 0 (the output, hidden_size / 2) for the expert v matrices,
+// whose input is one expert's moe_dim / 2 values, fewer than a block.
+int quant_axis(TensorRole role);
+// The name of the scale tensor of a quantized weight: "<name>_scale".
+std::string quant_scale_name(const std::string& name);
+
 // "model.layers.{l}.router.norm{side}.{stat}" (side 1 or 2, stat running_mean / running_var / num_batches_tracked)
 std::string router_norm_name(int64_t layer, int side, const std::string& stat);
 

@@ -111,6 +111,20 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
 
 const DType kWeightTypes[] = {DType::F32, DType::BF16, DType::F16, DType::Q8_0};
 
+// The values Q8_0 products see of activations x[0..n): blocks of 32 with
+// d = max|x| / 127 and q = x * (1 / d) rounded to nearest even
+// (docs/quantization.md), in plain loops.
+std::vector<float> q8_activations(const float* x, int64_t n) {
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int64_t b = 0; b < n / 32; b++) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+    const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int64_t i = 0; i < 32; i++) out[size_t(b * 32 + i)] = d * std::nearbyint(x[b * 32 + i] * id);
+  }
+  return out;
+}
+
 TEST_P(BackendOps, Embed) {
   std::mt19937 rng(1);
   for (DType dt : kWeightTypes) {
@@ -140,17 +154,20 @@ TEST_P(BackendOps, Linear) {
       const std::vector<float> xh = random_vec(size_t(T * K), rng), bias = random_vec(size_t(N), rng);
       Weight bw = be->prepare(Weight::from_f32(bias.data(), 1, N, DType::F32));
       DeviceVec x(*be, xh), y(*be, size_t(T * N));
+      // Q8_0 weights multiply int8 activations (docs/quantization.md), whatever the compute.
+      const std::vector<float> xq = q ? q8_activations(xh.data(), T * K) : xh;
       for (bool with_bias : {false, true}) {
         be->linear(wp, x.get(), T, y.get(), with_bias ? &bw : nullptr);
         // bf16 compute rounds the inputs of a GEMM, and of the row kernels for
-        // bf16 weights (the same products whatever the batch size).
-        const bool rounded = bf16_compute && (T > monet::cpu::kSmallBatch || dt == DType::BF16);
+        // bf16 weights (the same products whatever the batch size); Q8_0
+        // products take int8 activations instead.
+        const bool rounded = bf16_compute && (T > monet::cpu::kSmallBatch || dt == DType::BF16) && !q;
         std::vector<double> want(size_t(T * N));
         for (int64_t t = 0; t < T; t++)
           for (int64_t n = 0; n < N; n++) {
             double s = with_bias ? bias[size_t(n)] : 0.0;
             for (int64_t k = 0; k < K; k++) {
-              const float wv = w.values[size_t(n * K + k)], xv = xh[size_t(t * K + k)];
+              const float wv = w.values[size_t(n * K + k)], xv = xq[size_t(t * K + k)];
               s += rounded ? bf16(wv) * bf16(xv) : double(wv) * xv;
             }
             want[size_t(t * N + n)] = s;
@@ -492,6 +509,10 @@ TEST_P(BackendOps, ExpertMix) {
             if (masking == 1 || (masking == 2 && t % 2 == 0)) masks[size_t(t)] = &mask;
           const std::vector<double> want = explicit_sum(s, yh, g1, g2, T, masks);
           std::vector<double> dense_out;
+          // Q8_0 u products take int8 activations (both paths): the explicit
+          // sum of the values they see.
+          const std::vector<double> want_q8 =
+              dt == DType::Q8_0 ? explicit_sum(s, q8_activations(yh.data(), T * d), g1, g2, T, masks) : want;
           for (monet::ExpertPath path : {monet::ExpertPath::Dense, monet::ExpertPath::Sparse, monet::ExpertPath::Auto}) {
             monet::ExpertMixArgs a;
             a.config = &s.c;
@@ -507,7 +528,7 @@ TEST_P(BackendOps, ExpertMix) {
             be->expert_mix(a);
             // bf16 compute rounds the inputs of the large products (u, and the
             // coefficients of v) to bf16: 2^-8 relative per input.
-            EXPECT_LT(max_rel_err(out.host(), want), bf16_compute ? 2e-2 : 1e-5)
+            EXPECT_LT(max_rel_err(out.host(), want_q8), bf16_compute ? 2e-2 : 1e-5)
                 << (dec == monet::Decompose::Vertical ? "VD " : "HD ") << monet::dtype_name(dt) << " T=" << T
                 << " masking=" << masking << " path=" << int(path);
             // bf16 weights: both paths take the same bf16-rounded inputs, so
@@ -535,6 +556,56 @@ INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends()),
                            std::replace(n.begin(), n.end(), '/', '_');
                            return n;
                          });
+
+// The Q8_0 row kernels of every level this CPU runs against plain loops:
+// activation blocks bit for bit, block dot products (odd block counts for
+// the tails, w = -128, which only a file can hold, and all-zero blocks),
+// and axpy over column ranges that cut blocks.
+TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
+  std::mt19937 rng(9);
+  for (const auto& choice : monet::cpu::kernel_sets()) {
+    if (!choice.supported) continue;
+    const monet::cpu::Q8Kernels& k = choice.set->q8_0;
+    for (int64_t nb : {1, 2, 3, 8}) {
+      const int64_t K = 32 * nb, N = 5;
+      std::vector<float> x = random_vec(size_t(8 * K), rng, 3.0f);
+      std::fill(x.begin() + K, x.begin() + K + 32, 0.0f);  // token 1's first block is zero: d = 0
+      std::vector<monet::cpu::BlockQ8Act> xq(size_t(8 * nb));
+      for (int64_t t = 0; t < 8; t++) k.quantize(x.data() + t * K, xq.data() + t * nb, K);
+      const std::vector<float> xv = q8_activations(x.data(), 8 * K);
+      for (int64_t i = 0; i < 8 * K; i++)
+        ASSERT_EQ(xq[size_t(i / 32)].d * float(xq[size_t(i / 32)].q[i % 32]), xv[size_t(i)])
+            << choice.set->name << " activation " << i;
+      TestWeight w = random_weight(N, K, DType::Q8_0, rng);
+      std::vector<uint8_t> bytes(static_cast<const uint8_t*>(w.w.data), static_cast<const uint8_t*>(w.w.data) + w.w.bytes());
+      monet::BlockQ8_0* blocks = reinterpret_cast<monet::BlockQ8_0*>(bytes.data());
+      blocks[0].q[3] = -128;  // |w| = 128 must still multiply right
+      w.values[3] = monet::f16_to_f32(blocks[0].d) * -128.0f;
+      for (int64_t T = 1; T <= 8; T++) {
+        const monet::cpu::BlockQ8Act* xs[8];
+        for (int64_t t = 0; t < T; t++) xs[t] = xq.data() + t * nb;
+        std::vector<float> y(size_t(T * N));
+        k.dot_rows(bytes.data(), w.w.row_bytes(), N, xs, T, K, y.data(), N);
+        std::vector<double> want(size_t(T * N));
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t n = 0; n < N; n++) {
+            double acc = 0;
+            for (int64_t i = 0; i < K; i++) acc += double(w.values[size_t(n * K + i)]) * xv[size_t(t * K + i)];
+            want[size_t(t * N + n)] = acc;
+          }
+        EXPECT_LT(max_rel_err(y, want), 1e-6 * std::sqrt(double(K))) << choice.set->name << " T=" << T << " K=" << K;
+      }
+      for (auto [c0, c1] : {std::pair<int64_t, int64_t>{0, K}, {5, K - 3}, {32, K}, {7, 9}}) {
+        if (c1 <= c0) continue;
+        std::vector<float> out = random_vec(size_t(K), rng);
+        std::vector<double> want(out.begin(), out.end());
+        k.axpy(bytes.data() + w.w.row_bytes(), 0.7f, out.data(), c0, c1);
+        for (int64_t c = c0; c < c1; c++) want[size_t(c)] += 0.7 * double(w.values[size_t(K + c)]);
+        EXPECT_LT(max_rel_err(out, want), 1e-6) << choice.set->name << " axpy [" << c0 << ", " << c1 << ")";
+      }
+    }
+  }
+}
 
 TEST(Backend, RefusesUnknownDeviceAndKernels) {
   monet::BackendOptions o;

@@ -135,6 +135,12 @@ void CpuBackend::dot_rows(const Weight& w, int64_t row0, int64_t nrows, const fl
 
 void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, float* out, int64_t c0,
                            int64_t c1) const {
+  if (w.dtype == DType::Q8_0) {
+    // Q8_0 rows are read in place, block by block (out is indexed from column 0).
+    for (int64_t r = 0; r < nrows; r++)
+      if (coef[r] != 0.0f) k_.q8_0.axpy(w.row(row0 + r), coef[r], out, c0, c1);
+    return;
+  }
   const RowKernels* rk = k_.rows(w.dtype);
   const size_t esize = rk ? dtype_size(w.dtype) : 4;
   for (int64_t r = 0; r < nrows; r++) {
@@ -153,9 +159,38 @@ void round_to_bf16(const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
+const BlockQ8Act* CpuBackend::quantize_activations(const float* x, int64_t T, int64_t K, int slot) const {
+  static thread_local std::vector<BlockQ8Act> buffers[2];
+  std::vector<BlockQ8Act>& q = buffers[slot];
+  const int64_t nb = K / kQ8Block;
+  if (q.size() < size_t(T * nb)) q.resize(size_t(T * nb));
+  BlockQ8Act* out = q.data();
+#pragma omp parallel for schedule(static) num_threads(threads_) if (T * K > (1 << 16))
+  for (int64_t t = 0; t < T; t++) k_.q8_0.quantize(x + t * K, out + t * nb, K);
+  return out;
+}
+
 void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
-  if (T <= kSmallBatch) {
+  if (w.dtype == DType::Q8_0 && !exact) {
+    // int8 products for every batch size (decode and prefill round alike):
+    // the activations quantized to blocks of 32 once, then integer dot
+    // products. Each thread takes blocks of 64 weight rows and applies them
+    // to the tokens kSmallBatch at a time, the rows staying in L2 between
+    // groups (docs/quantization.md).
+    const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
+    const int64_t nb = K / kQ8Block, blocks = (N + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t b = 0; b < blocks; b++) {
+      const int64_t n0 = b * 64;
+      for (int64_t t0 = 0; t0 < T; t0 += kSmallBatch) {
+        const int64_t nt = std::min<int64_t>(kSmallBatch, T - t0);
+        const BlockQ8Act* xqs[kSmallBatch];
+        for (int64_t t = 0; t < nt; t++) xqs[t] = xq + (t0 + t) * nb;
+        k_.q8_0.dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xqs, nt, K, y + t0 * N + n0, N);
+      }
+    }
+  } else if (T <= kSmallBatch) {
     // Streaming: every weight row is read once and applied to all T rows.
     if (!exact && rounds_inputs(w)) {
       // The GEMM's bf16 products, so that a token's result does not depend on

@@ -50,6 +50,9 @@ class CpuBackend final : public Backend {
   // out[c] += sum_r coef[r] * w[row0 + r, c] over columns [c0, c1)
   void axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const float* coef, float* out, int64_t c0,
                  int64_t c1) const;
+  // The T rows x[T, K] as Q8 activation blocks [T, K / 32], in the calling
+  // thread's buffer `slot` (0 or 1), valid until its next call with that slot.
+  const BlockQ8Act* quantize_activations(const float* x, int64_t T, int64_t K, int slot) const;
 
  private:
   // r1, r2: the kept (token, expert) entries of each side (expert_mix.cpp)

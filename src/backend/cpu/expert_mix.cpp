@@ -232,6 +232,8 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       y = y_rounded.data();
     }
     const float* bv = static_cast<const float*>(bias.data);
+    // Q8_0 u: every token's y quantized once, then int8 products (linear's small batches alike).
+    const BlockQ8Act* yq = u.dtype == DType::Q8_0 ? quantize_activations(a.y, T, d, 1) : nullptr;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
     for (int64_t i = 0; i < E; i++) {
       const float* rows[kSmallBatch];
@@ -244,7 +246,11 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
           ids[k] = r.by_expert[size_t(p + k)];
           rows[k] = y + int64_t(r.token[size_t(ids[k])]) * d;
         }
-        if (rk) {
+        if (yq) {
+          const BlockQ8Act* qrows[kSmallBatch];
+          for (int64_t k = 0; k < nt; k++) qrows[k] = yq + int64_t(r.token[size_t(ids[k])]) * (d / kQ8Block);
+          k_.q8_0.dot_rows(u.row(i * w), u.row_bytes(), w, qrows, nt, d, out, w);
+        } else if (rk) {
           // The expert's w rows together: several rows stream at once.
           rk->dot_rows(u.row(i * w), u.row_bytes(), w, rows, nt, d, out, w);
         } else {

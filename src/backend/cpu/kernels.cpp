@@ -22,7 +22,9 @@ std::vector<KernelChoice> kernel_sets() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
-  return {{&avx512bf16::kKernels, avx512 && __builtin_cpu_supports("avx512bf16")},
+  // (Every CPU with AVX-512-BF16 has AVX-512-VNNI, the int8 dot products of the Q8_0 kernels.)
+  return {{&avx512bf16::kKernels,
+           avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")},
           {&avx512::kKernels, avx512},
           {&avx2::kKernels, avx2},
           {&generic::kKernels, true}};

@@ -3,6 +3,8 @@
 // at run time from what the CPU supports, so one portable binary runs the
 // AVX-512 loops where they exist and plain ones elsewhere.
 #pragma once
+#include <algorithm>  // (kernels_impl.inc is included inside a namespace: its std headers come from here)
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -30,9 +32,32 @@ struct RowKernels {
   void (*to_f32)(const void* row, float* out, int64_t n);
 };
 
+// Activations multiplied with Q8_0 weights (docs/quantization.md): blocks of
+// kQ8Block int8 values with a float32 scale, d = max|x| / 127 and
+// q = x * (1 / d) rounded to nearest even (every level rounds alike, so the
+// blocks are identical whatever the level).
+struct BlockQ8Act {
+  float d;
+  int8_t q[kQ8Block];
+};
+
+// Loops over Q8_0 weight rows: integer dot products of 32-value blocks,
+// scaled by the weight block's and the activation block's scales.
+struct Q8Kernels {
+  // x[0..K) as K / kQ8Block activation blocks (K a multiple of kQ8Block)
+  void (*quantize)(const float* x, BlockQ8Act* out, int64_t K);
+  // y[t * ystride + r] = sum_b dw[r,b] dx[t,b] (qw[r,b] . qx[t,b]) for r < nrows Q8_0
+  // rows `row_bytes` apart, t < T <= kSmallBatch
+  void (*dot_rows)(const void* rows, size_t row_bytes, int64_t nrows, const BlockQ8Act* const* x, int64_t T,
+                   int64_t K, float* y, int64_t ystride);
+  // out[c] += coef * d[c / 32] * q[c] for c in [c0, c1) of one Q8_0 row
+  void (*axpy)(const void* row, float coef, float* out, int64_t c0, int64_t c1);
+};
+
 struct KernelSet {
   const char* name;           // "avx512bf16", "avx512", "avx2", "generic"
   RowKernels f32, f16, bf16;
+  Q8Kernels q8_0;
   // n floats rounded to bf16 (nearest even), two per 32-bit word: out[i/2]
   void (*pack_bf16_pairs)(const float* x, uint32_t* out, int64_t n);
   float (*dot)(const float* a, const float* b, int64_t n);           // sum a[i] b[i]
