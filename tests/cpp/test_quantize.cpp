@@ -15,51 +15,20 @@
 #include "monet/quantize.h"
 #include "monet/safetensors.h"
 #include "temp_dir.h"
+#include "tiny_checkpoint.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
 monet::MonetConfig tiny_config(monet::Decompose dec) {
-  monet::MonetConfig c;
-  c.vocab_size = 97;
-  c.hidden_size = 64;  // u rows: 2 blocks; v rows (d/2): 1 block
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.max_position_embeddings = 128;
-  c.moe_dim = 8;
-  c.moe_heads = 4;
-  c.moe_experts = 16;
-  c.moe_topk = 3;
-  c.moe_groups = 2;
-  c.moe_decompose = dec;
-  return c;
+  return monet_test::tiny_config(dec, 2);  // u rows (d = 64): 2 blocks; v rows (d/2): 1 block
 }
 
-// Random F32 weights N(0, 0.3/sqrt(cols)), norms around 1, BatchNorm
-// statistics at the router logits' scale (as test_model.cpp).
+// A random F32 checkpoint, with a tokenizer file that quantize copies along.
 void write_checkpoint(const std::string& dir, const monet::MonetConfig& c, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<std::vector<float>> values;
-  std::vector<monet::TensorToWrite> tensors;
-  for (const monet::TensorSpec& t : monet::tensor_table(c)) {
-    int64_t n = 1;
-    for (int64_t s : t.shape) n *= s;
-    std::vector<float> v(static_cast<size_t>(n));
-    std::normal_distribution<float> nd(0.0f, float(0.3 / std::sqrt(double(t.shape.back()))));
-    for (float& x : v) x = nd(rng);
-    if (t.kind == monet::TensorKind::Norm)
-      for (float& x : v) x += 1.0f;
-    if (t.kind == monet::TensorKind::RunningStat)
-      for (float& x : v) x = t.name.find("running_var") != std::string::npos ? 0.09f : 0.0f;
-    values.push_back(std::move(v));
-    tensors.push_back({t.name, monet::DType::F32, t.shape, values.back().data()});
-  }
-  fs::create_directories(dir);
-  monet::write_safetensors(dir + "/model.safetensors", tensors);
-  monet::write_file_atomic(dir + "/config.json", monet::config_to_json(c));
-  monet::write_file_atomic(dir + "/tokenizer.json", "{}");  // copied along
+  monet_test::write_checkpoint(dir, c, monet::DType::F32, seed);
+  monet::write_file_atomic(dir + "/tokenizer.json", "{}");
 }
 
 struct RunResult {
