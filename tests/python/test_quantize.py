@@ -114,3 +114,19 @@ def test_tied_embeddings_are_quantized_as_the_lm_head(monet_bin, tmp_path):
     t = read_safetensors(os.path.join(q8, "model.safetensors"))
     assert t["model.embed_tokens.weight"].dtype == np.int8 and "lm_head.weight" not in t
     assert monet(monet_bin, "generate", "--model", q8, "--ids", IDS, "-n", "3")
+
+
+def test_python_package_loads_it(monet_bin, quantized, tmp_path):
+    """`import monet` loads a q8_0 copy as the CLI does: the same logits and routing."""
+    from conftest import require
+    monet_py = require("monet", "the Python package: bash scripts/build_python.sh")
+    q8 = quantized
+    ids = [int(i) for i in IDS.split(",")]
+    got = monet_py.Model(q8, compute="f32").forward(ids)
+    monet(monet_bin, "forward", "--model", q8, "--ids", IDS, "--out", tmp_path / "cli.st", "--compute", "f32")
+    want = read_safetensors(str(tmp_path / "cli.st"))
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=0, atol=1e-5 * np.abs(want["logits"]).max())
+    routers = [k for k in want if k.startswith("router.")]
+    assert routers
+    for k in routers:
+        np.testing.assert_array_equal(got[k] > 0, want[k] > 0, err_msg=k)
