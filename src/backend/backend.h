@@ -107,8 +107,8 @@ class Backend {
 // oneDNN; emulated exactly elsewhere). Auto: BF16 for bf16 weights where the
 // CPU multiplies bf16 natively (twice float32's rate with AVX-512-BF16, more
 // with AMX), F32 otherwise. Small batches (the row kernels) and the sparse
-// experts round their inputs the same way, so a token's result does not depend
-// on the batch it runs in; the routers are float32 in every mode.
+// experts round their inputs the same way (the paths then differ by float32
+// summation order, not by bf16 rounding); the routers are float32 in every mode.
 // docs/architecture.md, "Accuracy and speed of bf16 products".
 enum class Compute { Auto, F32, BF16 };
 

@@ -193,8 +193,8 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
   } else if (T <= kSmallBatch) {
     // Streaming: every weight row is read once and applied to all T rows.
     if (!exact && rounds_inputs(w)) {
-      // The GEMM's bf16 products, so that a token's result does not depend on
-      // the size of the batch it runs in (bf16 x bf16 is exact in float32).
+      // The GEMM's bf16 products, so that a batch's size does not decide how
+      // its inputs are rounded (bf16 x bf16 is exact in float32).
       float* rounded = thread_scratch(7, size_t(T * K));
       round_to_bf16(x, T * K, rounded);
       x = rounded;
