@@ -227,8 +227,10 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     x.resize(size_t(r.token.size()) * size_t(w));
     const float* y = a.y;
     if (rounds_inputs(u)) {
-      y_rounded.resize(size_t(T * d));
-      round_to_bf16(a.y, T * d, y_rounded.data());
+      if (y_rounded.empty()) {  // once for both sides (VD)
+        y_rounded.resize(size_t(T * d));
+        round_to_bf16(a.y, T * d, y_rounded.data());
+      }
       y = y_rounded.data();
     }
     const float* bv = static_cast<const float*>(bias.data);

@@ -157,12 +157,11 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
   const bool round = compute == GemmCompute::BF16;
   const int64_t N = transposed ? W.rows : W.cols, K = transposed ? W.cols : W.rows;
   ScopedThreads blas_threads(threads);  // OpenBLAS (OpenMP build) follows the calling thread's setting
-  auto rounded = [](float x) { return bf16_to_f32(f32_to_bf16(x)); };
   static thread_local std::vector<float> a_rounded, chunk;
   if (round) {
     a_rounded.resize(size_t(M * K));
     for (int64_t m = 0; m < M; m++)
-      for (int64_t kk = 0; kk < K; kk++) a_rounded[size_t(m * K + kk)] = rounded(A[m * lda + kk]);
+      round_to_bf16(A + m * lda, K, a_rounded.data() + m * K);
     A = a_rounded.data();
     lda = K;
   }
@@ -182,8 +181,7 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
     for (int64_t r = 0; r < nr; r++) {
       float* dst = wc + r * W.cols;
       weight_segment(k, W, r0 + r, 0, W.cols, dst, thread_scratch(3, size_t(W.cols) + 64));
-      if (round)
-        for (int64_t c = 0; c < W.cols; c++) dst[c] = rounded(dst[c]);
+      if (round) round_to_bf16(dst, W.cols, dst);
     }
     if (transposed)  // C[:, r0:r0+nr] (+)= A . Wc^T
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nr), int(K), 1.0f, A, int(lda), wc,
