@@ -1,12 +1,13 @@
 // monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
 //   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute auto|f32|bf16]
-//               [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W]
+//               [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W] [--experts auto|dense|sparse]
 // With --batch B, B sequences (each its own P-token prompt and cache) decode
 // together: one batched forward step per token position, B tokens each.
 // --ids: the prompt of batch 1 (instead of a pseudo-random one); --logits and
 // --routing: what the prefill returns (all logits and the router
-// probabilities: `monet forward`'s outputs, bench/bench_python.py).
+// probabilities: `monet forward`'s outputs, bench/bench_python.py). --experts:
+// the expert path of every forward (auto: chosen per layer from the density).
 // Timings are the best of R repeats, after W untimed ones (a process's first
 // passes compile matrix-product primitives for new row counts).
 #include <algorithm>
@@ -31,7 +32,7 @@ int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir, compute = "auto", ids_text, logits_mode = "last";
+  std::string model_dir, compute = "auto", ids_text, logits_mode = "last", experts = "auto";
   int threads = 0, routing = 0;
   int64_t prompt = 64, decode = 32, batch = 1, repeat = 1, warmup = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -46,6 +47,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--logits")) logits_mode = argv[i + 1];
     else if (!std::strcmp(argv[i], "--routing")) routing = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--experts")) experts = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
@@ -59,9 +61,11 @@ int main(int argc, char** argv) {
   }
   if (!given_ids.empty()) prompt = int64_t(given_ids.size());
   if (model_dir.empty() || prompt < 1 || decode < 1 || batch < 1 || repeat < 1 || warmup < 0 ||
-      (logits_mode != "last" && logits_mode != "all") || (!given_ids.empty() && batch != 1)) {
+      (logits_mode != "last" && logits_mode != "all") ||
+      (experts != "auto" && experts != "dense" && experts != "sparse") || (!given_ids.empty() && batch != 1)) {
     std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] "
-                         "[--compute auto|f32|bf16] [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W]\n");
+                         "[--compute auto|f32|bf16] [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W] "
+                         "[--experts auto|dense|sparse]\n");
     return 2;
   }
   try {
@@ -95,6 +99,10 @@ int main(int argc, char** argv) {
       model->forward(warm, &t, 1, logits, fo);
     }
 
+    monet::BatchOptions bo;
+    bo.expert_path = experts == "dense"    ? monet::ExpertPath::Dense
+                     : experts == "sparse" ? monet::ExpertPath::Sparse
+                                           : monet::ExpertPath::Auto;
     double best_prefill = 1e300, best_decode = 1e300;
     double expert_fraction = 0;
     for (int64_t rep = -warmup; rep < repeat; rep++) {
@@ -118,7 +126,7 @@ int main(int argc, char** argv) {
         seqs[size_t(b)].routing = routing ? &prefill_routing[size_t(b)] : nullptr;
       }
       auto t0 = std::chrono::steady_clock::now();
-      model->forward_batch(seqs);
+      model->forward_batch(seqs, bo);
       if (timed) best_prefill = std::min(best_prefill, seconds_since(t0));
       for (int64_t b = 0; b < batch; b++) {  // decode from the last position's logits
         seqs[size_t(b)].logits = monet::Logits::Last;
@@ -139,7 +147,7 @@ int main(int argc, char** argv) {
           seqs[size_t(b)].routing = &caps[size_t(b)];
         }
         auto ts = std::chrono::steady_clock::now();
-        model->forward_batch(seqs);
+        model->forward_batch(seqs, bo);
         decode_s += seconds_since(ts);
         for (const monet::RouterCapture& cap : caps)
           for (size_t r = 0; r < cap.g1.size(); r++)
