@@ -299,11 +299,29 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       const int64_t chunk = ((N + nt - 1) / nt + 15) / 16 * 16;  // whole vectors per thread
       const int64_t c0 = std::min(N, tid * chunk), c1 = std::min(N, c0 + chunk);
       for (int64_t t = 0; t < T && c0 < c1; t++) std::fill(a.out + t * d + col0 + c0, a.out + t * d + col0 + c1, 0.0f);
+      // All terms' rows of an entry in one pass over its columns when the
+      // v slices share a row kernel (the same sums as row after row).
+      const RowKernels* rk = k_.rows(terms[0].v->dtype);
+      for (int k = 1; k < n_terms; k++)
+        if (terms[k].v->dtype != terms[0].v->dtype) rk = nullptr;
+      if (n_terms * w > kMaxAxpyRows) rk = nullptr;
+      const void* rows[kMaxAxpyRows];
+      float coefs[kMaxAxpyRows];
       for (int64_t i = 0; i < E && c0 < c1; i++)
         for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p++) {
           const int64_t e = r.by_expert[size_t(p)];
           float* out = a.out + int64_t(r.token[size_t(e)]) * d + col0;
-          for (int k = 0; k < n_terms; k++) axpy_rows(*terms[k].v, i * w, w, terms[k].coef->data() + e * w, out, c0, c1);
+          if (rk) {
+            const size_t esize = dtype_size(terms[0].v->dtype);
+            for (int k = 0; k < n_terms; k++)
+              for (int64_t j = 0; j < w; j++) {
+                rows[k * w + j] = terms[k].v->row(i * w + j) + size_t(c0) * esize;
+                coefs[k * w + j] = (*terms[k].coef)[size_t(e * w + j)];
+              }
+            rk->axpy_multi(rows, coefs, n_terms * w, out + c0, c1 - c0);
+          } else {
+            for (int k = 0; k < n_terms; k++) axpy_rows(*terms[k].v, i * w, w, terms[k].coef->data() + e * w, out, c0, c1);
+          }
           axpy_rows(b, i, 1, &bias_coef[size_t(e)], out, c0, c1);
         }
     }

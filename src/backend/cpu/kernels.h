@@ -17,6 +17,8 @@ namespace monet::cpu {
 // weight row read once from memory and applied to every row from
 // registers/L1); larger batches go to GEMMs. The one small-batch cut-off.
 constexpr int64_t kSmallBatch = 8;
+// The most rows one axpy_multi call takes (callers split longer lists).
+constexpr int64_t kMaxAxpyRows = 64;
 
 // Loops over one weight row in a given dtype. `row` points at the row's
 // first element (F32, F16, BF16; never Q8_0, whose rows are widened first).
@@ -28,6 +30,9 @@ struct RowKernels {
                    float* y, int64_t ystride);
   // out[c] += coef * row[c] for c < n
   void (*axpy)(const void* row, float coef, float* out, int64_t n);
+  // out[c] += sum_r coef[r] * rows[r][c] for c < n, r < nrows <= kMaxAxpyRows:
+  // the same sums as axpy row after row, out read and written once
+  void (*axpy_multi)(const void* const* rows, const float* coef, int64_t nrows, float* out, int64_t n);
   // out[c] = float(row[c]) for c < n
   void (*to_f32)(const void* row, float* out, int64_t n);
 };
