@@ -133,6 +133,40 @@ bool bf16_tiles() {
 
 void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, int64_t lda, int64_t M, const Weight& W,
           bool transposed, float* C, int64_t ldc, bool accumulate) {
+  if (compute == GemmCompute::F32Split && W.dtype == DType::BF16 && bf16_tiles()) {
+    // a16 [3M, K]: the hi parts of A's rows, then the mid parts, then the lo parts.
+    const int64_t K = transposed ? W.cols : W.rows, N = transposed ? W.rows : W.cols;
+    static thread_local std::vector<uint16_t> a16;
+    static thread_local std::vector<float> parts;  // [3M, N]: the three partial products
+    a16.resize(size_t(3 * M * K));
+    parts.resize(size_t(3 * M * N));
+    uint16_t* hi = a16.data();
+    uint16_t* mid = hi + M * K;
+    uint16_t* lo = mid + M * K;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t kk = 0; kk < K; kk++) {
+        // Each remainder is exact in float32 (a float minus its nearest bf16).
+        const float x = A[m * lda + kk];
+        const uint16_t h = f32_to_bf16(x);
+        const float r1 = x - bf16_to_f32(h);
+        const uint16_t d = f32_to_bf16(r1);
+        hi[m * K + kk] = h;
+        mid[m * K + kk] = d;
+        lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
+      }
+    float* P = parts.data();
+    Bf16Matmul::instance().run(threads, a16.data(), 3 * M, W, transposed, P, N, /*accumulate=*/false);
+    const float* p_mid = P + M * N;
+    const float* p_lo = p_mid + M * N;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * N > (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t n = 0; n < N; n++) {
+        const float v = P[m * N + n] + (p_mid[m * N + n] + p_lo[m * N + n]);
+        C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
+      }
+    return;
+  }
   if (compute == GemmCompute::BF16 && W.dtype == DType::BF16 && bf16_products_native()) {
     // Activations rounded to bf16 (nearest even), then oneDNN.
     const int64_t K = transposed ? W.cols : W.rows;

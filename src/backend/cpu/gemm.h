@@ -11,8 +11,14 @@ namespace monet::cpu {
 
 // The arithmetic of the products: F32 is exact float32 (weights widened);
 // BF16 rounds the activations to bf16 and multiplies them with bf16 weights,
-// summing in float32 (emulated exactly where the CPU cannot).
-enum class GemmCompute { F32, BF16 };
+// summing in float32 (emulated exactly where the CPU cannot). F32Split is
+// float32 for bf16 weights on AMX: each activation split into three bf16
+// parts whose sum is the activation exactly (hi + mid + lo: 3 x 8 bits of
+// its 24-bit significand), every part's products with the weights exact in
+// float32 and summed in float32 by the tiles, then the three results added
+// (lo + mid first). The same products as F32, other float32 roundings in the
+// sums; anything else falls back to F32.
+enum class GemmCompute { F32, BF16, F32Split };
 
 // The CPU multiplies bf16 natively (AVX-512-BF16 or AMX) / with AMX tiles.
 bool bf16_products_native();
