@@ -81,6 +81,19 @@ double max_rel_err(const std::vector<float>& got, const std::vector<double>& wan
   return num / std::max(den, 1e-30);
 }
 
+// want[t * N + n] = sum_k w[n * K + k] x[t * K + k], in double.
+std::vector<double> reference_products(const std::vector<float>& w, const std::vector<float>& x, int64_t T, int64_t N,
+                                       int64_t K) {
+  std::vector<double> want(size_t(T * N));
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t n = 0; n < N; n++) {
+      double s = 0;
+      for (int64_t k = 0; k < K; k++) s += double(w[size_t(n * K + k)]) * x[size_t(t * K + k)];
+      want[size_t(t * N + n)] = s;
+    }
+  return want;
+}
+
 // Backend memory holding a host vector (host memory on the CPU backend; the
 // copies make the harness right for device backends too).
 struct DeviceVec {
@@ -196,14 +209,7 @@ TEST_P(BackendOps, ExactLinearAtRouterDepth) {
     const std::vector<float> xh = random_vec(size_t(T * K), rng);
     DeviceVec x(*be, xh), y(*be, size_t(T * N));
     be->linear(wp, x.get(), T, y.get(), nullptr, /*exact=*/true);
-    std::vector<double> want(size_t(T * N));
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t n = 0; n < N; n++) {
-        double s = 0;
-        for (int64_t k = 0; k < K; k++) s += double(w.values[size_t(n * K + k)]) * xh[size_t(t * K + k)];
-        want[size_t(t * N + n)] = s;
-      }
-    EXPECT_LT(max_rel_err(y.host(), want), 1e-6) << monet::dtype_name(dt);
+    EXPECT_LT(max_rel_err(y.host(), reference_products(w.values, xh, T, N, K)), 1e-6) << monet::dtype_name(dt);
   }
 }
 
@@ -615,14 +621,7 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
         for (int64_t t = 0; t < T; t++) xs[t] = xq.data() + t * nb;
         std::vector<float> y(size_t(T * N));
         k.dot_rows(bytes.data(), w.w.row_bytes(), N, xs, T, K, y.data(), N);
-        std::vector<double> want(size_t(T * N));
-        for (int64_t t = 0; t < T; t++)
-          for (int64_t n = 0; n < N; n++) {
-            double acc = 0;
-            for (int64_t i = 0; i < K; i++) acc += double(w.values[size_t(n * K + i)]) * xv[size_t(t * K + i)];
-            want[size_t(t * N + n)] = acc;
-          }
-        EXPECT_LT(max_rel_err(y, want), 1e-6 * std::sqrt(double(K))) << choice.set->name << " T=" << T << " K=" << K;
+        EXPECT_LT(max_rel_err(y, reference_products(w.values, xv, T, N, K)), 1e-6 * std::sqrt(double(K))) << choice.set->name << " T=" << T << " K=" << K;
       }
       for (auto [c0, c1] : {std::pair<int64_t, int64_t>{0, K}, {5, K - 3}, {32, K}, {7, 9}}) {
         if (c1 <= c0) continue;
