@@ -5,7 +5,8 @@ same result (per router group and expert: fire count above --threshold, max
 probability, the top-k activations with their contexts, written to SQLite).
 
     /usr/bin/python3 bench/bench_index.py [--corpus FILES...] [--model DIR] [--threads 2]
-                                          [--context 256] [--top-k 32] [--max-tokens N] [--peer-dtypes bf16,f32]
+                                          [--context 256] [--top-k 32] [--max-tokens N] [--compute auto|f32|bf16]
+                                          [--peer-dtypes bf16,f32]
 
 The corpus defaults to data/corpus/*.txt (bash scripts/fetch_corpus.sh makes
 it). Ours: `monet index` end to end (tokenising, the routing-only forward,
@@ -76,7 +77,8 @@ def flops_per_token(c: dict, context: int) -> float:
 
 def run_ours(a, files: list[str], db: str) -> dict:
     cmd = [BINARY, "index", "--model", a.model, "--corpus", *files, "--out", db, "--threads", str(a.threads),
-           "--context", str(a.context), "--top-k", str(a.top_k), "--threshold", str(a.threshold)]
+           "--context", str(a.context), "--top-k", str(a.top_k), "--threshold", str(a.threshold),
+           "--compute", a.compute]
     if a.max_tokens:
         cmd += ["--max-tokens", str(a.max_tokens)]
     t0 = time.perf_counter()
@@ -259,6 +261,8 @@ def parse_args():
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--threshold", type=float, default=0.01)
     ap.add_argument("--max-tokens", type=int, default=0, help="index only about this many tokens (0: all)")
+    ap.add_argument("--compute", default="auto", choices=["auto", "f32", "bf16"],
+                    help="monet's products (f32 with --peer-dtypes f32: the same arithmetic, for the agreement check)")
     ap.add_argument("--peer-dtypes", default="bf16,f32")
     ap.add_argument("--peer-batch", type=int, default=8, help="windows per peer forward")
     ap.add_argument("--skip-peer", action="store_true")
