@@ -178,17 +178,15 @@ TEST_P(BackendOps, Linear) {
           // bf16 weights (the same products whatever the batch size); Q8_0
           // products take int8 activations instead.
           const bool rounded = !exact && bf16_compute && (T > monet::cpu::kSmallBatch || dt == DType::BF16) && !q;
-          const std::vector<float>& xv_of = exact ? xh : xq;
-          std::vector<double> want(size_t(T * N));
-          for (int64_t t = 0; t < T; t++)
-            for (int64_t n = 0; n < N; n++) {
-              double s = with_bias ? bias[size_t(n)] : 0.0;
-              for (int64_t k = 0; k < K; k++) {
-                const float wv = w.values[size_t(n * K + k)], xv = xv_of[size_t(t * K + k)];
-                s += rounded ? bf16(wv) * bf16(xv) : double(wv) * xv;
-              }
-              want[size_t(t * N + n)] = s;
-            }
+          std::vector<float> wv = w.values, xv = exact ? xh : xq;
+          if (rounded) {
+            for (float& v : wv) v = float(bf16(v));
+            for (float& v : xv) v = float(bf16(v));
+          }
+          std::vector<double> want = reference_products(wv, xv, T, N, K);
+          if (with_bias)
+            for (int64_t t = 0; t < T; t++)
+              for (int64_t n = 0; n < N; n++) want[size_t(t * N + n)] += bias[size_t(n)];
           EXPECT_LT(max_rel_err(y.host(), want), 2e-6 * std::sqrt(double(K)))
               << monet::dtype_name(dt) << " T=" << T << " N=" << N << " K=" << K << " bias=" << with_bias
               << " exact=" << exact;

@@ -216,10 +216,9 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
         k_.f32.dot_multi(row_f32(w, n, thread_scratch(5, size_t(K))), xs, T, K, y + n, N);
     }
   } else {
-    // Exact products on AMX split the inputs (GemmCompute::F32Split) unless
-    // --compute f32 asks for OpenBLAS's float32 throughout.
-    const GemmCompute exact_products =
-        compute_ != Compute::F32 && w.dtype == DType::BF16 && bf16_tiles() ? GemmCompute::F32Split : GemmCompute::F32;
+    // Exact products split the inputs where gemm can (bf16 weights on AMX,
+    // GemmCompute::F32Split) unless --compute f32 asks for OpenBLAS throughout.
+    const GemmCompute exact_products = compute_ == Compute::F32 ? GemmCompute::F32 : GemmCompute::F32Split;
     gemm(k_, threads_, exact ? exact_products : products(w), x, K, T, w, /*transposed=*/true, y, N,
          /*accumulate=*/false);
   }
