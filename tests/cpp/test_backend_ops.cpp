@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/amx.h"
 #include "backend/cpu/kernels.h"
 #include "monet/error.h"
 #include "monet/mask.h"
@@ -410,13 +411,13 @@ struct ExpertSetup {
   std::vector<float> bias1, bias2;
 };
 
-ExpertSetup make_experts(Backend& be, monet::Decompose decompose, DType dt, std::mt19937& rng) {
+ExpertSetup make_experts(Backend& be, monet::Decompose decompose, DType dt, std::mt19937& rng, int64_t moe_dim = 6) {
   ExpertSetup s;
   monet::MonetConfig& c = s.c;
   c.hidden_size = 64;  // Q8_0 rows need whole blocks of 32 (u rows have d values; v^T rows d/2)
   c.moe_experts = 24;
   c.moe_heads = 3;
-  c.moe_dim = 6;
+  c.moe_dim = moe_dim;
   c.moe_decompose = decompose;
   c.num_hidden_layers = 1;
   c.moe_groups = 1;
@@ -508,13 +509,16 @@ std::vector<double> explicit_sum(const ExpertSetup& s, const std::vector<float>&
 
 // The dense and sparse paths (and Auto) compute the explicit sum, with and
 // without masks; tokens of one call may carry different masks (a batch of
-// sequences), with removal (scale 0) and amplification (scale 2).
+// sequences), with removal (scale 0) and amplification (scale 2). The last
+// shape (bf16 weights, 96 tokens, expert width 8 / 16) gives the sparse path's
+// AMX tiles several 16-token chunks of one expert at the released models' widths.
 TEST_P(BackendOps, ExpertMix) {
   std::mt19937 rng(8);
   for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
     for (DType dt : kWeightTypes)
-      for (int64_t T : {1, 5, 12}) {
-        ExpertSetup s = make_experts(*be, dec, dt, rng);
+      for (auto [T, moe_dim] : {std::pair<int64_t, int64_t>{1, 6}, {5, 6}, {12, 6}, {96, 16}}) {
+        if (T == 96 && dt != DType::BF16) continue;
+        ExpertSetup s = make_experts(*be, dec, dt, rng, moe_dim);
         const int64_t d = s.c.hidden_size, H = s.c.moe_heads, E = s.c.moe_experts;
         // Sparse probabilities: each head keeps 1-3 experts.
         std::vector<float> g1(size_t(T * H * E), 0.0f), g2(g1.size(), 0.0f);
@@ -631,6 +635,72 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
       }
     }
   }
+}
+
+// The AMX tile kernels of the sparse experts against plain loops over the
+// same bf16 values: the u products (expert widths 3, 8 and 16, depths with an
+// odd number of 32-value steps, partial tiles) and the v products (odd and
+// even row counts, column counts with and without a last single block).
+TEST(AmxKernels, AgainstPlainLoops) {
+  namespace amx = monet::cpu::amx;
+  if (!amx::usable()) GTEST_SKIP() << "this CPU has no AMX tiles (the sparse experts use the row kernels)";
+  std::mt19937 rng(10);
+  auto bf16_values = [&](int64_t n, std::vector<uint16_t>& bits) {
+    std::vector<float> v = random_vec(size_t(n), rng);
+    bits.resize(size_t(n));
+    for (int64_t i = 0; i < n; i++) {
+      bits[size_t(i)] = monet::f32_to_bf16(v[size_t(i)]);
+      v[size_t(i)] = monet::bf16_to_f32(bits[size_t(i)]);
+    }
+    return v;
+  };
+  for (int64_t w : {3, 8, 16})
+    for (int64_t K : {32, 96, 2048}) {
+      std::vector<uint16_t> ub, yb;
+      const std::vector<float> u = bf16_values(w * K, ub), y = bf16_values(16 * K, yb);
+      std::vector<uint32_t> packed(size_t(K / 2 * w));
+      amx::pack_u(ub.data(), size_t(K) * 2, w, K, packed.data());
+      for (int64_t nt : {1, 5, 16}) {
+        const uint16_t* rows[16];
+        for (int64_t t = 0; t < nt; t++) rows[t] = yb.data() + (15 - t) * K;  // any rows, any order
+        std::vector<float> c(size_t(16 * w));
+        amx::dot_tile(rows, nt, packed.data(), w, K, c.data());
+        std::vector<float> got(c.begin(), c.begin() + nt * w), y_rows;
+        for (int64_t t = 0; t < nt; t++) y_rows.insert(y_rows.end(), y.begin() + (15 - t) * K, y.begin() + (16 - t) * K);
+        EXPECT_LT(max_rel_err(got, reference_products(u, y_rows, nt, w, K)), 1e-6)
+            << "dot_tile w=" << w << " K=" << K << " nt=" << nt;
+      }
+    }
+  for (int64_t n_rows : {7, 17, 32})
+    for (int64_t N : {16, 48, 80}) {
+      std::vector<uint16_t> vb, ab;
+      const std::vector<float> v = bf16_values(n_rows * N, vb);
+      const int64_t pair_rows = (n_rows + 1) / 2, lda = 2 * pair_rows;
+      std::vector<float> a = bf16_values(16 * lda, ab);
+      for (int64_t t = 0; t < 16; t++)  // the odd row's partner column holds zeros (as the callers')
+        if (n_rows % 2) {
+          ab[size_t(t * lda + n_rows)] = 0;
+          a[size_t(t * lda + n_rows)] = 0.0f;
+        }
+      std::vector<const uint16_t*> rows;
+      for (int64_t j = 0; j < n_rows; j++) rows.push_back(vb.data() + j * N);
+      std::vector<uint32_t> packed(size_t(pair_rows * N));
+      amx::pack_pairs(rows.data(), n_rows, N, packed.data());
+      for (int64_t nt : {1, 9, 16}) {
+        std::vector<float> out = random_vec(size_t(16 * (N + 3)), rng);  // rows N + 3 apart
+        std::vector<double> want(out.begin(), out.end());
+        float* outs[16];
+        for (int64_t t = 0; t < nt; t++) {
+          outs[t] = out.data() + (15 - t) * (N + 3);
+          for (int64_t n = 0; n < N; n++)
+            for (int64_t j = 0; j < n_rows; j++)
+              want[size_t((15 - t) * (N + 3) + n)] += double(a[size_t(t * lda + j)]) * v[size_t(j * N + n)];
+        }
+        std::vector<float> products(size_t(16 * N));
+        amx::axpy_tile(ab.data(), lda, pair_rows, packed.data(), N, outs, nt, products.data());
+        EXPECT_LT(max_rel_err(out, want), 1e-6) << "axpy_tile rows=" << n_rows << " N=" << N << " nt=" << nt;
+      }
+    }
 }
 
 TEST(Backend, RefusesUnknownDeviceAndKernels) {
