@@ -47,6 +47,13 @@ namespace {
 // Above this fraction of kept (token, expert slice) pairs the dense GEMMs
 // are faster than the sparse path (expert_mix).
 constexpr double kSparseMaxDensity = 0.2;
+// Slices selected by at least this many tokens take the AMX tiles: packing a
+// slice for the tiles costs about what a few tokens' products do (prefill
+// 128/512 tokens at the 1.4B shape: 4, 6 and 8 within 5 % of each other;
+// 1: 5 % slower, and decode 17 % slower), and batches of up to kSmallBatch
+// tokens (decode) then never pack.
+constexpr int64_t kTileMinTokens = kSmallBatch;
+static_assert(amx::kTileRows >= kSmallBatch, "a tile's ids hold a row pass's");
 
 SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
   SideEntries s;
@@ -244,40 +251,17 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
         x[size_t(ids[k] * w + row)] = v * v;
       }
   };
-  // On AMX: each selected slice packed once into the tile layout, then its
-  // tokens' rows gathered 16 at a time into an activation tile.
-  auto tile_activations = [&](const Weight& u, const float* bv, const SideEntries& r, std::vector<float>& x) {
-    if (y16.empty()) {  // once for both sides (VD)
+  auto activations = [&](const Weight& u, const Weight& bias, const SideEntries& r, std::vector<float>& x) {
+    x.resize(size_t(r.token.size()) * size_t(w));
+    const float* bv = static_cast<const float*>(bias.data);
+    // On AMX: a slice with enough tokens is packed once into the tile
+    // layout, then its tokens' rows are gathered 16 at a time.
+    const bool tiles = d % 32 == 0 && w <= 16 && tiles_take(u, rounds_inputs(u));
+    if (tiles && y16.empty()) {  // once for both sides (VD)
       y16.resize(size_t(T * ld16));
 #pragma omp parallel for schedule(static) num_threads(threads_)
       for (int64_t t = 0; t < T; t++)
         k_.pack_bf16_pairs(a.y + t * d, reinterpret_cast<uint32_t*>(y16.data() + t * ld16), d);
-    }
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
-    for (int64_t i = 0; i < E; i++) {
-      const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
-      if (p0 == p1) continue;
-      uint32_t* packed = reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(d / 2 * w)));
-      float* out = thread_scratch(6, size_t(amx::kTileRows * w));
-      amx::pack_u(reinterpret_cast<const uint16_t*>(u.row(i * w)), u.row_bytes(), w, d, packed);
-      int64_t ids[amx::kTileRows];
-      const uint16_t* rows[amx::kTileRows];
-      for (int64_t p = p0; p < p1; p += amx::kTileRows) {
-        const int64_t nt = std::min<int64_t>(amx::kTileRows, p1 - p);
-        for (int64_t k = 0; k < nt; k++) {
-          ids[k] = r.by_expert[size_t(p + k)];
-          rows[k] = y16.data() + int64_t(r.token[size_t(ids[k])]) * ld16;
-        }
-        amx::dot_tile(rows, nt, packed, w, d, out);
-        relu2_out(out, bv, i, ids, nt, x);
-      }
-    }
-  };
-  auto activations = [&](const Weight& u, const Weight& bias, const SideEntries& r, std::vector<float>& x) {
-    x.resize(size_t(r.token.size()) * size_t(w));
-    if (d % 32 == 0 && w <= 16 && tiles_take(u, rounds_inputs(u))) {
-      tile_activations(u, static_cast<const float*>(bias.data), r, x);
-      return;
     }
     const float* y = a.y;
     if (rounds_inputs(u)) {
@@ -287,17 +271,35 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       }
       y = y_rounded.data();
     }
-    const float* bv = static_cast<const float*>(bias.data);
     // Q8_0 u: every token's y quantized once, then int8 products (linear's small batches alike).
     const BlockQ8Act* yq = u.dtype == DType::Q8_0 ? quantize_activations(a.y, T, d, 1) : nullptr;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
     for (int64_t i = 0; i < E; i++) {
+      const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
+      if (p0 == p1) continue;
+      int64_t ids[amx::kTileRows];
+      if (tiles && p1 - p0 >= kTileMinTokens) {
+        uint32_t* packed = reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(d / 2 * w)));
+        float* out = thread_scratch(6, size_t(amx::kTileRows * w));
+        amx::pack_u(reinterpret_cast<const uint16_t*>(u.row(i * w)), u.row_bytes(), w, d, packed);
+        const uint16_t* rows[amx::kTileRows];
+        for (int64_t p = p0; p < p1; p += amx::kTileRows) {
+          const int64_t nt = std::min<int64_t>(amx::kTileRows, p1 - p);
+          for (int64_t k = 0; k < nt; k++) {
+            ids[k] = r.by_expert[size_t(p + k)];
+            rows[k] = y16.data() + int64_t(r.token[size_t(ids[k])]) * ld16;
+          }
+          amx::dot_tile(rows, nt, packed, w, d, out);
+          relu2_out(out, bv, i, ids, nt, x);
+        }
+        continue;
+      }
+      // Up to kSmallBatch tokens per pass over the slice.
       const float* rows[kSmallBatch];
-      int64_t ids[kSmallBatch];
       float* out = thread_scratch(6, size_t(kSmallBatch * w));  // out[token k * w + row]
       const RowKernels* rk = k_.rows(u.dtype);
-      for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p += kSmallBatch) {
-        const int64_t nt = std::min<int64_t>(kSmallBatch, r.by_start[size_t(i + 1)] - p);
+      for (int64_t p = p0; p < p1; p += kSmallBatch) {
+        const int64_t nt = std::min<int64_t>(kSmallBatch, p1 - p);
         for (int64_t k = 0; k < nt; k++) {
           ids[k] = r.by_expert[size_t(p + k)];
           rows[k] = y + int64_t(r.token[size_t(ids[k])]) * d;
@@ -360,21 +362,23 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       for (int k = 1; k < n_terms; k++)
         if (terms[k].v->dtype != terms[0].v->dtype) rk = nullptr;
       if (n_terms * w > kMaxAxpyRows) rk = nullptr;
-      // On AMX: each selected expert's rows (all terms' and the bias row) packed
-      // in pairs over this thread's columns, its tokens' coefficients 16 at a time.
-      const int64_t n_rows = n_terms * w + 1, pair_rows = (n_rows + 1) / 2;
+      // On AMX: a slice with enough tokens has its rows (all terms' and the
+      // bias row) packed in pairs over this thread's columns, and its tokens'
+      // coefficients go 16 at a time.
+      const int64_t n_rows = n_terms * w + 1, pair_rows = (n_rows + 1) / 2, lda = 2 * pair_rows;
       bool tiles = pair_rows <= amx::kMaxPairRows && (c1 - c0) % 16 == 0 && tiles_take(b, rounds_inputs(b));
       for (int k = 0; k < n_terms; k++) tiles = tiles && tiles_take(*terms[k].v, rounds_inputs(*terms[k].v));
-      if (tiles) {
-        uint32_t* packed = reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(pair_rows * (c1 - c0))));
-        float* products = thread_scratch(7, size_t(amx::kTileRows * (c1 - c0)));
-        uint16_t a_tile[amx::kTileRows * 2 * amx::kMaxPairRows] = {};
-        const int64_t lda = 2 * pair_rows;
-        const uint16_t* rows16[2 * amx::kMaxPairRows];
-        float* outs[amx::kTileRows];
-        for (int64_t i = 0; i < E && c0 < c1; i++) {
-          const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
-          if (p0 == p1) continue;
+      uint32_t* packed = tiles ? reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(pair_rows * (c1 - c0)))) : nullptr;
+      float* products = tiles ? thread_scratch(7, size_t(amx::kTileRows * (c1 - c0))) : nullptr;
+      uint16_t a_tile[amx::kTileRows * 2 * amx::kMaxPairRows] = {};
+      const uint16_t* rows16[2 * amx::kMaxPairRows];
+      float* outs[amx::kTileRows];
+      const void* rows[kMaxAxpyRows];
+      float coefs[kMaxAxpyRows];
+      for (int64_t i = 0; i < E && c0 < c1; i++) {
+        const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
+        if (p0 == p1) continue;
+        if (tiles && p1 - p0 >= kTileMinTokens) {
           for (int k = 0; k < n_terms; k++)
             for (int64_t j = 0; j < w; j++)
               rows16[k * w + j] = reinterpret_cast<const uint16_t*>(terms[k].v->row(i * w + j)) + c0;
@@ -392,12 +396,9 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
             }
             amx::axpy_tile(a_tile, lda, pair_rows, packed, c1 - c0, outs, nt, products);
           }
+          continue;
         }
-      }
-      const void* rows[kMaxAxpyRows];
-      float coefs[kMaxAxpyRows];
-      for (int64_t i = 0; i < E && c0 < c1 && !tiles; i++)
-        for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p++) {
+        for (int64_t p = p0; p < p1; p++) {
           const int64_t e = r.by_expert[size_t(p)];
           float* out = acc + int64_t(r.token[size_t(e)]) * ld;
           if (rk) {
@@ -413,6 +414,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
           }
           axpy_rows(b, i, 1, &bias_coef[size_t(e)], out, c0, c1);
         }
+      }
       for (int64_t t = 0; t < T && c0 < c1; t++)
         std::memcpy(a.out + t * d + col0 + c0, acc + t * ld + c0, size_t(c1 - c0) * sizeof(float));
     }
