@@ -59,9 +59,11 @@ def ensure_checkpoint(dtype: str, small: bool) -> str:
     return path
 
 
-def monet_bench(path: str, threads: int, prompt: int, decode: int, batch: int = 1, repeat: int = 1) -> dict:
+def monet_bench(path: str, threads: int, prompt: int, decode: int, batch: int = 1, repeat: int = 1,
+                huge_pages: bool = False) -> dict:
     r = subprocess.run([BINARY, "--model", path, "--threads", str(threads), "--prompt", str(prompt),
-                        "--decode", str(decode), "--batch", str(batch), "--repeat", str(repeat)],
+                        "--decode", str(decode), "--batch", str(batch), "--repeat", str(repeat),
+                        "--huge-pages", "1" if huge_pages else "0"],
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"monet_bench failed ({r.returncode}): {r.stderr.strip()}")
@@ -187,6 +189,8 @@ def main() -> None:
     ap.add_argument("--q8", action="store_true",
                     help="also monet's decode and prefill with the bf16 checkpoint quantized to q8_0 (the peer's "
                          "column: its bf16 figures)")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="also time monet's decode with the weights copied into huge pages (--huge-pages)")
     ap.add_argument("--json", help="also write all measurements to this file")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # keep the table after the progress lines on stderr
@@ -219,6 +223,9 @@ def main() -> None:
             config = json.load(f)
         print(f"{dtype}: monet ...", file=sys.stderr, flush=True)
         ours = run_ours(path, args.threads, args.prompt, args.decode, args.prefill, args.repeat)
+        if args.huge_pages:
+            ours["huge_run"] = monet_bench(path, args.threads, args.prompt, args.decode, repeat=args.repeat,
+                                           huge_pages=True)
         print(f"{dtype}: peer ...", file=sys.stderr, flush=True)
         peer = run_peer(path, dtype, args.threads, args.prompt, args.peer_decode, args.prefill, args.repeat, batches)
         print(f"{dtype}: sparse peer ...", file=sys.stderr, flush=True)
@@ -233,6 +240,9 @@ def main() -> None:
         if args.q8 and dtype == "bf16":
             print("q8_0: monet ...", file=sys.stderr, flush=True)
             q8 = run_ours(ensure_q8_checkpoint(path), args.threads, args.prompt, args.decode, args.prefill, args.repeat)
+            if args.huge_pages:
+                q8["huge_run"] = monet_bench(ensure_q8_checkpoint(path), args.threads, args.prompt, args.decode,
+                                             repeat=args.repeat, huge_pages=True)
             # (bytes: every matrix at 34 bytes per 32 values, the routers too, which stay bf16: a lower
             # bound on what q8_0 decode reads, so its limits are upper bounds)
             rows.append(dict(dtype="q8_0", ours=q8, peer=peer, gather=gather, dense_bytes=decode_bytes(config, 2, 1.0)[0],
@@ -256,6 +266,9 @@ def main() -> None:
     for r in rows:
         dt, ours, peer, gather = r["dtype"], r["ours"], r["peer"], r["gather"]
         row(f"{dt} decode tok/s (batch 1)", ours["decode_tok_s"], peer["decode_tok_s"], c=gather["decode_tok_s"])
+        if "huge_run" in ours:
+            row(f"{dt} decode tok/s, huge pages (load {ours['huge_run']['load_s']:.1f} s)",
+                ours["huge_run"]["decode_tok_s"], peer["decode_tok_s"], c=gather["decode_tok_s"])
         row(f"{dt} prefill tok/s ({args.prefill} tokens)", ours["prefill_tok_s"], peer["prefill_tok_s"],
             c=gather["prefill_tok_s"])
         for B in r["batched_ours"]:
@@ -276,6 +289,9 @@ def main() -> None:
         peer_pct = 100 * r["peer"]["decode_tok_s"] * db / (copy_bw * 1e9)
         print(f"| {dt + ' decode, % of the copy-bandwidth limit':{w}s} | {ours_pct:8.0f}% | {peer_pct:8.0f}% |"
               f"         |")
+        if "huge_run" in r["ours"]:
+            huge_pct = 100 * r["ours"]["huge_run"]["decode_tok_s"] * sb / (copy_bw * 1e9)
+            print(f"| {dt + ' decode, huge pages, % of that limit':{w}s} | {huge_pct:8.0f}% |           |         |")
     print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 // monet_bench: prefill and greedy decode timings of the monet library,
 // printed as one JSON object. Used by bench/bench_cpu.py.
 //   monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] [--compute auto|f32|bf16]
+//               [--huge-pages 0|1]
 //               [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W] [--experts auto|dense|sparse]
 // With --batch B, B sequences (each its own P-token prompt and cache) decode
 // together: one batched forward step per token position, B tokens each.
@@ -33,7 +34,7 @@ int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v
 
 int main(int argc, char** argv) {
   std::string model_dir, compute = "auto", ids_text, logits_mode = "last", experts = "auto";
-  int threads = 0, routing = 0;
+  int threads = 0, routing = 0, huge_pages = 0;
   int64_t prompt = 64, decode = 32, batch = 1, repeat = 1, warmup = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--model")) model_dir = argv[i + 1];
@@ -48,6 +49,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--routing")) routing = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--experts")) experts = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--huge-pages")) huge_pages = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 2;
@@ -65,7 +67,7 @@ int main(int argc, char** argv) {
       (experts != "auto" && experts != "dense" && experts != "sparse") || (!given_ids.empty() && batch != 1)) {
     std::fprintf(stderr, "usage: monet_bench --model DIR [--threads N] [--prompt P] [--decode N] [--batch B] [--repeat R] "
                          "[--compute auto|f32|bf16] [--ids 1,5,9] [--logits last|all] [--routing 0|1] [--warmup W] "
-                         "[--experts auto|dense|sparse]\n");
+                         "[--experts auto|dense|sparse] [--huge-pages 0|1]\n");
     return 2;
   }
   try {
@@ -73,6 +75,7 @@ int main(int argc, char** argv) {
     monet::LoadOptions lo;
     lo.threads = threads;
     lo.compute = compute;
+    lo.huge_pages = huge_pages != 0;
     auto model = monet::Model::load(model_dir, lo);
     const double load_s = seconds_since(t_load);
     const monet::MonetConfig& c = model->config();

@@ -15,6 +15,7 @@ struct DeviceArgs {
   std::string device = "cpu";
   int threads = 0;
   std::string compute = "auto";
+  bool huge_pages = false;
   monet::LoadOptions load_options() const;
 };
 void add_device_options(CLI::App* cmd, DeviceArgs& args);

@@ -54,7 +54,6 @@ class SafetensorsFile {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(const std::string& name) const;  // nullptr if absent
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
-
   static constexpr uint64_t kMaxHeaderBytes = 100u << 20;  // as the HF library
 
  private:
@@ -78,6 +77,11 @@ class TensorStore {
   const TensorInfo& get(const std::string& name) const;   // throws "<dir>: missing tensor <name>"
   std::vector<std::string> names() const;
   const std::string& source() const { return source_; }
+  // Drops this process's resident pages of a tensor of the store
+  // (MADV_DONTNEED on its mapped bytes): the file's pages stay in the page
+  // cache and a later read maps them again. For tensors the model reads from
+  // a copy, so that they are not held twice.
+  void release_pages(const TensorInfo& t) const;
 
  private:
   std::string source_;

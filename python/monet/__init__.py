@@ -211,14 +211,17 @@ class Model:
         vision tower directory and projector weights instead of those the
         checkpoint names (as the CLI's --vision-tower / --projector); the tower
         is loaded with the first image.
+    huge_pages: copy weights of 2 MiB and more into huge pages where the
+        kernel offers them (as the CLI's --huge-pages): decode about 1.3x
+        faster, a longer load.
     """
 
     def __init__(self, path=None, threads: int | None = None, compute: str = "auto", vision_tower=None,
-                 projector=None):
+                 projector=None, huge_pages: bool = False):
         self.path = DEFAULT_MODEL if path is None else os.fspath(path)
         self._m = _monet.Model.load(self.path, 0 if threads is None else int(threads), str(compute),
                                     "" if vision_tower is None else os.fspath(vision_tower),
-                                    "" if projector is None else os.fspath(projector))
+                                    "" if projector is None else os.fspath(projector), bool(huge_pages))
         with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
             self.config: dict = json.load(f)  #: config.json as a dict
         self.threads: int = self._m.threads

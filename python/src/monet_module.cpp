@@ -145,7 +145,7 @@ struct Model {
 };
 
 Model load_model(const std::string& dir, int threads, const std::string& compute, const std::string& vision_tower,
-                 const std::string& projector) {
+                 const std::string& projector, bool huge_pages) {
   if (threads < 0) throw monet::Error("threads must be >= 0 (0: all cores), got " + std::to_string(threads));
   Model m;
   m.dir = dir;
@@ -155,6 +155,7 @@ Model load_model(const std::string& dir, int threads, const std::string& compute
     monet::LoadOptions lo;
     lo.threads = threads;
     lo.compute = compute;
+    lo.huge_pages = huge_pages;
     m.model = monet::Model::load(dir, lo);
     try {
       m.tokenizer = monet::Tokenizer::load_dir(dir);
@@ -794,7 +795,8 @@ NB_MODULE(_monet, mod) {
       .def_rw("stop_ids", &Sampling::stop_ids);
 
   nb::class_<Model>(mod, "Model")
-      .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a, "vision_tower"_a, "projector"_a)
+      .def_static("load", &load_model, "dir"_a, "threads"_a, "compute"_a, "vision_tower"_a, "projector"_a,
+                  "huge_pages"_a)
       .def_prop_ro("backend", [](const Model& m) { return m.model->backend_name(); })
       .def_prop_ro("dir", [](const Model& m) { return m.dir; })
       .def_prop_ro("threads", [](const Model& m) { return m.model->threads(); })

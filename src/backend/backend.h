@@ -117,6 +117,7 @@ struct BackendOptions {
   int threads = 0;               // CPU threads; 0: all cores
   std::string cpu_kernels;       // "" / "auto": the best this CPU runs; or "avx512bf16", "avx512", "avx2", "generic"
   std::string compute = "auto";  // "auto", "f32" or "bf16" (see Compute)
+  bool huge_pages = false;       // prepare() may copy large weights into huge pages (LoadOptions::huge_pages)
 };
 
 // The backend the options name; monet::Error for a device this build lacks.

@@ -142,6 +142,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   bo.threads = opts.threads;
   bo.cpu_kernels = opts.cpu_kernels;
   bo.compute = opts.compute;
+  bo.huge_pages = opts.huge_pages;
   m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
   // What the load copies (transposed expert matrices, vectors) must fit: say
@@ -201,6 +202,8 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
           fail(m->store_->get(t.name).file, ": ", t.name, " must be non-negative (found ", v[h], " at index ", h, ")");
     }
     *dst = m->backend_->prepare(value);
+    // Read from a copy (transposed, converted, or the backend's): the file's pages are not needed.
+    if (const TensorInfo* src = m->store_->find(t.name); src && dst->data != src->data) m->store_->release_pages(*src);
   }
   if (c.tie_word_embeddings) w.lm_head = w.embed;
   for (int64_t l = 0; l < c.num_hidden_layers; l++) w.layers[size_t(l)].has_router = c.has_router(l);

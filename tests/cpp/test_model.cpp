@@ -6,9 +6,11 @@
 #include <cmath>
 #include <random>
 
+#include "core/huge_pages.h"
 #include "core/monet_math.h"
 #include "model/tensor_table.h"
 #include "monet/error.h"
+#include "monet/memory.h"
 #include "monet/model.h"
 #include "monet/safetensors.h"
 #include "temp_dir.h"
@@ -129,6 +131,32 @@ TEST(Model, ActivationCaptures) {
   bad.names = {"resid_pre.3"};
   fo.activations = &bad;
   EXPECT_THROW(model->forward(cache, ids.data(), 1, logits, fo), monet::Error);
+}
+
+// Weights copied into huge pages (LoadOptions::huge_pages: the embedding and
+// lm_head of this checkpoint are 2 MiB each) give the logits of weights read
+// in place, bit for bit; the store's pages released after the load (both
+// ways) come back from the file.
+TEST(Model, HugePageCopiesReadAsTheFile) {
+  monet_test::TempDir tmp;
+  monet::MonetConfig c = tiny_config(monet::Decompose::Vertical, 2);
+  c.vocab_size = 8192;
+  write_checkpoint(tmp.str(), c, monet::DType::F32, 12);
+  const std::vector<int32_t> ids = {1, 5, 8000, 2, 77};
+  std::vector<float> logits[2];
+  for (int huge = 0; huge < 2; huge++) {
+    monet::LoadOptions lo;
+    lo.huge_pages = huge == 1;
+    auto model = monet::Model::load(tmp.str(), lo);
+    if (huge && monet::huge_pages_available() && monet::available_memory_bytes() > (uint64_t(3) << 30))
+      EXPECT_TRUE(model->weights().embed.owned) << "a 2 MiB weight was not copied into huge pages";
+    monet::KvCache cache = model->new_cache();
+    monet::ForwardOptions fo;
+    fo.all_logits = true;
+    model->forward(cache, ids.data(), int64_t(ids.size()), logits[huge], fo);
+  }
+  ASSERT_EQ(logits[0].size(), size_t(5 * 8192));
+  EXPECT_EQ(logits[0], logits[1]);
 }
 
 // The trainer's forward (eval mode: BatchNorm running statistics) and the

@@ -11,9 +11,11 @@
 #include <limits>
 
 #include "backend/cpu/gemm.h"
+#include "core/huge_pages.h"
 #include "core/monet_math.h"
 #include "core/threads.h"
 #include "monet/error.h"
+#include "monet/memory.h"
 
 namespace monet::cpu {
 
@@ -35,8 +37,8 @@ const float* row_f32(const Weight& w, int64_t r, float* scratch) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute)
-    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute) {}
+CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages)
+    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute), huge_pages_(huge_pages) {}
 
 std::string CpuBackend::name() const {
   const char* arith = compute_ == Compute::F32 ? "f32 products"
@@ -113,6 +115,32 @@ Buffer CpuBackend::alloc(size_t bytes) {
   void* p = block_cache().get(std::max<size_t>(bytes, 1));
   if (!p) fail("out of memory allocating ", bytes, " bytes of activations");
   return Buffer(p, bytes, cached_free);
+}
+
+Weight CpuBackend::prepare(const Weight& w) {
+  // With huge pages, weights of 2 MiB and more are read from a copy in huge
+  // pages (a mapped file has 4 KiB pages): streamed rows then rarely miss the
+  // TLB, and the decode GEMV reads 27 GB/s instead of 19.5 (2 threads, Intel
+  // machine of 2026-12-03). The copy is skipped (the weight read in place)
+  // where the kernel offers no huge pages or it would leave less than 2 GiB free.
+  constexpr size_t kMinBytes = size_t(2) << 20, kKeepFree = size_t(2) << 30;
+  const size_t bytes = w.bytes();
+  if (!huge_pages_ || bytes < kMinBytes || !huge_pages_available()) return w;
+  const uint64_t available = available_memory_bytes();
+  if (available != 0 && available < bytes + kKeepFree) return w;
+  std::shared_ptr<void> copy = alloc_huge_pages(bytes);
+  if (!copy) return w;
+  const int64_t chunks = int64_t((bytes + kMinBytes - 1) / kMinBytes);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t c = 0; c < chunks; c++) {
+    const size_t at = size_t(c) * kMinBytes;
+    std::memcpy(static_cast<uint8_t*>(copy.get()) + at, static_cast<const uint8_t*>(w.data) + at,
+                std::min(kMinBytes, bytes - at));
+  }
+  Weight out = w;
+  out.data = copy.get();
+  out.owned = std::move(copy);
+  return out;
 }
 
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
@@ -435,7 +463,7 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
     fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU multiplies bf16), ",
          "f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
   const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
-  return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute);
+  return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute, opts.huge_pages);
 }
 
 }  // namespace monet

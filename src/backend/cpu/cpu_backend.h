@@ -14,7 +14,8 @@ struct SideEntries;  // expert_mix.cpp
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, const KernelSet& kernels, Compute compute);
+  // huge_pages: prepare() may copy large weights into huge pages
+  CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages = false);
 
   std::string name() const override;
   int threads() const override { return threads_; }
@@ -24,7 +25,8 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void to_host(void* host_dst, const void* src, size_t bytes) override { copy(host_dst, src, bytes); }
   void from_host(void* dst, const void* host_src, size_t bytes) override { copy(dst, host_src, bytes); }
-  Weight prepare(const Weight& w) override { return w; }
+  // Large weights copied into huge pages where memory allows (cpu_backend.cpp).
+  Weight prepare(const Weight& w) override;
 
   void embed(const Weight& table, const int32_t* ids, int64_t T, float* x) override;
   void linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias = nullptr,
@@ -66,6 +68,7 @@ class CpuBackend final : public Backend {
   // kernels of small batches and sparse experts as well as the GEMMs).
   bool rounds_inputs(const Weight& w) const;
   Compute compute_;
+  bool huge_pages_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one
