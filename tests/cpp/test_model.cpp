@@ -134,13 +134,13 @@ TEST(Model, ActivationCaptures) {
 }
 
 // Weights copied into huge pages (LoadOptions::huge_pages: the embedding and
-// lm_head of this checkpoint are 2 MiB each) give the logits of weights read
-// in place, bit for bit; the store's pages released after the load (both
-// ways) come back from the file.
+// lm_head of this checkpoint are 2 MiB and a tail each) give the logits of
+// weights read in place, bit for bit; the store's pages released after the
+// load (both ways) come back from the file.
 TEST(Model, HugePageCopiesReadAsTheFile) {
   monet_test::TempDir tmp;
   monet::MonetConfig c = tiny_config(monet::Decompose::Vertical, 2);
-  c.vocab_size = 8192;
+  c.vocab_size = 8192 + 37;
   write_checkpoint(tmp.str(), c, monet::DType::F32, 12);
   const std::vector<int32_t> ids = {1, 5, 8000, 2, 77};
   std::vector<float> logits[2];
@@ -148,14 +148,17 @@ TEST(Model, HugePageCopiesReadAsTheFile) {
     monet::LoadOptions lo;
     lo.huge_pages = huge == 1;
     auto model = monet::Model::load(tmp.str(), lo);
+    const monet::Weight& embed = model->weights().embed;
     if (huge && monet::huge_pages_available() && monet::available_memory_bytes() > (uint64_t(3) << 30))
-      EXPECT_TRUE(model->weights().embed.owned) << "a 2 MiB weight was not copied into huge pages";
+      EXPECT_TRUE(embed.owned && reinterpret_cast<uintptr_t>(embed.data) % (uintptr_t(2) << 20) == 0)
+          << "a weight of over 2 MiB was not copied into huge pages";
+    if (!huge) EXPECT_FALSE(embed.owned) << "read in place without huge pages";
     monet::KvCache cache = model->new_cache();
     monet::ForwardOptions fo;
     fo.all_logits = true;
     model->forward(cache, ids.data(), int64_t(ids.size()), logits[huge], fo);
   }
-  ASSERT_EQ(logits[0].size(), size_t(5 * 8192));
+  ASSERT_EQ(logits[0].size(), size_t(5 * (8192 + 37)));
   EXPECT_EQ(logits[0], logits[1]);
 }
 

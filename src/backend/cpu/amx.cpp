@@ -81,8 +81,12 @@ void dot_tile(const uint16_t* const* a_rows, int64_t nt, const uint32_t* packed,
   // Tiles 0, 1: two partial sums of C (even and odd 32-value steps of K, so
   // consecutive products do not wait on each other); 2, 3: A; 4, 5: B.
   TileConfig cfg;
-  for (int t : {0, 1, 4, 5}) cfg.set(t, 16, int(w * 4));
-  for (int t : {2, 3}) cfg.set(t, 16, 64);
+  cfg.set(0, 16, int(w * 4));
+  cfg.set(1, 16, int(w * 4));
+  cfg.set(2, 16, 64);
+  cfg.set(3, 16, 64);
+  cfg.set(4, 16, int(w * 4));
+  cfg.set(5, 16, int(w * 4));
   cfg.load();
   _tile_zero(0);
   _tile_zero(1);

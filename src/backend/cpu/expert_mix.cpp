@@ -50,8 +50,8 @@ constexpr double kSparseMaxDensity = 0.2;
 // Slices selected by at least this many tokens take the AMX tiles: packing a
 // slice for the tiles costs about what a few tokens' products do (prefill
 // 128/512 tokens at the 1.4B shape: 4, 6 and 8 within 5 % of each other;
-// 1: 5 % slower, and decode 17 % slower), and batches of up to kSmallBatch
-// tokens (decode) then never pack.
+// 1: 5 % slower, and decode 17 % slower), and batches of fewer than
+// kSmallBatch tokens (decode) then never pack.
 constexpr int64_t kTileMinTokens = kSmallBatch;
 static_assert(amx::kTileRows >= kSmallBatch, "a tile's ids hold a row pass's");
 
@@ -353,8 +353,9 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       // The sums go to acc[T, ld] (columns [c0, c1) of each row), then to out:
       // out's rows are a power of two apart, so the same columns of many
       // tokens share a few cache sets and evict each other; acc's are not.
+      // (Rows hold columns from 0, as the Q8_0 rows' axpy indexes them.)
       const int64_t ld = c1 + 16;
-      float* acc = thread_scratch(6, size_t(T * ld));
+      float* acc = c0 < c1 ? thread_scratch(6, size_t(T * ld)) : nullptr;
       for (int64_t t = 0; t < T && c0 < c1; t++) std::fill(acc + t * ld + c0, acc + t * ld + c1, 0.0f);
       // All terms' rows of an entry in one pass over its columns when the
       // v slices share a row kernel (the same sums as row after row).
