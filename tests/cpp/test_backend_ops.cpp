@@ -645,45 +645,40 @@ TEST(AmxKernels, AgainstPlainLoops) {
   namespace amx = monet::cpu::amx;
   if (!amx::usable()) GTEST_SKIP() << "this CPU has no AMX tiles (the sparse experts use the row kernels)";
   std::mt19937 rng(10);
-  auto bf16_values = [&](int64_t n, std::vector<uint16_t>& bits) {
-    std::vector<float> v = random_vec(size_t(n), rng);
-    bits.resize(size_t(n));
-    for (int64_t i = 0; i < n; i++) {
-      bits[size_t(i)] = monet::f32_to_bf16(v[size_t(i)]);
-      v[size_t(i)] = monet::bf16_to_f32(bits[size_t(i)]);
-    }
-    return v;
-  };
+  auto bits = [](const TestWeight& t) { return static_cast<const uint16_t*>(t.w.data); };
   for (int64_t w : {3, 8, 16})
     for (int64_t K : {32, 96, 2048}) {
-      std::vector<uint16_t> ub, yb;
-      const std::vector<float> u = bf16_values(w * K, ub), y = bf16_values(16 * K, yb);
+      const TestWeight u = random_weight(w, K, DType::BF16, rng), yw = random_weight(16, K, DType::BF16, rng);
+      const std::vector<float>& y = yw.values;
+      const uint16_t* yb = bits(yw);
       std::vector<uint32_t> packed(size_t(K / 2 * w));
-      amx::pack_u(ub.data(), size_t(K) * 2, w, K, packed.data());
+      amx::pack_u(bits(u), u.w.row_bytes(), w, K, packed.data());
       for (int64_t nt : {1, 5, 16}) {
         const uint16_t* rows[16];
-        for (int64_t t = 0; t < nt; t++) rows[t] = yb.data() + (15 - t) * K;  // any rows, any order
+        for (int64_t t = 0; t < nt; t++) rows[t] = yb + (15 - t) * K;  // any rows, any order
         std::vector<float> c(size_t(16 * w));
         amx::dot_tile(rows, nt, packed.data(), w, K, c.data());
         std::vector<float> got(c.begin(), c.begin() + nt * w), y_rows;
         for (int64_t t = 0; t < nt; t++) y_rows.insert(y_rows.end(), y.begin() + (15 - t) * K, y.begin() + (16 - t) * K);
-        EXPECT_LT(max_rel_err(got, reference_products(u, y_rows, nt, w, K)), 1e-6)
+        EXPECT_LT(max_rel_err(got, reference_products(u.values, y_rows, nt, w, K)), 1e-6)
             << "dot_tile w=" << w << " K=" << K << " nt=" << nt;
       }
     }
   for (int64_t n_rows : {7, 17, 32})
     for (int64_t N : {16, 48, 80}) {
-      std::vector<uint16_t> vb, ab;
-      const std::vector<float> v = bf16_values(n_rows * N, vb);
+      const TestWeight vw = random_weight(n_rows, N, DType::BF16, rng);
+      const std::vector<float>& v = vw.values;
       const int64_t pair_rows = (n_rows + 1) / 2, lda = 2 * pair_rows;
-      std::vector<float> a = bf16_values(16 * lda, ab);
+      const TestWeight aw = random_weight(16, lda, DType::BF16, rng);
+      std::vector<float> a = aw.values;
+      std::vector<uint16_t> ab(bits(aw), bits(aw) + 16 * lda);
       for (int64_t t = 0; t < 16; t++)  // the odd row's partner column holds zeros (as the callers')
         if (n_rows % 2) {
           ab[size_t(t * lda + n_rows)] = 0;
           a[size_t(t * lda + n_rows)] = 0.0f;
         }
       std::vector<const uint16_t*> rows;
-      for (int64_t j = 0; j < n_rows; j++) rows.push_back(vb.data() + j * N);
+      for (int64_t j = 0; j < n_rows; j++) rows.push_back(bits(vw) + j * N);
       std::vector<uint32_t> packed(size_t(pair_rows * N));
       amx::pack_pairs(rows.data(), n_rows, N, packed.data());
       for (int64_t nt : {1, 9, 16}) {

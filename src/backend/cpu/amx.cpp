@@ -3,8 +3,6 @@
 // functions exist and usable() is false.
 #include "backend/cpu/amx.h"
 
-#include <cstring>
-
 #include "backend/cpu/gemm.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
