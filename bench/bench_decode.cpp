@@ -168,10 +168,10 @@ int main(int argc, char** argv) {
     }
     std::printf("{\"load_s\": %.3f, \"batch\": %lld, \"prefill_tokens\": %lld, \"prefill_s\": %.4f, "
                 "\"prefill_tok_s\": %.2f, \"decode_tokens\": %lld, \"decode_s\": %.4f, \"decode_tok_s\": %.3f, "
-                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"threads\": %d, \"repeat\": %lld, \"backend\": \"%s\"}\n",
+                "\"expert_fraction\": %.4f, \"weight_bytes\": %zu, \"huge_page_bytes\": %zu, \"threads\": %d, \"repeat\": %lld, \"backend\": \"%s\"}\n",
                 load_s, (long long)batch, (long long)(prompt * batch), best_prefill, double(prompt * batch) / best_prefill,
                 (long long)(decode * batch), best_decode, double(decode * batch) / best_decode, expert_fraction,
-                model->weight_bytes(), model->threads(), (long long)repeat, model->backend_name().c_str());
+                model->weight_bytes(), model->file_huge_page_bytes(), model->threads(), (long long)repeat, model->backend_name().c_str());
   } catch (const monet::Error& e) {
     std::fprintf(stderr, "monet_bench: error: %s\n", e.what());
     return 1;

@@ -26,11 +26,13 @@ struct LoadOptions {
   // weights where the CPU multiplies bf16 natively, float32 otherwise), "f32" (exact float32) or
   // "bf16". docs/architecture.md, "Accuracy and speed of bf16 products".
   std::string compute = "auto";
-  // Copy weights of 2 MiB and more into huge pages where the kernel offers
-  // them and memory allows (a streamed weight then rarely misses the TLB:
-  // decode about 1.3x faster), instead of reading them in place from the
-  // mapped files. Off by default: the pages are zeroed when first touched,
-  // which on some virtual machines takes seconds per GB (docs/architecture.md).
+  // Weights in 2 MiB pages where the kernel offers them (a streamed weight
+  // then rarely misses the TLB: decode about 1.3x faster). The weight files
+  // are always mapped so that the page cache's 2 MiB pages of them map whole;
+  // with this option a file cached in 4 KiB pages is read again into 2 MiB
+  // ones (once: the page cache keeps them for later loads), and weights the
+  // load converts (not read in place) are copied into huge pages where
+  // memory allows. docs/architecture.md, "Huge pages".
   bool huge_pages = false;
 };
 
@@ -105,6 +107,8 @@ class Model {
   Backend& backend() const { return *backend_; }  // for the library's own algorithms (src/interp)
   int64_t parameter_count() const;
   size_t weight_bytes() const;  // bytes of the weights as loaded for compute
+  // Bytes of the mapped weight files that 2 MiB pages map now (LoadOptions::huge_pages).
+  size_t file_huge_page_bytes() const;
 
   KvCache new_cache(int64_t capacity = 0) const;
 

@@ -55,6 +55,12 @@ class SafetensorsFile {
   const TensorInfo* find(const std::string& name) const;  // nullptr if absent
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   static constexpr uint64_t kMaxHeaderBytes = 100u << 20;  // as the HF library
+  // Reads the whole file into the mapping with 2 MiB pages where the kernel
+  // offers them: a file whose cached pages are small is dropped from the page
+  // cache and read again (once: the cache then keeps 2 MiB pages). Returns the
+  // bytes mapped by 2 MiB pages.
+  size_t map_huge_pages();
+  size_t huge_page_bytes() const;  // bytes of the mapping in 2 MiB pages now
 
  private:
   std::string path_;
@@ -78,10 +84,13 @@ class TensorStore {
   std::vector<std::string> names() const;
   const std::string& source() const { return source_; }
   // Drops this process's resident pages of a tensor of the store
-  // (MADV_DONTNEED on its mapped bytes): the file's pages stay in the page
+  // (MADV_DONTNEED on the 2 MiB blocks inside its bytes): the file's pages stay in the page
   // cache and a later read maps them again. For tensors the model reads from
   // a copy, so that they are not held twice.
   void release_pages(const TensorInfo& t) const;
+  // SafetensorsFile::map_huge_pages / huge_page_bytes over every file.
+  size_t map_huge_pages();
+  size_t huge_page_bytes() const;
 
  private:
   std::string source_;

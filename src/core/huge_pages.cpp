@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -10,6 +12,9 @@ namespace monet {
 
 namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
 }  // namespace
 
 bool huge_pages_available() {
@@ -30,6 +35,63 @@ std::shared_ptr<void> alloc_huge_pages(size_t bytes) {
   const uintptr_t start = (reinterpret_cast<uintptr_t>(map) + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
   ::madvise(reinterpret_cast<void*>(start), len - (start - reinterpret_cast<uintptr_t>(map)), MADV_HUGEPAGE);
   return std::shared_ptr<void>(reinterpret_cast<void*>(start), [map, len](void*) { ::munmap(map, len); });
+}
+
+void* map_file_huge(int fd, size_t bytes) {
+  // Reserve one huge page more than needed, map the file over its first
+  // 2 MiB boundary, give back the slack on both sides.
+  const size_t page = 4096, len = (bytes + page - 1) / page * page;
+  void* reserve = ::mmap(nullptr, len + kHugePage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserve == MAP_FAILED) return nullptr;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(reserve);
+  const uintptr_t start = (base + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+  void* map = ::mmap(reinterpret_cast<void*>(start), bytes, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+  if (map == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(reserve, len + kHugePage);
+    errno = err;
+    return nullptr;
+  }
+  if (start > base) ::munmap(reserve, start - base);
+  if (base + len + kHugePage > start + len) ::munmap(reinterpret_cast<void*>(start + len), base + kHugePage - start);
+  ::madvise(map, len, MADV_HUGEPAGE);  // EINVAL without THP: the mapping works as any other
+  return map;
+}
+
+size_t huge_mapped_bytes(const void* start) {
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (!f) return 0;
+  char line[512];
+  char want[32];
+  std::snprintf(want, sizeof want, "%lx-", static_cast<unsigned long>(reinterpret_cast<uintptr_t>(start)));
+  bool inside = false;
+  size_t kib = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    // A mapping's header line starts with its address range "start-end "; its fields follow.
+    const char* colon = std::strchr(line, ':');
+    const char* space = std::strchr(line, ' ');
+    const bool header = space && (!colon || space < colon);
+    if (header) {
+      if (inside) break;
+      inside = std::strncmp(line, want, std::strlen(want)) == 0;
+      continue;
+    }
+    unsigned long v = 0;
+    if (inside && (std::sscanf(line, "FilePmdMapped: %lu kB", &v) == 1 || std::sscanf(line, "AnonHugePages: %lu kB", &v) == 1))
+      kib += v;
+  }
+  std::fclose(f);
+  return kib * 1024;
+}
+
+void populate_mapping(const void* start, size_t bytes) {
+  if (bytes == 0) return;
+  const uintptr_t page = 4096, begin = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(start) + bytes;
+  if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) return;
+  volatile uint8_t sink = 0;
+  for (uintptr_t p = begin; p < end; p += page) sink = sink + *reinterpret_cast<const volatile uint8_t*>(p);
+  (void)sink;
 }
 
 }  // namespace monet

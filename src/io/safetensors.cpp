@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/huge_pages.h"
 #include "monet/error.h"
 
 namespace monet {
@@ -158,12 +159,11 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     ::close(fd);
     fail(path, ": not a safetensors file: ", map_size_, " bytes, shorter than the 8-byte header length");
   }
-  map_ = ::mmap(nullptr, map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  // 2 MiB aligned: the page cache's 2 MiB folios of the file map whole (core/huge_pages.h).
+  map_ = map_file_huge(fd, map_size_);
+  const int map_errno = errno;
   ::close(fd);
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
-    fail(path, ": cannot mmap (", std::strerror(errno), ")");
-  }
+  if (!map_) fail(path, ": cannot mmap (", std::strerror(map_errno), ")");
   try {
     SafetensorsImage image = parse_safetensors(static_cast<const uint8_t*>(map_), map_size_, path);
     tensors_ = std::move(image.tensors);
@@ -180,13 +180,49 @@ SafetensorsFile::~SafetensorsFile() {
   if (map_) ::munmap(map_, map_size_);
 }
 
+size_t SafetensorsFile::map_huge_pages() {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t whole = map_size_ / kHuge * kHuge;  // the mapping starts 2 MiB aligned
+  if (!huge_pages_available() || whole == 0) return 0;
+  populate_mapping(map_, map_size_);
+  if (huge_mapped_bytes(map_) >= whole - whole / 8) return huge_mapped_bytes(map_);
+  // Cached in small pages (written in small pieces, say): drop this
+  // mapping's pages and the file's unmapped clean cache, then read the file
+  // again: the faults of a MADV_HUGEPAGE mapping read 2 MiB folios. The page
+  // cache keeps them for later loads, of this process or any other.
+  ::madvise(map_, map_size_, MADV_DONTNEED);
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+  }
+  populate_mapping(map_, map_size_);
+  return huge_mapped_bytes(map_);
+}
+
+size_t SafetensorsFile::huge_page_bytes() const { return huge_mapped_bytes(map_); }
+
+size_t TensorStore::map_huge_pages() {
+  size_t bytes = 0;
+  for (auto& f : files_) bytes += f->map_huge_pages();
+  return bytes;
+}
+
+size_t TensorStore::huge_page_bytes() const {
+  size_t bytes = 0;
+  for (const auto& f : files_) bytes += f->huge_page_bytes();
+  return bytes;
+}
+
 void TensorStore::release_pages(const TensorInfo& t) const {
   // Private read-only file mappings: their pages were never written, so they
-  // come back from the file unchanged (a neighbour's page included).
-  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data) + t.nbytes + page - 1) & ~(page - 1);
-  if (t.nbytes) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  // come back from the file unchanged. Only the 2 MiB blocks inside the
+  // tensor: dropping part of a block would split its 2 MiB mapping, which a
+  // neighbouring tensor read in place may use.
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data) + t.nbytes) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 const TensorInfo* SafetensorsFile::find(const std::string& name) const {

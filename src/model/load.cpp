@@ -145,6 +145,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   bo.huge_pages = opts.huge_pages;
   m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
+  if (opts.huge_pages) m->store_->map_huge_pages();  // before the loader reads: its reads then fault 2 MiB pages
   // What the load copies (transposed expert matrices, vectors) must fit: say
   // how much is needed before allocating any of it.
   // (Quantized checkpoints: the int8 matrices are repacked, about 1.06 bytes
@@ -221,6 +222,8 @@ int64_t Model::parameter_count() const {
   }
   return n;
 }
+
+size_t Model::file_huge_page_bytes() const { return store_->huge_page_bytes(); }
 
 size_t Model::weight_bytes() const {
   size_t n = 0;

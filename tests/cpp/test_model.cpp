@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <random>
+#include <string>
 
 #include "core/huge_pages.h"
 #include "core/monet_math.h"
@@ -133,26 +135,34 @@ TEST(Model, ActivationCaptures) {
   EXPECT_THROW(model->forward(cache, ids.data(), 1, logits, fo), monet::Error);
 }
 
-// Weights copied into huge pages (LoadOptions::huge_pages: the embedding and
-// lm_head of this checkpoint are 2 MiB and a tail each) give the logits of
-// weights read in place, bit for bit; the store's pages released after the
-// load (both ways) come back from the file.
-TEST(Model, HugePageCopiesReadAsTheFile) {
+// LoadOptions::huge_pages gives the logits of the plain load, bit for bit:
+// weights read in place stay in place (the mapped file, whose page cache
+// the option may read again into 2 MiB pages), weights the load converts
+// (the transposed v matrices, 2 MiB each with these 4096 experts) are
+// copied into huge pages; the store's pages released after the load come
+// back from the file.
+TEST(Model, HugePagesGiveTheLogitsOfThePlainLoad) {
   monet_test::TempDir tmp;
   monet::MonetConfig c = tiny_config(monet::Decompose::Vertical, 2);
   c.vocab_size = 8192 + 37;
+  c.moe_experts = 4096;
   write_checkpoint(tmp.str(), c, monet::DType::F32, 12);
   const std::vector<int32_t> ids = {1, 5, 8000, 2, 77};
+  const size_t file_bytes = size_t(std::filesystem::file_size(tmp.path() / "model.safetensors"));
   std::vector<float> logits[2];
   for (int huge = 0; huge < 2; huge++) {
     monet::LoadOptions lo;
     lo.huge_pages = huge == 1;
     auto model = monet::Model::load(tmp.str(), lo);
-    const monet::Weight& embed = model->weights().embed;
+    const monet::Weight& head = model->weights().lm_head;
+    const monet::Weight& v = model->weights().layers[0].experts.v11;
+    EXPECT_FALSE(head.owned) << "a float matrix is read in place";
+    ASSERT_TRUE(v.owned && v.bytes() >= (size_t(2) << 20)) << "the transposed v11 is a copy of 2 MiB or more: " << v.bytes();
     if (huge && monet::huge_pages_available() && monet::available_memory_bytes() > (uint64_t(3) << 30))
-      EXPECT_TRUE(embed.owned && reinterpret_cast<uintptr_t>(embed.data) % (uintptr_t(2) << 20) == 0)
-          << "a weight of over 2 MiB was not copied into huge pages";
-    if (!huge) EXPECT_FALSE(embed.owned) << "read in place without huge pages";
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data) % (uintptr_t(2) << 20), 0u)
+          << "a converted weight of over 2 MiB was not copied into huge pages";
+    EXPECT_LE(model->file_huge_page_bytes(), file_bytes);
+    EXPECT_EQ(model->file_huge_page_bytes() % (size_t(2) << 20), 0u);
     monet::KvCache cache = model->new_cache();
     monet::ForwardOptions fo;
     fo.all_logits = true;

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -370,6 +371,32 @@ TEST(TensorStore, OpenFile) {
   EXPECT_EQ(error_of([&] { store->get("x"); }), path + ": missing tensor x");
   EXPECT_THAT(error_of([&] { monet::TensorStore::open_file(dir.file("nope.safetensors")); }),
               HasSubstr("nope.safetensors: cannot open"));
+}
+
+// Files are mapped at a 2 MiB boundary (so that the page cache's 2 MiB pages
+// of them map whole); reading a file again into huge pages and releasing a
+// tensor's pages both leave its values as written.
+TEST(TensorStore, HugePageMappingReadsTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  std::vector<float> v((size_t(5) << 20) / 4 + 3);
+  for (size_t i = 0; i < v.size(); i++) v[i] = float(i % 1000) * 0.5f;
+  monet::write_safetensors(path, {{"w", DType::F32, {int64_t(v.size())}, v.data()}});
+  auto store = monet::TensorStore::open_dir(dir.str());
+  const monet::TensorInfo& w = store->get("w");
+  uint64_t header = 0;
+  std::ifstream(path, std::ios::binary).read(reinterpret_cast<char*>(&header), 8);
+  EXPECT_EQ((reinterpret_cast<uintptr_t>(w.data) - 8 - header) % (uintptr_t(2) << 20), 0u)
+      << "the file is not mapped at a 2 MiB boundary";
+  auto same = [&] { return std::memcmp(w.data, v.data(), v.size() * 4) == 0; };
+  EXPECT_TRUE(same());
+  const size_t huge = store->map_huge_pages();
+  EXPECT_EQ(huge, store->huge_page_bytes());
+  EXPECT_EQ(huge % (size_t(2) << 20), 0u);
+  EXPECT_LE(huge, size_t(4) << 20);  // the whole 2 MiB blocks of a 5 MiB file
+  EXPECT_TRUE(same()) << "after reading the file again into huge pages";
+  store->release_pages(w);
+  EXPECT_TRUE(same()) << "after releasing the tensor's pages";
 }
 
 TEST(TensorStore, DirectoryErrors) {

@@ -118,14 +118,15 @@ Buffer CpuBackend::alloc(size_t bytes) {
 }
 
 Weight CpuBackend::prepare(const Weight& w) {
-  // With huge pages, weights of 2 MiB and more are read from a copy in huge
-  // pages (a mapped file has 4 KiB pages): streamed rows then rarely miss the
-  // TLB, and the decode GEMV reads 27 GB/s instead of 19.5 (2 threads, Intel
-  // machine of 2026-12-03). The copy is skipped (the weight read in place)
-  // where the kernel offers no huge pages or it would leave less than 2 GiB free.
+  // With huge pages, converted weights of 2 MiB and more (the load's own
+  // memory, in 4 KiB pages) are copied into huge pages: streamed rows then
+  // rarely miss the TLB (the decode GEMV reads 27 GB/s instead of 19.5, 2
+  // threads, Intel machine of 2026-12-03). Weights read in place from the
+  // mapped files get 2 MiB pages from the page cache (TensorStore::map_huge_pages).
+  // No copy where the kernel offers no huge pages or it would leave less than 2 GiB free.
   constexpr size_t kMinBytes = size_t(2) << 20, kKeepFree = size_t(2) << 30;
   const size_t bytes = w.bytes();
-  if (!huge_pages_ || bytes < kMinBytes || !huge_pages_available()) return w;
+  if (!huge_pages_ || !w.owned || bytes < kMinBytes || !huge_pages_available()) return w;
   const uint64_t available = available_memory_bytes();
   if (available != 0 && available < bytes + kKeepFree) return w;
   std::shared_ptr<void> copy = alloc_huge_pages(bytes);
