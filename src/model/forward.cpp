@@ -189,10 +189,8 @@ void Model::forward_batch(std::vector<Sequence>& seqs, const BatchOptions& opts)
     be.rmsnorm(a.x.f32(), lw.post_norm, T, d, c.rms_norm_eps, a.xn.f32());
     if (lw.has_router) {
       const RouterWeights& r = lw.router;
-      be.linear(r.w1, a.xn.f32(), T, a.z.f32(), nullptr, /*exact=*/true);
-      be.router_select(a.z.f32(), r.mean1, r.var1, T, H, E, sigma, a.g1.f32());
-      be.linear(r.w2, a.xn.f32(), T, a.z.f32(), nullptr, /*exact=*/true);
-      be.router_select(a.z.f32(), r.mean2, r.var2, T, H, E, sigma, a.g2.f32());
+      be.router(r.w1, a.xn.f32(), T, r.mean1, r.var1, H, E, sigma, a.z.f32(), a.g1.f32());
+      be.router(r.w2, a.xn.f32(), T, r.mean2, r.var2, H, E, sigma, a.z.f32(), a.g2.f32());
       for (size_t s = 0; s < seqs.size(); s++) {
         RouterCapture* cap = seqs[s].routing;
         if (!cap) continue;

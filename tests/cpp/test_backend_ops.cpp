@@ -13,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/amx.h"
+#include "backend/cpu/gemm.h"
 #include "backend/cpu/kernels.h"
 #include "monet/error.h"
 #include "monet/mask.h"
@@ -378,6 +379,72 @@ TEST_P(BackendOps, RouterSelect) {
     const std::vector<float> got = g.host();
     EXPECT_LT(max_rel_err(got, want), 1e-6) << "E=" << E;
     for (size_t i = 0; i < got.size(); i++) ASSERT_EQ(got[i] > 0.0f, want[i] > 0.0) << "selection differs at " << i;
+  }
+}
+
+// A router over a batch selects the experts of the float32 logits the
+// decode computes (linear(exact) of one token: its row-by-row dot products)
+// and gives their probabilities within float32 rounding: on the CPU with
+// bf16 products, two bf16 products bound every logit and only those near the
+// threshold are computed in float32, so the selection is theirs exactly.
+// Thresholds: calibrated (a few kept per head), exactly at a logit (an entry
+// on the cut, which a bound too small would drop), and above every logit
+// (only the maximum kept).
+TEST_P(BackendOps, RouterEqualsDecodeLogits) {
+  std::mt19937 rng(13);
+  const int64_t T = 40, H = 4, E = 96, K = 2048;
+  const bool bf16_compute = GetParam().find("/bf16") != std::string::npos;
+  for (DType dt : {DType::BF16, DType::F32}) {
+    TestWeight w = random_weight(H * E, K, dt, rng, 1.0f / 45);
+    Weight wp = be->prepare(w.w);
+    std::vector<float> xh = random_vec(size_t(T * K), rng);
+    for (int64_t t = 0; t < T; t++)  // rows of different sizes
+      for (int64_t k = 0; k < K; k++) xh[size_t(t * K + k)] *= 0.5f + float(t % 5);
+    const std::vector<float> mean = {0.0f, 0.1f, -0.1f, 0.05f}, var = {9.0f, 8.0f, 12.0f, 10.0f};
+    Weight mw = be->prepare(Weight::from_f32(mean.data(), 1, H, DType::F32));
+    Weight vw = be->prepare(Weight::from_f32(var.data(), 1, H, DType::F32));
+    // The decode's logits, one token at a time.
+    std::vector<float> z_decode(size_t(T * H * E));
+    for (int64_t t = 0; t < T; t++) {
+      DeviceVec x1(*be, std::vector<float>(xh.begin() + t * K, xh.begin() + (t + 1) * K)), z1(*be, size_t(H * E));
+      be->linear(wp, x1.get(), 1, z1.get(), nullptr, /*exact=*/true);
+      const std::vector<float> zt = z1.host();
+      std::copy(zt.begin(), zt.end(), z_decode.begin() + t * H * E);
+    }
+    // Thresholds on a logit: the 4th largest of 12 (token, head) rows,
+    // normalized as router_select does (each such entry falls on either side
+    // of the cut when bounds are ignored: all 12 pass by chance 1 in 4096).
+    std::vector<double> sigmas = {2.0, 100.0};
+    for (int64_t i = 0; i < 12; i++) {
+      const int64_t t = 3 * i + 1, h = i % H;
+      std::vector<float> row(z_decode.begin() + (t * H + h) * E, z_decode.begin() + (t * H + h + 1) * E);
+      std::nth_element(row.begin(), row.begin() + 3, row.end(), std::greater<float>());
+      sigmas.push_back(double((row[3] - mean[size_t(h)]) * (1.0f / std::sqrt(var[size_t(h)] + 1e-5f))));
+    }
+    for (double sigma : sigmas) {
+      const bool on_cut = sigma != 2.0 && sigma != 100.0;
+      DeviceVec zd(*be, z_decode), gd(*be, z_decode.size());
+      be->router_select(zd.get(), mw, vw, T, H, E, sigma, gd.get());
+      DeviceVec x(*be, xh), z(*be, z_decode.size()), g(*be, z_decode.size());
+      be->router(wp, x.get(), T, mw, vw, H, E, sigma, z.get(), g.get());
+      const std::vector<float> want = gd.host(), got = g.host();
+      int64_t kept = 0, differ = 0;
+      for (size_t i = 0; i < got.size(); i++) {
+        kept += want[i] > 0;
+        differ += (got[i] > 0) != (want[i] > 0);
+      }
+      // Elsewhere (float32 GEMMs): the same products, float32 sums in
+      // another order (so a logit on the cut may fall on either side).
+      const bool bounded = dt == DType::BF16 && bf16_compute && monet::cpu::bf16_products_native();
+      if (bounded || !on_cut) {
+        EXPECT_EQ(differ, 0) << monet::dtype_name(dt) << " sigma=" << sigma << ": selections differ";
+        // float32 sums of 2048 terms in other orders (the generic kernels' one accumulator: 1.1e-5)
+        EXPECT_LT(max_rel_err(got, std::vector<double>(want.begin(), want.end())), 5e-5)
+            << monet::dtype_name(dt) << " sigma=" << sigma;
+      }
+      if (sigma == 100.0) EXPECT_EQ(kept, T * H) << "only the maximum of each head";
+      else EXPECT_GT(kept, T * H) << "sigma=" << sigma << " keeps more than one expert per head somewhere";
+    }
   }
 }
 

@@ -430,6 +430,88 @@ void CpuBackend::router_select(const float* z, const Weight& mean, const Weight&
   }
 }
 
+const std::vector<float>& CpuBackend::row_norms(const Weight& w) {
+  std::lock_guard<std::mutex> lock(row_norms_mutex_);
+  std::vector<float>& norms = row_norms_[w.data];
+  if (norms.empty()) {
+    norms.resize(size_t(w.rows));
+    std::vector<float> row(size_t(w.cols));
+    for (int64_t r = 0; r < w.rows; r++) {
+      w.rows_to_f32(r, 1, row.data());
+      double ss = 0;
+      for (float v : row) ss += double(v) * v;
+      norms[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
+    }
+  }
+  return norms;
+}
+
+void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H,
+                        int64_t E, double sigma, float* z, float* g) {
+  const RowKernels* rk = k_.rows(w.dtype);
+  if (w.dtype != DType::BF16 || !rk || T <= kSmallBatch || compute_ == Compute::F32 || !bf16_products_native()) {
+    Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
+    return;
+  }
+  // Two bf16 products (GemmCompute::Split2: each input's hi and mid bf16
+  // parts) instead of the exact three (or float32 sgemm without AMX), then
+  // the float32 dot product of the decode for the logits near the threshold.
+  // A logit of the two products differs from the real x . w_e by at most
+  // |lo . w_e| + |float32 sums' error| <= c_t ||w_e||, where
+  // c_t = ||x - hi - mid|| + K 2^-21 ||x|| (Cauchy-Schwarz; K 2^-23 bounds
+  // float32 sums of K terms, counted twice over: the products' sums and the
+  // float32 dot product's). In BatchNorm units n_e +- margin_e: a logit whose
+  // upper bound is under the lowest possible threshold is dropped; one whose
+  // lower bound is over the highest possible threshold is kept with the
+  // products' value; the few between (about 1 of 512 per head on the 1.4B
+  // shape) get the float32 dot product. The selection is then the one the
+  // float32 logits give, and a kept probability is within the bound of theirs.
+  const int64_t N = w.rows, K = w.cols;
+  gemm(k_, threads_, GemmCompute::Split2, x, K, T, w, /*transposed=*/true, z, N, /*accumulate=*/false);
+  const std::vector<float>& wn = row_norms(w);
+  float* c = thread_scratch(3, size_t(T));
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t t = 0; t < T; t++) {
+    double lo2 = 0, x2 = 0;
+    for (int64_t k = 0; k < K; k++) {
+      const float v = x[t * K + k], r = v - bf16_to_f32(f32_to_bf16(v)), lo = r - bf16_to_f32(f32_to_bf16(r));
+      lo2 += double(lo) * lo;
+      x2 += double(v) * v;
+    }
+    c[t] = float((std::sqrt(lo2) + double(K) * std::ldexp(1.0, -21) * std::sqrt(x2)) * 1.01);
+  }
+  const float* mu = static_cast<const float*>(mean.data);
+  const float* va = static_cast<const float*>(var.data);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t th = 0; th < T * H; th++) {
+    const int64_t t = th / H, h = th % H;
+    const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
+    float* zr = z + t * N + h * E;
+    const float* norms = wn.data() + h * E;
+    // n_e +- margin_e in BatchNorm units (the margin with slack for the
+    // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
+    float* n = thread_scratch(4, size_t(2 * E));
+    float* margin = n + E;
+    const float scale = c[t] * inv_std;
+    float max_low = -kInf, max_high = -kInf;
+    for (int64_t e = 0; e < E; e++) {
+      n[e] = (zr[e] - mu[h]) * inv_std;
+      margin[e] = scale * norms[e] + 1e-5f * (1.0f + std::fabs(n[e]));
+      const float low = n[e] - margin[e], high = n[e] + margin[e];
+      max_low = low > max_low ? low : max_low;
+      max_high = high > max_high ? high : max_high;
+    }
+    const float lowest_cut = std::min(max_low, float(sigma)), highest_cut = std::min(max_high, float(sigma));
+    const float* xt = x + t * K;
+    for (int64_t e = 0; e < E; e++) {
+      if (n[e] + margin[e] < lowest_cut) zr[e] = -kInf;
+      else if (n[e] - margin[e] < highest_cut) rk->dot_rows(w.row(h * E + e), w.row_bytes(), 1, &xt, 1, K, zr + e, 1);
+    }
+    router_select_row<float, float>(zr, E, mu[h], inv_std, float(sigma), g + t * N + h * E);
+  }
+}
+
 void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
   for (int64_t r = 0; r < rows; r++) {
     const float* row = x + r * n;

@@ -2,6 +2,9 @@
 // backend, never process-wide), OpenBLAS single-threaded inside each team for
 // large GEMM tiles, and the run-time selected row kernels of kernels.h.
 #pragma once
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 #include <vector>
 
 #include "backend/backend.h"
@@ -41,6 +44,8 @@ class CpuBackend final : public Backend {
                  bool causal, float* out) override;
   void router_select(const float* z, const Weight& mean, const Weight& var, int64_t T, int64_t H, int64_t E,
                      double sigma, float* g) override;
+  void router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H, int64_t E,
+              double sigma, float* z, float* g) override;
   void expert_mix(const ExpertMixArgs& args) override;
   void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) override;
   void log_softmax_rows(const float* x, int64_t rows, int64_t n, float* y) override;
@@ -69,6 +74,10 @@ class CpuBackend final : public Backend {
   bool rounds_inputs(const Weight& w) const;
   Compute compute_;
   bool huge_pages_;
+  // Euclidean norms of the rows of router weights (router()), by weight data.
+  const std::vector<float>& row_norms(const Weight& w);
+  std::mutex row_norms_mutex_;
+  std::unordered_map<const void*, std::vector<float>> row_norms_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one

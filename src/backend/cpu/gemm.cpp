@@ -133,13 +133,16 @@ bool bf16_tiles() {
 
 void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, int64_t lda, int64_t M, const Weight& W,
           bool transposed, float* C, int64_t ldc, bool accumulate) {
-  if (compute == GemmCompute::F32Split && W.dtype == DType::BF16 && bf16_tiles()) {
-    // a16 [3M, K]: the hi parts of A's rows, then the mid parts, then the lo parts.
+  const bool split3 = compute == GemmCompute::F32Split && bf16_tiles();
+  const bool split2 = compute == GemmCompute::Split2 && bf16_products_native();
+  if ((split3 || split2) && W.dtype == DType::BF16) {
+    // a16 [3M, K]: the hi parts of A's rows, then the mid parts, then the lo parts (not multiplied under Split2).
     const int64_t K = transposed ? W.cols : W.rows, N = transposed ? W.rows : W.cols;
+    const int64_t n_parts = split3 ? 3 : 2;
     static thread_local std::vector<uint16_t> a16;
-    static thread_local std::vector<float> parts;  // [3M, N]: the three partial products
+    static thread_local std::vector<float> parts;  // [n_parts M, N]: the partial products
     a16.resize(size_t(3 * M * K));
-    parts.resize(size_t(3 * M * N));
+    parts.resize(size_t(n_parts * M * N));
     uint16_t* hi = a16.data();
     uint16_t* mid = hi + M * K;
     uint16_t* lo = mid + M * K;
@@ -156,13 +159,13 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
         lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
       }
     float* P = parts.data();
-    Bf16Matmul::instance().run(threads, a16.data(), 3 * M, W, transposed, P, N, /*accumulate=*/false);
+    Bf16Matmul::instance().run(threads, a16.data(), n_parts * M, W, transposed, P, N, /*accumulate=*/false);
     const float* p_mid = P + M * N;
-    const float* p_lo = p_mid + M * N;
+    const float* p_lo = split3 ? p_mid + M * N : nullptr;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * N > (1 << 16))
     for (int64_t m = 0; m < M; m++)
       for (int64_t n = 0; n < N; n++) {
-        const float v = P[m * N + n] + (p_mid[m * N + n] + p_lo[m * N + n]);
+        const float v = P[m * N + n] + (p_mid[m * N + n] + (p_lo ? p_lo[m * N + n] : 0.0f));
         C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
       }
     return;
