@@ -55,13 +55,40 @@ constexpr double kSparseMaxDensity = 0.2;
 constexpr int64_t kTileMinTokens = kSmallBatch;
 static_assert(amx::kTileRows >= kSmallBatch, "a tile's ids hold a row pass's");
 
-SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads) {
-  SideEntries s;
+// Per-entry coefficients of the v slices (see the file comment), [n, w] / [n].
+struct Coefficients {
+  std::vector<float> in11, in12, in21, in22, bias1, bias2;
+};
+
+// The vectors of one expert_mix call, the calling thread's, kept from call to
+// call with their capacity: vectors of megabytes allocated afresh every call
+// were mapped and zeroed by the kernel every time (72k page faults per
+// 512-token prefill at the 1.4B shape). Taken by reference in the calling
+// thread (a thread_local named inside a parallel loop is each thread's own).
+struct MixWorkspace {
+  SideEntries r1, r2;
+  std::vector<uint8_t> kept;
+  std::vector<int64_t> count, fill;
+  Coefficients co;
+  std::vector<float> x1, x2, y_rounded;
+  std::vector<uint16_t> y16;
+};
+
+MixWorkspace& mix_workspace() {
+  static thread_local MixWorkspace ws;
+  return ws;
+}
+
+void side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads, SideEntries& s, MixWorkspace& ws) {
   s.start.assign(size_t(T + 1), 0);
+  s.experts_used = 0;
   // kept[t, i]: token t keeps expert i (any head's g > 0): one vectorised
   // pass over g, then the entries are read at the kept experts only.
-  std::vector<uint8_t> kept(size_t(T * E));
-  std::vector<int64_t> count(size_t(T), 0);
+  std::vector<uint8_t>& kept = ws.kept;
+  std::vector<int64_t>& count = ws.count;
+  std::vector<int64_t>& fill = ws.fill;
+  kept.resize(size_t(T * E));
+  count.resize(size_t(T));
 #pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)
   for (int64_t t = 0; t < T; t++) {
     const float* gt = g + t * H * E;
@@ -105,15 +132,9 @@ SideEntries side_entries(const float* g, int64_t T, int64_t H, int64_t E, int th
     s.by_start[size_t(i + 1)] += s.by_start[size_t(i)];
   }
   s.by_expert.resize(size_t(n));
-  std::vector<int64_t> fill(s.by_start.begin(), s.by_start.end() - 1);
+  fill.assign(s.by_start.begin(), s.by_start.end() - 1);
   for (int64_t e = 0; e < n; e++) s.by_expert[size_t(fill[size_t(s.expert[size_t(e)])]++)] = e;
-  return s;
 }
-
-// Per-entry coefficients of the v slices (see the file comment), [n, w] / [n].
-struct Coefficients {
-  std::vector<float> in11, in12, in21, in22, bias1, bias2;
-};
 
 struct MixShape {
   bool vd;
@@ -185,15 +206,16 @@ void token_coefficients(const MixShape& s, const SideEntries& r1, const SideEntr
     }
 }
 
-Coefficients allocate_coefficients(const MixShape& s, int64_t n1, int64_t n2) {
-  Coefficients c;
-  c.in21.resize(size_t(n2 * s.w));
-  c.bias2.resize(size_t(n2));
+// Zeroed coefficients (token_coefficients sums into them), in the workspace.
+Coefficients& allocate_coefficients(const MixShape& s, int64_t n1, int64_t n2, MixWorkspace& ws) {
+  Coefficients& c = ws.co;
+  c.in21.assign(size_t(n2 * s.w), 0.0f);
+  c.bias2.assign(size_t(n2), 0.0f);
   if (s.vd) {
-    c.in11.resize(size_t(n1 * s.w));
-    c.in12.resize(size_t(n1 * s.w));
-    c.in22.resize(size_t(n2 * s.w));
-    c.bias1.resize(size_t(n1));
+    c.in11.assign(size_t(n1 * s.w), 0.0f);
+    c.in12.assign(size_t(n1 * s.w), 0.0f);
+    c.in22.assign(size_t(n2 * s.w), 0.0f);
+    c.bias1.assign(size_t(n1), 0.0f);
   }
   return c;
 }
@@ -212,7 +234,11 @@ bool tiles_take(const Weight& w, bool rounds_inputs) {
 void CpuBackend::expert_mix(const ExpertMixArgs& a) {
   // The kept entries of both sides, made once for the choice and the path.
   const int64_t T = a.T, H = a.config->moe_heads, E = a.config->moe_experts;
-  const SideEntries r1 = side_entries(a.g1, T, H, E, threads_), r2 = side_entries(a.g2, T, H, E, threads_);
+  MixWorkspace& ws = mix_workspace();
+  SideEntries& r1 = ws.r1;
+  SideEntries& r2 = ws.r2;
+  side_entries(a.g1, T, H, E, threads_, r1, ws);
+  side_entries(a.g2, T, H, E, threads_, r2, ws);
   ExpertPath path = a.path;
   if (path == ExpertPath::Auto) {
     // Sparse work grows with the kept (token, expert) pairs, dense work with
@@ -240,8 +266,10 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
 
   // x[e, :] = relu2(u[expert*w .. +w] . y[token] + bias): one pass over each
   // selected u slice for up to kSmallBatch of its tokens at a time.
-  std::vector<float> y_rounded;  // the tokens' inputs as the GEMM's bf16 products take them
-  std::vector<uint16_t> y16;     // the same in bf16, for the tiles: rows ld16 apart (not a power of two:
+  MixWorkspace& ws = mix_workspace();
+  std::vector<float>& y_rounded = ws.y_rounded;  // the tokens' inputs as the GEMM's bf16 products take them
+  std::vector<uint16_t>& y16 = ws.y16;           // the same in bf16, for the tiles: rows ld16 apart (not a power of two:
+  bool have_y_rounded = false, have_y16 = false; // (made once per call for both sides)
   const int64_t ld16 = d + 32;   // the same columns of many rows would share a few cache sets)
   auto relu2_out = [&](const float* out, const float* bv, int64_t i, const int64_t* ids, int64_t nt,
                        std::vector<float>& x) {
@@ -257,7 +285,8 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // On AMX: a slice with enough tokens is packed once into the tile
     // layout, then its tokens' rows are gathered 16 at a time.
     const bool tiles = d % 32 == 0 && w <= 16 && tiles_take(u, rounds_inputs(u));
-    if (tiles && y16.empty()) {  // once for both sides (VD)
+    if (tiles && !have_y16) {  // once for both sides (VD)
+      have_y16 = true;
       y16.resize(size_t(T * ld16));
 #pragma omp parallel for schedule(static) num_threads(threads_)
       for (int64_t t = 0; t < T; t++)
@@ -265,7 +294,8 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     }
     const float* y = a.y;
     if (rounds_inputs(u)) {
-      if (y_rounded.empty()) {  // once for both sides (VD)
+      if (!have_y_rounded) {  // once for both sides (VD)
+        have_y_rounded = true;
         y_rounded.resize(size_t(T * d));
         round_to_bf16(a.y, T * d, y_rounded.data());
       }
@@ -322,11 +352,12 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       }
     }
   };
-  std::vector<float> x1, x2;
+  std::vector<float>& x1 = ws.x1;  // every element written (each entry is one slice's)
+  std::vector<float>& x2 = ws.x2;
   activations(s.vd ? ew.u1 : ew.u, s.vd ? ew.u1_bias : ew.u_bias, r1, x1);
   if (s.vd) activations(ew.u2, ew.u2_bias, r2, x2);
 
-  Coefficients co = allocate_coefficients(s, n1, n2);
+  Coefficients& co = allocate_coefficients(s, n1, n2, ws);
 #pragma omp parallel for schedule(static) num_threads(threads_) if (T > 1)
   for (int64_t t = 0; t < T; t++)
     token_coefficients(s, r1, r2, x1.data(), x2.data(), token_mask(a, t), a.group, t, co,
@@ -455,10 +486,12 @@ void CpuBackend::expert_mix_dense(const ExpertMixArgs& a, const SideEntries& r1,
       std::memcpy(xs.data() + e * size_t(w), x.f32() + int64_t(r.token[e]) * Ew + int64_t(r.expert[e]) * w,
                   size_t(w) * 4);
   };
-  std::vector<float> xs1, xs2;
+  MixWorkspace& ws = mix_workspace();
+  std::vector<float>& xs1 = ws.x1;
+  std::vector<float>& xs2 = ws.x2;
   gather(x1, r1, xs1);
   if (s.vd) gather(x2, r2, xs2);
-  Coefficients co = allocate_coefficients(s, n1, n2);
+  Coefficients& co = allocate_coefficients(s, n1, n2, ws);
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t t = 0; t < T; t++)
     token_coefficients(s, r1, r2, xs1.data(), xs2.data(), token_mask(a, t), a.group, t, co,
