@@ -179,7 +179,11 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
       fail(db_path, ": exists; pass --resume to continue it, or choose another path");
     if (opts.resume && !fs::exists(db_path)) fail(db_path, ": no index to resume");
     db.emplace(db_path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX);
-    db->exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072;");
+    // threads: SQLite's sorts (the activations' indexes a large commit
+    // rebuilds) may use the model's threads, idle during a commit (1.4B shape,
+    // 9.9 M rows: the trim(token) index 13.2 -> 9.7 s with 2).
+    db->exec("PRAGMA journal_mode=WAL; PRAGMA cache_size=-131072; PRAGMA threads=" +
+             std::to_string(std::max(1, model.threads())) + ";");
     // The schema and the settings in one transaction, before the first window:
     // a kill at any later moment leaves an index that --resume continues (one
     // with settings and no documents starts from the beginning).
