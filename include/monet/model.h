@@ -31,8 +31,9 @@ struct LoadOptions {
   // are always mapped so that the page cache's 2 MiB pages of them map whole;
   // with this option a file cached in 4 KiB pages is read again into 2 MiB
   // ones (once: the page cache keeps them for later loads), and weights the
-  // load converts (not read in place) are copied into huge pages where
-  // memory allows. docs/architecture.md, "Huge pages".
+  // load converts (not read in place; and all of them where the files cannot
+  // be mapped in 2 MiB pages) are copied into huge pages where memory
+  // allows. docs/architecture.md, "Huge pages".
   bool huge_pages = false;
 };
 

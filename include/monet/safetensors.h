@@ -57,9 +57,9 @@ class SafetensorsFile {
   static constexpr uint64_t kMaxHeaderBytes = 100u << 20;  // as the HF library
   // Reads the whole file into the mapping with 2 MiB pages where the kernel
   // offers them: a file whose cached pages are small is dropped from the page
-  // cache and read again (once: the cache then keeps 2 MiB pages). Returns the
-  // bytes mapped by 2 MiB pages.
-  size_t map_huge_pages();
+  // cache and read again (once: the cache then keeps 2 MiB pages). Returns
+  // whether at least 7/8 of its whole 2 MiB blocks map in 2 MiB pages.
+  bool map_huge_pages();
   size_t huge_page_bytes() const;  // bytes of the mapping in 2 MiB pages now
 
  private:
@@ -88,8 +88,8 @@ class TensorStore {
   // cache and a later read maps them again. For tensors the model reads from
   // a copy, so that they are not held twice.
   void release_pages(const TensorInfo& t) const;
-  // SafetensorsFile::map_huge_pages / huge_page_bytes over every file.
-  size_t map_huge_pages();
+  // SafetensorsFile::map_huge_pages (true: every file's) / huge_page_bytes over every file.
+  bool map_huge_pages();
   size_t huge_page_bytes() const;
 
  private:

@@ -128,6 +128,7 @@ struct BackendOptions {
   std::string cpu_kernels;       // "" / "auto": the best this CPU runs; or "avx512bf16", "avx512", "avx2", "generic"
   std::string compute = "auto";  // "auto", "f32" or "bf16" (see Compute)
   bool huge_pages = false;       // prepare() may copy large weights into huge pages (LoadOptions::huge_pages)
+  bool huge_page_copies_of_mapped = false;  // ... weights read in place from the files too (not in 2 MiB pages)
 };
 
 // The backend the options name; monet::Error for a device this build lacks.

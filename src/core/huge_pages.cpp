@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -59,28 +60,27 @@ void* map_file_huge(int fd, size_t bytes) {
 }
 
 size_t huge_mapped_bytes(const void* start) {
-  FILE* f = std::fopen("/proc/self/smaps", "r");
-  if (!f) return 0;
-  char line[512];
+  std::ifstream f("/proc/self/smaps");
   char want[32];
   std::snprintf(want, sizeof want, "%lx-", static_cast<unsigned long>(reinterpret_cast<uintptr_t>(start)));
   bool inside = false;
   size_t kib = 0;
-  while (std::fgets(line, sizeof line, f)) {
-    // A mapping's header line starts with its address range "start-end "; its fields follow.
-    const char* colon = std::strchr(line, ':');
-    const char* space = std::strchr(line, ' ');
-    const bool header = space && (!colon || space < colon);
-    if (header) {
+  std::string line;
+  while (std::getline(f, line)) {
+    // A mapping's header line starts with its address range "start-end "
+    // (its first space before any colon); its fields "Name: value" follow.
+    const size_t colon = line.find(':'), space = line.find(' ');
+    if (space != std::string::npos && (colon == std::string::npos || space < colon)) {
       if (inside) break;
-      inside = std::strncmp(line, want, std::strlen(want)) == 0;
+      inside = line.compare(0, std::strlen(want), want) == 0;
       continue;
     }
     unsigned long v = 0;
-    if (inside && (std::sscanf(line, "FilePmdMapped: %lu kB", &v) == 1 || std::sscanf(line, "AnonHugePages: %lu kB", &v) == 1))
+    if (inside && (std::sscanf(line.c_str(), "FilePmdMapped: %lu kB", &v) == 1 ||
+                   std::sscanf(line.c_str(), "ShmemPmdMapped: %lu kB", &v) == 1 ||
+                   std::sscanf(line.c_str(), "AnonHugePages: %lu kB", &v) == 1))
       kib += v;
   }
-  std::fclose(f);
   return kib * 1024;
 }
 
@@ -88,7 +88,9 @@ void populate_mapping(const void* start, size_t bytes) {
   if (bytes == 0) return;
   const uintptr_t page = 4096, begin = reinterpret_cast<uintptr_t>(start) & ~(page - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(start) + bytes;
-  if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) return;
+  if (::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0 || errno != EINVAL) return;
+  // Only EINVAL (a kernel before 5.14) falls back to reading page by page:
+  // after other errors (a file cut short: EFAULT) nothing is read here.
   volatile uint8_t sink = 0;
   for (uintptr_t p = begin; p < end; p += page) sink = sink + *reinterpret_cast<const volatile uint8_t*>(p);
   (void)sink;

@@ -26,7 +26,7 @@ std::shared_ptr<void> alloc_huge_pages(size_t bytes);
 void* map_file_huge(int fd, size_t bytes);
 
 // Bytes of the mapping that starts at `start` mapped by 2 MiB pages
-// (FilePmdMapped + AnonHugePages in /proc/self/smaps); 0 where unknown.
+// (FilePmdMapped + ShmemPmdMapped + AnonHugePages in /proc/self/smaps); 0 where unknown.
 size_t huge_mapped_bytes(const void* start);
 
 // Faults in every page of [start, start + bytes) (MADV_POPULATE_READ, or a

@@ -180,32 +180,41 @@ SafetensorsFile::~SafetensorsFile() {
   if (map_) ::munmap(map_, map_size_);
 }
 
-size_t SafetensorsFile::map_huge_pages() {
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+bool SafetensorsFile::map_huge_pages() {
+  constexpr size_t kHuge = size_t(2) << 20;
   const size_t whole = map_size_ / kHuge * kHuge;  // the mapping starts 2 MiB aligned
-  if (!huge_pages_available() || whole == 0) return 0;
+  if (whole == 0) return true;
+  if (!huge_pages_available()) return false;
   populate_mapping(map_, map_size_);
-  if (huge_mapped_bytes(map_) >= whole - whole / 8) return huge_mapped_bytes(map_);
+  auto mostly_huge = [&] { return huge_mapped_bytes(map_) >= whole - whole / 8; };
+  if (mostly_huge()) return true;
   // Cached in small pages (written in small pieces, say): drop this
   // mapping's pages and the file's unmapped clean cache, then read the file
   // again: the faults of a MADV_HUGEPAGE mapping read 2 MiB folios. The page
-  // cache keeps them for later loads, of this process or any other.
-  ::madvise(map_, map_size_, MADV_DONTNEED);
+  // cache keeps them for later loads, of this process or any other. Where
+  // no block maps whole yet, the first block is tried alone: a file system
+  // or kernel without 2 MiB file pages costs one block read, not the file.
   const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-    ::close(fd);
-  }
-  populate_mapping(map_, map_size_);
-  return huge_mapped_bytes(map_);
+  if (fd < 0) return false;
+  // (A file written just now has dirty pages, which the page cache keeps: written out first.)
+  ::fdatasync(fd);
+  auto reread = [&](size_t bytes) {
+    ::madvise(map_, bytes, MADV_DONTNEED);
+    ::posix_fadvise(fd, 0, off_t(bytes), POSIX_FADV_DONTNEED);
+    populate_mapping(map_, bytes);
+  };
+  if (huge_mapped_bytes(map_) == 0) reread(kHuge);
+  if (huge_mapped_bytes(map_) > 0) reread(map_size_);
+  ::close(fd);
+  return mostly_huge();
 }
 
 size_t SafetensorsFile::huge_page_bytes() const { return huge_mapped_bytes(map_); }
 
-size_t TensorStore::map_huge_pages() {
-  size_t bytes = 0;
-  for (auto& f : files_) bytes += f->map_huge_pages();
-  return bytes;
+bool TensorStore::map_huge_pages() {
+  bool all = true;
+  for (auto& f : files_) all = f->map_huge_pages() && all;
+  return all;
 }
 
 size_t TensorStore::huge_page_bytes() const {

@@ -143,9 +143,11 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   bo.cpu_kernels = opts.cpu_kernels;
   bo.compute = opts.compute;
   bo.huge_pages = opts.huge_pages;
-  m->backend_ = make_backend(bo);
   m->store_ = TensorStore::open_dir(dir);
-  if (opts.huge_pages) m->store_->map_huge_pages();  // before the loader reads: its reads then fault 2 MiB pages
+  // Before the loader reads (its reads then fault 2 MiB pages); where the
+  // files cannot be mapped so, the backend copies the weights read in place too.
+  if (opts.huge_pages) bo.huge_page_copies_of_mapped = !m->store_->map_huge_pages();
+  m->backend_ = make_backend(bo);
   // What the load copies (transposed expert matrices, vectors) must fit: say
   // how much is needed before allocating any of it.
   // (Quantized checkpoints: the int8 matrices are repacked, about 1.06 bytes

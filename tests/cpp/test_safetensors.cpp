@@ -390,10 +390,11 @@ TEST(TensorStore, HugePageMappingReadsTheFile) {
       << "the file is not mapped at a 2 MiB boundary";
   auto same = [&] { return std::memcmp(w.data, v.data(), v.size() * 4) == 0; };
   EXPECT_TRUE(same());
-  const size_t huge = store->map_huge_pages();
-  EXPECT_EQ(huge, store->huge_page_bytes());
+  const bool mapped_huge = store->map_huge_pages();
+  const size_t huge = store->huge_page_bytes();
+  EXPECT_EQ(mapped_huge, huge >= (size_t(7) << 20) / 2);  // 7/8 of the 4 MiB of whole blocks of a 5 MiB file
   EXPECT_EQ(huge % (size_t(2) << 20), 0u);
-  EXPECT_LE(huge, size_t(4) << 20);  // the whole 2 MiB blocks of a 5 MiB file
+  EXPECT_LE(huge, size_t(4) << 20);
   EXPECT_TRUE(same()) << "after reading the file again into huge pages";
   store->release_pages(w);
   EXPECT_TRUE(same()) << "after releasing the tensor's pages";

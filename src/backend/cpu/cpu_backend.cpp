@@ -37,8 +37,12 @@ const float* row_f32(const Weight& w, int64_t r, float* scratch) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages)
-    : threads_(threads > 0 ? threads : omp_get_num_procs()), k_(kernels), compute_(compute), huge_pages_(huge_pages) {}
+CpuBackend::CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages, bool copies_of_mapped)
+    : threads_(threads > 0 ? threads : omp_get_num_procs()),
+      k_(kernels),
+      compute_(compute),
+      huge_pages_(huge_pages),
+      copies_of_mapped_(copies_of_mapped) {}
 
 std::string CpuBackend::name() const {
   const char* arith = compute_ == Compute::F32 ? "f32 products"
@@ -122,11 +126,12 @@ Weight CpuBackend::prepare(const Weight& w) {
   // memory, in 4 KiB pages) are copied into huge pages: streamed rows then
   // rarely miss the TLB (the decode GEMV reads 27 GB/s instead of 19.5, 2
   // threads, Intel machine of 2026-12-03). Weights read in place from the
-  // mapped files get 2 MiB pages from the page cache (TensorStore::map_huge_pages).
+  // mapped files get 2 MiB pages from the page cache (TensorStore::map_huge_pages),
+  // or, where the files could not be mapped so, are copied too.
   // No copy where the kernel offers no huge pages or it would leave less than 2 GiB free.
   constexpr size_t kMinBytes = size_t(2) << 20, kKeepFree = size_t(2) << 30;
   const size_t bytes = w.bytes();
-  if (!huge_pages_ || !w.owned || bytes < kMinBytes || !huge_pages_available()) return w;
+  if (!huge_pages_ || (!w.owned && !copies_of_mapped_) || bytes < kMinBytes || !huge_pages_available()) return w;
   const uint64_t available = available_memory_bytes();
   if (available != 0 && available < bytes + kKeepFree) return w;
   std::shared_ptr<void> copy = alloc_huge_pages(bytes);
@@ -546,7 +551,7 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& opts) {
     fail("compute \"", opts.compute, "\": expected auto (bf16 products for bf16 weights where the CPU multiplies bf16), ",
          "f32 (exact float32 products) or bf16 (bf16 inputs, float32 sums)");
   const cpu::KernelSet& k = cpu::select_kernels(opts.cpu_kernels);
-  return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute, opts.huge_pages);
+  return std::make_unique<cpu::CpuBackend>(opts.threads, k, compute, opts.huge_pages, opts.huge_page_copies_of_mapped);
 }
 
 }  // namespace monet

@@ -17,8 +17,10 @@ struct SideEntries;  // expert_mix.cpp
 
 class CpuBackend final : public Backend {
  public:
-  // huge_pages: prepare() may copy large weights into huge pages
-  CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages = false);
+  // huge_pages: prepare() may copy large converted weights into huge pages
+  // (copies_of_mapped: weights read in place from the files too)
+  CpuBackend(int threads, const KernelSet& kernels, Compute compute, bool huge_pages = false,
+             bool copies_of_mapped = false);
 
   std::string name() const override;
   int threads() const override { return threads_; }
@@ -73,7 +75,7 @@ class CpuBackend final : public Backend {
   // kernels of small batches and sparse experts as well as the GEMMs).
   bool rounds_inputs(const Weight& w) const;
   Compute compute_;
-  bool huge_pages_;
+  bool huge_pages_, copies_of_mapped_;
   // Euclidean norms of the rows of router weights (router()), by weight data.
   const std::vector<float>& row_norms(const Weight& w);
   std::mutex row_norms_mutex_;
