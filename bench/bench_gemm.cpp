@@ -1,16 +1,20 @@
 // monet_gemm_bench: the CPU backend's GEMMs at the Monet-VD-1.4B prefill
 // shapes against the machine's measured arithmetic peaks (float32 FMA,
 // AVX-512-BF16 dot products, AMX bf16 tiles), and OpenBLAS sgemm on float32
-// weights beside them. Prints a table; best of --repeat runs.
-//   monet_gemm_bench [--threads N] [--repeat R] [--m 128,512]
+// weights beside them; the decode's GEMV against the copy bandwidth; the
+// routers' bounded products against the exact ones. Prints tables; best of
+// --repeat runs (--routers: the routers' table only).
+//   monet_gemm_bench [--threads N] [--repeat R] [--m 128,512] [--routers]
 #include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -22,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "backend/backend.h"
 #include "backend/cpu/gemm.h"
 #include "backend/cpu/kernels.h"
 #include "monet/tensor.h"
@@ -156,13 +161,70 @@ void decode_gemv(const monet::cpu::KernelSet& k, int threads, int repeat) {
               "(read + write): %.0f %%\n", gemv_gbs, copy_gbs, 100.0 * gemv_gbs / copy_gbs);
 }
 
+// The routers of a prefill (T tokens): the CPU backend's router (from
+// K = kBoundedRouterMinK on, two bf16 products, bounds, the logits near the
+// threshold in float32) against the exact product + selection
+// (Backend::router), from the default model's shape to the 1.4B's. Logits
+// ~ N(0, 1), the threshold keeping about moe_topk of E per head as
+// calibrated routers do.
+void routers(int threads, int repeat) {
+  struct Shape {
+    const char* what;
+    int64_t K, H, E;
+    double sigma;
+  };
+  const Shape shapes[] = {{"default model K 256 H 4 E 64", 256, 4, 64, 1.15},
+                          {"K 1024 H 4 E 64", 1024, 4, 64, 1.15},
+                          {"K 1536 H 4 E 64", 1536, 4, 64, 1.15},
+                          {"K 1024 H 8 E 512", 1024, 8, 512, 2.15},
+                          {"K 1536 H 8 E 512", 1536, 8, 512, 2.15},
+                          {"Monet-VD-1.4B K 2048 H 8 E 512", 2048, 8, 512, 2.15}};
+  monet::BackendOptions opts;
+  opts.threads = threads;
+  std::unique_ptr<monet::Backend> be = monet::make_backend(opts);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::printf("\n| %-32s | %5s | %12s | %12s | %6s |\n", "router (T tokens)", "T", "exact ms", "backend ms", "ratio");
+  std::printf("|%s|------:|-------------:|-------------:|-------:|\n", std::string(34, '-').c_str());
+  for (const Shape& s : shapes) {
+    const int64_t N = s.H * s.E, T = 512;
+    std::vector<float> wf(size_t(N * s.K)), x(size_t(T * s.K)), z(size_t(T * N)), g(size_t(T * N));
+    for (float& v : wf) v = nd(rng) / std::sqrt(float(s.K));
+    for (float& v : x) v = nd(rng);
+    const monet::Weight w = be->prepare(monet::Weight::from_f32(wf.data(), N, s.K, monet::DType::BF16));
+    const std::vector<float> mean(size_t(s.H), 0.0f), var(size_t(s.H), 1.0f);
+    const monet::Weight mw = be->prepare(monet::Weight::from_f32(mean.data(), 1, s.H, monet::DType::F32));
+    const monet::Weight vw = be->prepare(monet::Weight::from_f32(var.data(), 1, s.H, monet::DType::F32));
+    auto time = [&](auto fn) {
+      fn();
+      double best = 1e30;
+      for (int r = 0; r < std::max(repeat, 5); r++) {
+        const double t0 = now();
+        fn();
+        best = std::min(best, now() - t0);
+      }
+      return best * 1e3;
+    };
+    const double exact = time([&] { be->Backend::router(w, x.data(), T, mw, vw, s.H, s.E, s.sigma, z.data(), g.data()); });
+    const double backend = time([&] { be->router(w, x.data(), T, mw, vw, s.H, s.E, s.sigma, z.data(), g.data()); });
+    std::printf("| %-32s | %5lld | %12.3f | %12.3f | %5.2fx |\n", s.what, (long long)T, exact, backend, exact / backend);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = omp_get_num_procs(), repeat = 3;
   std::vector<int64_t> ms = {128, 512};
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
+  bool routers_only = false;
+  for (int i = 1; i < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--routers")) {
+      routers_only = true;
+      i--;
+    } else if (i + 1 == argc) {
+      std::fprintf(stderr, "%s: a value is missing\n", argv[i]);
+      return 2;
+    } else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--repeat")) repeat = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--m")) {
       ms.clear();
@@ -171,9 +233,13 @@ int main(int argc, char** argv) {
         if (*p == ',') p++;
       }
     } else {
-      std::fprintf(stderr, "usage: monet_gemm_bench [--threads N] [--repeat R] [--m 128,512]\n");
+      std::fprintf(stderr, "usage: monet_gemm_bench [--threads N] [--repeat R] [--m 128,512] [--routers]\n");
       return 2;
     }
+  }
+  if (routers_only) {
+    routers(threads, repeat);
+    return 0;
   }
   const monet::cpu::KernelSet& k = monet::cpu::select_kernels("");
   if (std::strncmp(k.name, "avx512", 6) != 0) {
@@ -252,5 +318,6 @@ int main(int argc, char** argv) {
     }
   }
   decode_gemv(k, threads, repeat);
+  routers(threads, repeat);
   return 0;
 }

@@ -26,6 +26,23 @@ void rope_angles(int64_t pos0, int64_t T, int64_t hd, double theta, R* cos_t, R*
   }
 }
 
+// The largest of v[0..n) (-inf for n = 0; no NaN expected), in lanes of
+// maxima so that the loop vectorizes (a single running maximum is a chain of
+// dependent comparisons).
+template <class R>
+R max_value(const R* v, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  R lane_max[kLanes];
+  for (int64_t j = 0; j < kLanes; j++) lane_max[j] = -std::numeric_limits<R>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; j++) lane_max[j] = v[i + j] > lane_max[j] ? v[i + j] : lane_max[j];
+  R m = -std::numeric_limits<R>::infinity();
+  for (; i < n; i++) m = v[i] > m ? v[i] : m;
+  for (int64_t j = 0; j < kLanes; j++) m = lane_max[j] > m ? lane_max[j] : m;
+  return m;
+}
+
 // The router's selection for one head: given raw logits z[E] and the
 // BatchNorm statistics of this head (mean, 1/sqrt(var + eps)), keep every
 // entry whose normalised score n_i = (z_i - mean) * inv_std reaches
@@ -35,18 +52,20 @@ void rope_angles(int64_t pos0, int64_t T, int64_t hd, double theta, R* cos_t, R*
 // BatchNorm; double in training), the softmax sum in double.
 template <class R, class N>
 void router_select_row(const R* z, int64_t E, N mean, N inv_std, N sigma, R* g) {
-  N max_n = -std::numeric_limits<N>::infinity();
-  for (int64_t i = 0; i < E; i++) max_n = std::max(max_n, (N(z[i]) - mean) * inv_std);
-  const N cut = std::min(max_n, sigma);
-  R max_z = -std::numeric_limits<R>::infinity();
-  for (int64_t i = 0; i < E; i++)
-    if ((N(z[i]) - mean) * inv_std >= cut) max_z = std::max(max_z, z[i]);
+  // The largest logit has the largest score ((z - mean) * inv_std rounds
+  // monotonically for inv_std > 0) and always passes: max_n and the softmax's
+  // max_z both come from max_i z_i.
+  const R max_z = max_value(z, E);
+  const N cut = std::min((N(max_z) - mean) * inv_std, sigma);
+  // The kept entries are few: zeros everywhere, then exp over the kept ones
+  // (the double sum in index order, as over every entry with zeros).
   double sum = 0.0;
-  for (int64_t i = 0; i < E; i++) {
-    const R e = ((N(z[i]) - mean) * inv_std >= cut) ? R(std::exp(z[i] - max_z)) : R(0);
-    g[i] = e;
-    sum += double(e);
-  }
+  for (int64_t i = 0; i < E; i++) g[i] = R(0);
+  for (int64_t i = 0; i < E; i++)
+    if ((N(z[i]) - mean) * inv_std >= cut) {
+      g[i] = R(std::exp(z[i] - max_z));
+      sum += double(g[i]);
+    }
   const R inv = R(1.0 / sum);
   for (int64_t i = 0; i < E; i++) g[i] *= inv;
 }

@@ -454,7 +454,13 @@ const std::vector<float>& CpuBackend::row_norms(const Weight& w) {
 void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H,
                         int64_t E, double sigma, float* z, float* g) {
   const RowKernels* rk = k_.rows(w.dtype);
-  if (w.dtype != DType::BF16 || !rk || T <= kSmallBatch || compute_ == Compute::F32 || !bf16_products_native()) {
+  // The bounds' passes cost per logit and per input; the product they save
+  // costs per logit times K: below K = 1536 the exact product is as fast or
+  // faster (monet_gemm_bench --routers: K 256, E 64 0.69x; K 1024, E 64
+  // 0.92x; K 1536, E 512 1.09-1.22x; K 2048, E 512 1.15-1.31x).
+  constexpr int64_t kBoundedRouterMinK = 1536;
+  if (w.dtype != DType::BF16 || !rk || T <= kSmallBatch || w.cols < kBoundedRouterMinK || compute_ == Compute::F32 ||
+      !bf16_products_native()) {
     Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
@@ -463,7 +469,8 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   // the float32 dot product of the decode for the logits near the threshold.
   // A logit of the two products differs from the real x . w_e by at most
   // |lo . w_e| + |float32 sums' error| <= c_t ||w_e||, where
-  // c_t = ||x - hi - mid|| + K 2^-21 ||x|| (Cauchy-Schwarz; K 2^-23 bounds
+  // c_t = (2^-16 + K 2^-21) ||x|| (Cauchy-Schwarz; |lo| <= 2^-16 |x| for
+  // each input, two roundings to nearest bf16 of 2^-8 each; K 2^-23 bounds
   // float32 sums of K terms, counted twice over: the products' sums and the
   // float32 dot product's). In BatchNorm units n_e +- margin_e: a logit whose
   // upper bound is under the lowest possible threshold is dropped; one whose
@@ -474,17 +481,11 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   const int64_t N = w.rows, K = w.cols;
   gemm(k_, threads_, GemmCompute::Split2, x, K, T, w, /*transposed=*/true, z, N, /*accumulate=*/false);
   const std::vector<float>& wn = row_norms(w);
+  // (x . x in float32: its error, under K 2^-24 relative, is inside the 1.01.)
   float* c = thread_scratch(3, size_t(T));
+  const double c_per_norm = (std::ldexp(1.0, -16) + double(K) * std::ldexp(1.0, -21)) * 1.01;
 #pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t t = 0; t < T; t++) {
-    double lo2 = 0, x2 = 0;
-    for (int64_t k = 0; k < K; k++) {
-      const float v = x[t * K + k], r = v - bf16_to_f32(f32_to_bf16(v)), lo = r - bf16_to_f32(f32_to_bf16(r));
-      lo2 += double(lo) * lo;
-      x2 += double(v) * v;
-    }
-    c[t] = float((std::sqrt(lo2) + double(K) * std::ldexp(1.0, -21) * std::sqrt(x2)) * 1.01);
-  }
+  for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
   const float* mu = static_cast<const float*>(mean.data);
   const float* va = static_cast<const float*>(var.data);
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -496,22 +497,21 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
     const float* norms = wn.data() + h * E;
     // n_e +- margin_e in BatchNorm units (the margin with slack for the
     // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
-    float* n = thread_scratch(4, size_t(2 * E));
-    float* margin = n + E;
+    float* n = thread_scratch(4, size_t(4 * E));
+    float *margin = n + E, *low = n + 2 * E, *high = n + 3 * E;
     const float scale = c[t] * inv_std;
-    float max_low = -kInf, max_high = -kInf;
     for (int64_t e = 0; e < E; e++) {
       n[e] = (zr[e] - mu[h]) * inv_std;
       margin[e] = scale * norms[e] + 1e-5f * (1.0f + std::fabs(n[e]));
-      const float low = n[e] - margin[e], high = n[e] + margin[e];
-      max_low = low > max_low ? low : max_low;
-      max_high = high > max_high ? high : max_high;
+      low[e] = n[e] - margin[e];
+      high[e] = n[e] + margin[e];
     }
+    const float max_low = max_value(low, E), max_high = max_value(high, E);
     const float lowest_cut = std::min(max_low, float(sigma)), highest_cut = std::min(max_high, float(sigma));
     const float* xt = x + t * K;
     for (int64_t e = 0; e < E; e++) {
-      if (n[e] + margin[e] < lowest_cut) zr[e] = -kInf;
-      else if (n[e] - margin[e] < highest_cut) rk->dot_rows(w.row(h * E + e), w.row_bytes(), 1, &xt, 1, K, zr + e, 1);
+      if (high[e] < lowest_cut) zr[e] = -kInf;
+      else if (low[e] < highest_cut) rk->dot_rows(w.row(h * E + e), w.row_bytes(), 1, &xt, 1, K, zr + e, 1);
     }
     router_select_row<float, float>(zr, E, mu[h], inv_std, float(sigma), g + t * N + h * E);
   }

@@ -136,12 +136,12 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
   const bool split3 = compute == GemmCompute::F32Split && bf16_tiles();
   const bool split2 = compute == GemmCompute::Split2 && bf16_products_native();
   if ((split3 || split2) && W.dtype == DType::BF16) {
-    // a16 [3M, K]: the hi parts of A's rows, then the mid parts, then the lo parts (not multiplied under Split2).
+    // a16 [n_parts M, K]: the hi parts of A's rows, then the mid parts, then (F32Split) the lo parts.
     const int64_t K = transposed ? W.cols : W.rows, N = transposed ? W.rows : W.cols;
     const int64_t n_parts = split3 ? 3 : 2;
     static thread_local std::vector<uint16_t> a16;
     static thread_local std::vector<float> parts;  // [n_parts M, N]: the partial products
-    a16.resize(size_t(3 * M * K));
+    a16.resize(size_t(n_parts * M * K));
     parts.resize(size_t(n_parts * M * N));
     uint16_t* hi = a16.data();
     uint16_t* mid = hi + M * K;
@@ -156,7 +156,7 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
         const uint16_t d = f32_to_bf16(r1);
         hi[m * K + kk] = h;
         mid[m * K + kk] = d;
-        lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
+        if (split3) lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
       }
     float* P = parts.data();
     Bf16Matmul::instance().run(threads, a16.data(), n_parts * M, W, transposed, P, N, /*accumulate=*/false);
