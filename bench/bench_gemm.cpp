@@ -35,6 +35,19 @@ namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
+// Seconds of the fastest of `runs` calls of fn, after one untimed call.
+template <class Fn>
+double best_seconds(int runs, Fn fn) {
+  fn();
+  double best = 1e30;
+  for (int r = 0; r < runs; r++) {
+    const double t0 = now();
+    fn();
+    best = std::min(best, now() - t0);
+  }
+  return best;
+}
+
 // Peak arithmetic: independent FMA (f32) or vdpbf16ps (bf16) chains in
 // registers, one chain set per thread. FLOP/s counting a multiply-add as 2.
 double peak_flops(int threads, bool bf16) {
@@ -145,18 +158,9 @@ void decode_gemv(const monet::cpu::KernelSet& k, int threads, int repeat) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < threads; t++) std::memcpy(dst.data() + size_t(t) * chunk, src.data() + size_t(t) * chunk, chunk);
   };
-  auto best = [&](auto fn) {
-    fn();
-    double t = 1e30;
-    for (int r = 0; r < std::max(repeat, 5); r++) {
-      const double t0 = now();
-      fn();
-      t = std::min(t, now() - t0);
-    }
-    return t;
-  };
-  const double gemv_gbs = double(w.size() * 2) / best(gemv_all) / 1e9;
-  const double copy_gbs = 2.0 * double(src.size()) / best(copy_all) / 1e9;
+  const int runs = std::max(repeat, 5);
+  const double gemv_gbs = double(w.size() * 2) / best_seconds(runs, gemv_all) / 1e9;
+  const double copy_gbs = 2.0 * double(src.size()) / best_seconds(runs, copy_all) / 1e9;
   std::printf("\ndecode GEMV (1 token, bf16 2048 x 2048, 48 matrices): %.1f GB/s read; copy bandwidth %.1f GB/s "
               "(read + write): %.0f %%\n", gemv_gbs, copy_gbs, 100.0 * gemv_gbs / copy_gbs);
 }
@@ -195,16 +199,7 @@ void routers(int threads, int repeat) {
     const std::vector<float> mean(size_t(s.H), 0.0f), var(size_t(s.H), 1.0f);
     const monet::Weight mw = be->prepare(monet::Weight::from_f32(mean.data(), 1, s.H, monet::DType::F32));
     const monet::Weight vw = be->prepare(monet::Weight::from_f32(var.data(), 1, s.H, monet::DType::F32));
-    auto time = [&](auto fn) {
-      fn();
-      double best = 1e30;
-      for (int r = 0; r < std::max(repeat, 5); r++) {
-        const double t0 = now();
-        fn();
-        best = std::min(best, now() - t0);
-      }
-      return best * 1e3;
-    };
+    auto time = [&](auto fn) { return 1e3 * best_seconds(std::max(repeat, 5), fn); };
     const double exact = time([&] { be->Backend::router(w, x.data(), T, mw, vw, s.H, s.E, s.sigma, z.data(), g.data()); });
     const double backend = time([&] { be->router(w, x.data(), T, mw, vw, s.H, s.E, s.sigma, z.data(), g.data()); });
     std::printf("| %-32s | %5lld | %12.3f | %12.3f | %5.2fx |\n", s.what, (long long)T, exact, backend, exact / backend);
@@ -282,16 +277,7 @@ int main(int argc, char** argv) {
       std::vector<float> a(size_t(M * s.K)), c(size_t(M * s.N));
       for (float& v : a) v = nd(rng);
       const double flop = 2.0 * double(M) * double(s.N) * double(s.K);
-      auto time = [&](auto fn) {
-        fn();
-        double best = 1e30;
-        for (int r = 0; r < repeat; r++) {
-          const double t0 = now();
-          fn();
-          best = std::min(best, now() - t0);
-        }
-        return flop / best;
-      };
+      auto time = [&](auto fn) { return flop / best_seconds(repeat, fn); };
       auto row = [&](const char* path, double flops, double peak) {
         std::printf("| %-30s | %5lld | %-16s | %9.1f | %6.1f%% |\n", s.what, (long long)M, path, flops / 1e9,
                     peak > 0 ? 100.0 * flops / peak : 0.0);
