@@ -212,25 +212,36 @@ int main(int argc, char** argv) {
   int threads = omp_get_num_procs(), repeat = 3;
   std::vector<int64_t> ms = {128, 512};
   bool routers_only = false;
-  for (int i = 1; i < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--routers")) {
+  for (int i = 1; i < argc; i++) {
+    const char* opt = argv[i];
+    if (!std::strcmp(opt, "--routers")) {
       routers_only = true;
-      i--;
-    } else if (i + 1 == argc) {
-      std::fprintf(stderr, "%s: a value is missing\n", argv[i]);
-      return 2;
-    } else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--repeat")) repeat = std::atoi(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--m")) {
-      ms.clear();
-      for (char* p = argv[i + 1]; *p;) {
-        ms.push_back(std::strtoll(p, &p, 10));
-        if (*p == ',') p++;
-      }
-    } else {
+      continue;
+    }
+    const bool takes_value = !std::strcmp(opt, "--threads") || !std::strcmp(opt, "--repeat") || !std::strcmp(opt, "--m");
+    if (!takes_value || i + 1 == argc) {
       std::fprintf(stderr, "usage: monet_gemm_bench [--threads N] [--repeat R] [--m 128,512] [--routers]\n");
       return 2;
     }
+    const char* value = argv[++i];
+    if (!std::strcmp(opt, "--threads")) threads = std::atoi(value);
+    else if (!std::strcmp(opt, "--repeat")) repeat = std::atoi(value);
+    else {
+      ms.clear();
+      for (const char* p = value; *p;) {
+        char* end = nullptr;
+        ms.push_back(std::strtoll(p, &end, 10));
+        if (end == p || ms.back() < 1) {
+          std::fprintf(stderr, "--m: \"%s\" is not a list of row counts like 128,512\n", value);
+          return 2;
+        }
+        p = *end == ',' ? end + 1 : end;
+      }
+    }
+  }
+  if (threads < 1 || repeat < 1) {
+    std::fprintf(stderr, "--threads and --repeat take a positive number\n");
+    return 2;
   }
   if (routers_only) {
     routers(threads, repeat);

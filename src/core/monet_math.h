@@ -47,7 +47,8 @@ R max_value(const R* v, int64_t n) {
 // BatchNorm statistics of this head (mean, 1/sqrt(var + eps)), keep every
 // entry whose normalised score n_i = (z_i - mean) * inv_std reaches
 // min(max_i n_i, sigma) (so the top entry always passes), and write the
-// softmax of the raw logits over the kept entries into g (0 elsewhere).
+// softmax of the raw logits over the kept entries into g (0 elsewhere; g
+// must not be z).
 // The normalisation is computed in N (float at inference, as HF's float32
 // BatchNorm; double in training), the softmax sum in double.
 template <class R, class N>

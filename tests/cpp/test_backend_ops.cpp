@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -382,70 +383,144 @@ TEST_P(BackendOps, RouterSelect) {
   }
 }
 
+// A prepared F32 weight [1, n] of `values` (BatchNorm statistics).
+Weight mw_of(Backend& be, const std::vector<float>& values) {
+  return be.prepare(Weight::from_f32(values.data(), 1, int64_t(values.size()), DType::F32));
+}
+
+// The router of `wp` (prepared by be, H heads of E = wp.rows / H) over the
+// tokens x [T, K] against the decode's selection: thresholds calibrated
+// (2 BatchNorm units: a few kept per head), exactly at a logit (the 4th
+// largest of 12 (token, head) rows: each such entry falls on either side of
+// the cut when bounds are ignored, all 12 pass by chance 1 in 4096), and
+// above every logit (only the maximum kept).
+void expect_router_selects_as_decode(Backend& be, const Weight& wp, const std::vector<float>& xh, int64_t H,
+                                     const std::vector<float>& mean, const std::vector<float>& var,
+                                     bool bf16_compute) {
+  const int64_t K = wp.cols, T = int64_t(xh.size()) / K, E = wp.rows / H;
+  const DType dt = wp.dtype;
+  const Weight mw = mw_of(be, mean), vw = mw_of(be, var);
+  // The decode's logits, one token at a time.
+  std::vector<float> z_decode(size_t(T * H * E));
+  for (int64_t t = 0; t < T; t++) {
+    DeviceVec x1(be, std::vector<float>(xh.begin() + t * K, xh.begin() + (t + 1) * K)), z1(be, size_t(H * E));
+    be.linear(wp, x1.get(), 1, z1.get(), nullptr, /*exact=*/true);
+    const std::vector<float> zt = z1.host();
+    std::copy(zt.begin(), zt.end(), z_decode.begin() + t * H * E);
+  }
+  std::vector<double> sigmas = {2.0, 100.0};
+  for (int64_t i = 0; i < 12; i++) {
+    const int64_t t = (3 * i + 1) % T, h = i % H;
+    std::vector<float> row(z_decode.begin() + (t * H + h) * E, z_decode.begin() + (t * H + h + 1) * E);
+    std::nth_element(row.begin(), row.begin() + 3, row.end(), std::greater<float>());
+    sigmas.push_back(double((row[3] - mean[size_t(h)]) * (1.0f / std::sqrt(var[size_t(h)] + 1e-5f))));
+  }
+  for (double sigma : sigmas) {
+    const bool on_cut = sigma != 2.0 && sigma != 100.0;
+    DeviceVec zd(be, z_decode), gd(be, z_decode.size());
+    be.router_select(zd.get(), mw, vw, T, H, E, sigma, gd.get());
+    DeviceVec x(be, xh), z(be, z_decode.size()), g(be, z_decode.size());
+    be.router(wp, x.get(), T, mw, vw, H, E, sigma, z.get(), g.get());
+    const std::vector<float> want = gd.host(), got = g.host();
+    int64_t kept = 0, differ = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+      kept += want[i] > 0;
+      differ += (got[i] > 0) != (want[i] > 0);
+    }
+    // Elsewhere (float32 GEMMs): the same products, float32 sums in
+    // another order (so a logit on the cut may fall on either side).
+    const bool bounded = dt == DType::BF16 && bf16_compute && monet::cpu::bf16_products_native();
+    if (bounded || !on_cut) {
+      EXPECT_EQ(differ, 0) << monet::dtype_name(dt) << " sigma=" << sigma << ": selections differ";
+      // float32 sums of 2048 terms in other orders (the generic kernels' one accumulator: 1.1e-5)
+      EXPECT_LT(max_rel_err(got, std::vector<double>(want.begin(), want.end())), 5e-5)
+          << monet::dtype_name(dt) << " sigma=" << sigma;
+    }
+    if (sigma == 100.0) EXPECT_EQ(kept, T * H) << "only the maximum of each head";
+    else EXPECT_GT(kept, T * H) << "sigma=" << sigma << " keeps more than one expert per head somewhere";
+  }
+}
+
 // A router over a batch selects the experts of the float32 logits the
 // decode computes (linear(exact) of one token: its row-by-row dot products)
 // and gives their probabilities within float32 rounding: on the CPU with
 // bf16 products, two bf16 products bound every logit and only those near the
 // threshold are computed in float32, so the selection is theirs exactly.
-// Thresholds: calibrated (a few kept per head), exactly at a logit (an entry
-// on the cut, which a bound too small would drop), and above every logit
-// (only the maximum kept).
 TEST_P(BackendOps, RouterEqualsDecodeLogits) {
   std::mt19937 rng(13);
   const int64_t T = 40, H = 4, E = 96, K = 2048;
   const bool bf16_compute = GetParam().find("/bf16") != std::string::npos;
+  const std::vector<float> mean = {0.0f, 0.1f, -0.1f, 0.05f}, var = {9.0f, 8.0f, 12.0f, 10.0f};
   for (DType dt : {DType::BF16, DType::F32}) {
     TestWeight w = random_weight(H * E, K, dt, rng, 1.0f / 45);
-    Weight wp = be->prepare(w.w);
     std::vector<float> xh = random_vec(size_t(T * K), rng);
     for (int64_t t = 0; t < T; t++)  // rows of different sizes
       for (int64_t k = 0; k < K; k++) xh[size_t(t * K + k)] *= 0.5f + float(t % 5);
-    const std::vector<float> mean = {0.0f, 0.1f, -0.1f, 0.05f}, var = {9.0f, 8.0f, 12.0f, 10.0f};
-    Weight mw = be->prepare(Weight::from_f32(mean.data(), 1, H, DType::F32));
-    Weight vw = be->prepare(Weight::from_f32(var.data(), 1, H, DType::F32));
-    // The decode's logits, one token at a time.
-    std::vector<float> z_decode(size_t(T * H * E));
-    for (int64_t t = 0; t < T; t++) {
-      DeviceVec x1(*be, std::vector<float>(xh.begin() + t * K, xh.begin() + (t + 1) * K)), z1(*be, size_t(H * E));
-      be->linear(wp, x1.get(), 1, z1.get(), nullptr, /*exact=*/true);
-      const std::vector<float> zt = z1.host();
-      std::copy(zt.begin(), zt.end(), z_decode.begin() + t * H * E);
-    }
-    // Thresholds on a logit: the 4th largest of 12 (token, head) rows,
-    // normalized as router_select does (each such entry falls on either side
-    // of the cut when bounds are ignored: all 12 pass by chance 1 in 4096).
-    std::vector<double> sigmas = {2.0, 100.0};
-    for (int64_t i = 0; i < 12; i++) {
-      const int64_t t = 3 * i + 1, h = i % H;
-      std::vector<float> row(z_decode.begin() + (t * H + h) * E, z_decode.begin() + (t * H + h + 1) * E);
-      std::nth_element(row.begin(), row.begin() + 3, row.end(), std::greater<float>());
-      sigmas.push_back(double((row[3] - mean[size_t(h)]) * (1.0f / std::sqrt(var[size_t(h)] + 1e-5f))));
-    }
-    for (double sigma : sigmas) {
-      const bool on_cut = sigma != 2.0 && sigma != 100.0;
-      DeviceVec zd(*be, z_decode), gd(*be, z_decode.size());
-      be->router_select(zd.get(), mw, vw, T, H, E, sigma, gd.get());
-      DeviceVec x(*be, xh), z(*be, z_decode.size()), g(*be, z_decode.size());
-      be->router(wp, x.get(), T, mw, vw, H, E, sigma, z.get(), g.get());
-      const std::vector<float> want = gd.host(), got = g.host();
-      int64_t kept = 0, differ = 0;
-      for (size_t i = 0; i < got.size(); i++) {
-        kept += want[i] > 0;
-        differ += (got[i] > 0) != (want[i] > 0);
-      }
-      // Elsewhere (float32 GEMMs): the same products, float32 sums in
-      // another order (so a logit on the cut may fall on either side).
-      const bool bounded = dt == DType::BF16 && bf16_compute && monet::cpu::bf16_products_native();
-      if (bounded || !on_cut) {
-        EXPECT_EQ(differ, 0) << monet::dtype_name(dt) << " sigma=" << sigma << ": selections differ";
-        // float32 sums of 2048 terms in other orders (the generic kernels' one accumulator: 1.1e-5)
-        EXPECT_LT(max_rel_err(got, std::vector<double>(want.begin(), want.end())), 5e-5)
-            << monet::dtype_name(dt) << " sigma=" << sigma;
-      }
-      if (sigma == 100.0) EXPECT_EQ(kept, T * H) << "only the maximum of each head";
-      else EXPECT_GT(kept, T * H) << "sigma=" << sigma << " keeps more than one expert per head somewhere";
+    expect_router_selects_as_decode(*be, be->prepare(w.w), xh, H, mean, var, bf16_compute);
+  }
+}
+
+// The same at the bound's worst case: every input's part below its hi and
+// mid bf16 parts (what two bf16 products drop) as large as rounding to
+// nearest leaves it and of the sign of the weights, whose rows share one
+// large component; the BatchNorm mean sits at that component's logit, so the
+// dropped part is tens of BatchNorm units' hundredths. And again at the same
+// address after a weight 4096 times smaller (the backend keeps the rows'
+// norms by address: those would bound these logits far too tightly).
+TEST_P(BackendOps, RouterBoundHoldsAtItsWorstCase) {
+  std::mt19937 rng(17);
+  const int64_t T = 16, H = 4, E = 96, K = 2048;
+  const bool bf16_compute = GetParam().find("/bf16") != std::string::npos;
+  const std::vector<float> common = random_vec(size_t(K), rng, 1.0f / 45);
+  std::vector<float> wv(size_t(H * E * K));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t r = 0; r < H * E; r++)
+    for (int64_t k = 0; k < K; k++) wv[size_t(r * K + k)] = common[size_t(k)] + 0.01f / 45 * nd(rng);
+  const Weight w = Weight::from_f32(wv.data(), H * E, K, DType::BF16);
+  // x (one token, T times: the BatchNorm statistics are those of a row):
+  // sign of the common component, exponent in [-1, 1], mantissa bits 22..16
+  // random (the hi part), 15..0 = 0x7F3F: the mid part takes 14..7 rounding
+  // down (bit 6 clear), the rest 0x3F stays: lo ~ 2^-17 |x|, of x's sign.
+  std::uniform_int_distribution<uint32_t> bits7(0, 127), exponent(126, 128);
+  std::vector<float> xh(size_t(T * K));
+  for (int64_t k = 0; k < K; k++) {
+    const uint32_t sign = common[size_t(k)] < 0 ? 0x80000000u : 0u;
+    const uint32_t u = sign | exponent(rng) << 23 | bits7(rng) << 16 | 0x7F3Fu;
+    for (int64_t t = 0; t < T; t++) std::memcpy(&xh[size_t(t * K + k)], &u, 4);
+  }
+  // BatchNorm statistics of the float32 logits, per head.
+  std::vector<float> mean(static_cast<size_t>(H)), var(static_cast<size_t>(H));
+  {
+    DeviceVec x(*be, xh), z(*be, size_t(T * H * E));
+    be->linear(be->prepare(w), x.get(), T, z.get(), nullptr, /*exact=*/true);
+    const std::vector<float> zh = z.host();
+    for (int64_t h = 0; h < H; h++) {
+      double s = 0, s2 = 0;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < E; e++) {
+          const double v = zh[size_t((t * H + h) * E + e)];
+          s += v;
+          s2 += v * v;
+        }
+      const double n = double(T * E), m = s / n;
+      mean[size_t(h)] = float(m);
+      var[size_t(h)] = float(s2 / n - m * m);
     }
   }
+  std::vector<uint8_t> bytes(w.bytes());
+  const Weight view = be->prepare(Weight::view(DType::BF16, H * E, K, bytes.data()));
+  // First a router of the smaller weight at that address.
+  std::vector<float> smaller(wv.size());
+  w.rows_to_f32(0, H * E, smaller.data());
+  for (float& v : smaller) v /= 4096.0f;  // exact in bf16
+  const Weight small = Weight::from_f32(smaller.data(), H * E, K, DType::BF16);
+  std::memcpy(bytes.data(), small.data, small.bytes());
+  {
+    DeviceVec x(*be, xh), z(*be, size_t(T * H * E)), g(*be, size_t(T * H * E));
+    be->router(view, x.get(), T, mw_of(*be, mean), mw_of(*be, var), H, E, 2.0, z.get(), g.get());
+  }
+  std::memcpy(bytes.data(), w.data, w.bytes());
+  expect_router_selects_as_decode(*be, view, xh, H, mean, var, bf16_compute);
 }
 
 TEST_P(BackendOps, SamplingHelpers) {

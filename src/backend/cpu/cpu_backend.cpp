@@ -436,19 +436,26 @@ void CpuBackend::router_select(const float* z, const Weight& mean, const Weight&
 }
 
 const std::vector<float>& CpuBackend::row_norms(const Weight& w) {
+  const size_t bytes = w.bytes(), edge = std::min(kEdgeBytes, bytes);
+  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  std::vector<uint8_t> edges(data, data + edge);
+  edges.insert(edges.end(), data + bytes - edge, data + bytes);
   std::lock_guard<std::mutex> lock(row_norms_mutex_);
-  std::vector<float>& norms = row_norms_[w.data];
-  if (norms.empty()) {
-    norms.resize(size_t(w.rows));
+  RowNorms& entry = row_norms_[w.data];
+  if (entry.rows != w.rows || entry.cols != w.cols || entry.edges != edges) {
+    entry.rows = w.rows;
+    entry.cols = w.cols;
+    entry.edges = std::move(edges);
+    entry.norms.assign(size_t(w.rows), 0.0f);
     std::vector<float> row(size_t(w.cols));
     for (int64_t r = 0; r < w.rows; r++) {
       w.rows_to_f32(r, 1, row.data());
       double ss = 0;
       for (float v : row) ss += double(v) * v;
-      norms[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
+      entry.norms[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
     }
   }
-  return norms;
+  return entry.norms;
 }
 
 void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H,
@@ -470,7 +477,8 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   // A logit of the two products differs from the real x . w_e by at most
   // |lo . w_e| + |float32 sums' error| <= c_t ||w_e||, where
   // c_t = (2^-16 + K 2^-21) ||x|| (Cauchy-Schwarz; |lo| <= 2^-16 |x| for
-  // each input, two roundings to nearest bf16 of 2^-8 each; K 2^-23 bounds
+  // each input in float32's normal range, as activations after RMSNorm are:
+  // two roundings to nearest bf16 of 2^-8 each; K 2^-23 bounds
   // float32 sums of K terms, counted twice over: the products' sums and the
   // float32 dot product's). In BatchNorm units n_e +- margin_e: a logit whose
   // upper bound is under the lowest possible threshold is dropped; one whose

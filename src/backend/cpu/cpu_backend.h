@@ -76,10 +76,19 @@ class CpuBackend final : public Backend {
   bool rounds_inputs(const Weight& w) const;
   Compute compute_;
   bool huge_pages_, copies_of_mapped_;
-  // Euclidean norms of the rows of router weights (router()), by weight data.
+  // Euclidean norms of the rows of router weights (router()), by weight
+  // data. A model's weights live as long as its backend; an entry whose
+  // shape or first and last bytes differ from the weight now at that address
+  // (a weight freed and another allocated there) is computed again.
+  struct RowNorms {
+    int64_t rows = 0, cols = 0;
+    std::vector<uint8_t> edges;  // the weight's first and last kEdgeBytes bytes
+    std::vector<float> norms;
+  };
+  static constexpr size_t kEdgeBytes = 64;
   const std::vector<float>& row_norms(const Weight& w);
   std::mutex row_norms_mutex_;
-  std::unordered_map<const void*, std::vector<float>> row_norms_;
+  std::unordered_map<const void*, RowNorms> row_norms_;
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one
