@@ -84,21 +84,39 @@ class Loader {
     const int64_t out_rows = axis == 1 ? rows : cols, nb = blocked / kQ8Block;  // our rows, blocks per row
     const int8_t* q = reinterpret_cast<const int8_t*>(t.data);
     const uint8_t* sb = s->data;
+    for (int64_t si = 0; si < out_rows * nb; si++) {
+      uint16_t h;
+      std::memcpy(&h, sb + 2 * si, 2);
+      const float d = f16_to_f32(h);
+      if (!(d >= 0.0f && d < 65536.0f))
+        fail(s->file, ": tensor ", scale_name, " holds ", d, " at index ", si, ", expected a finite scale >= 0");
+    }
     auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(out_rows * nb) * sizeof(BlockQ8_0)]);
-    for (int64_t r = 0; r < out_rows; r++)
-      for (int64_t b = 0; b < nb; b++) {
-        BlockQ8_0 blk;
-        const size_t si = size_t(axis == 1 ? r * nb + b : b * cols + r);
-        std::memcpy(&blk.d, sb + 2 * si, 2);
-        const float d = f16_to_f32(blk.d);
-        if (!(d >= 0.0f && d < 65536.0f))
-          fail(s->file, ": tensor ", scale_name, " holds ", d, " at index ", si, ", expected a finite scale >= 0");
-        for (int64_t i = 0; i < kQ8Block; i++) {
-          const int64_t at = b * kQ8Block + i;
-          blk.q[i] = q[axis == 1 ? r * cols + at : at * cols + r];
+    auto put = [&](int64_t r, int64_t b, const BlockQ8_0& blk) {
+      std::memcpy(buf.get() + size_t(r * nb + b) * sizeof(BlockQ8_0), &blk, sizeof blk);
+    };
+    BlockQ8_0 blk;
+    if (axis == 1) {
+      for (int64_t r = 0; r < out_rows; r++)
+        for (int64_t b = 0; b < nb; b++) {
+          std::memcpy(&blk.d, sb + 2 * (r * nb + b), 2);
+          std::memcpy(blk.q, q + r * cols + b * kQ8Block, kQ8Block);
+          put(r, b, blk);
         }
-        std::memcpy(buf.get() + size_t(r * nb + b) * sizeof(BlockQ8_0), &blk, sizeof blk);
-      }
+    } else {
+      // Our rows are HF columns: a block gathers one column of 32 HF rows.
+      // Tiles of 64 columns, so those rows' lines stay cached for 64 blocks
+      // (column by column, every block read 32 lines from memory: the
+      // 1.4B's q8_0 load took 4.5 s against 2 s for bf16).
+      constexpr int64_t kTile = 64;
+      for (int64_t r0 = 0; r0 < out_rows; r0 += kTile)
+        for (int64_t b = 0; b < nb; b++)
+          for (int64_t r = r0; r < std::min(out_rows, r0 + kTile); r++) {
+            std::memcpy(&blk.d, sb + 2 * (b * cols + r), 2);
+            for (int64_t i = 0; i < kQ8Block; i++) blk.q[i] = q[(b * kQ8Block + i) * cols + r];
+            put(r, b, blk);
+          }
+    }
     Weight w = Weight::view(DType::Q8_0, out_rows, blocked, buf.get());
     w.owned = std::shared_ptr<const void>(buf, buf.get());
     return w;
