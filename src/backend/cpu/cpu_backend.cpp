@@ -435,25 +435,26 @@ void CpuBackend::router_select(const float* z, const Weight& mean, const Weight&
   }
 }
 
-const std::vector<float>& CpuBackend::row_norms(const Weight& w) {
+std::shared_ptr<const std::vector<float>> CpuBackend::row_norms(const Weight& w) {
   const size_t bytes = w.bytes(), edge = std::min(kEdgeBytes, bytes);
   const uint8_t* data = static_cast<const uint8_t*>(w.data);
   std::vector<uint8_t> edges(data, data + edge);
   edges.insert(edges.end(), data + bytes - edge, data + bytes);
   std::lock_guard<std::mutex> lock(row_norms_mutex_);
   RowNorms& entry = row_norms_[w.data];
-  if (entry.rows != w.rows || entry.cols != w.cols || entry.edges != edges) {
-    entry.rows = w.rows;
-    entry.cols = w.cols;
-    entry.edges = std::move(edges);
-    entry.norms.assign(size_t(w.rows), 0.0f);
+  if (!entry.norms || entry.rows != w.rows || entry.cols != w.cols || entry.edges != edges) {
+    auto norms = std::make_shared<std::vector<float>>(size_t(w.rows));
     std::vector<float> row(size_t(w.cols));
     for (int64_t r = 0; r < w.rows; r++) {
       w.rows_to_f32(r, 1, row.data());
       double ss = 0;
       for (float v : row) ss += double(v) * v;
-      entry.norms[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
+      (*norms)[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
     }
+    entry.rows = w.rows;
+    entry.cols = w.cols;
+    entry.edges = std::move(edges);
+    entry.norms = std::move(norms);
   }
   return entry.norms;
 }
@@ -488,7 +489,7 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   // float32 logits give, and a kept probability is within the bound of theirs.
   const int64_t N = w.rows, K = w.cols;
   gemm(k_, threads_, GemmCompute::Split2, x, K, T, w, /*transposed=*/true, z, N, /*accumulate=*/false);
-  const std::vector<float>& wn = row_norms(w);
+  const std::shared_ptr<const std::vector<float>> wn = row_norms(w);
   // (x . x in float32: its error, under K 2^-24 relative, is inside the 1.01.)
   float* c = thread_scratch(3, size_t(T));
   const double c_per_norm = (std::ldexp(1.0, -16) + double(K) * std::ldexp(1.0, -21)) * 1.01;
@@ -502,7 +503,7 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
     const int64_t t = th / H, h = th % H;
     const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
     float* zr = z + t * N + h * E;
-    const float* norms = wn.data() + h * E;
+    const float* norms = wn->data() + h * E;
     // n_e +- margin_e in BatchNorm units (the margin with slack for the
     // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
     float* n = thread_scratch(4, size_t(4 * E));

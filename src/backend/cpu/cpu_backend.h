@@ -2,9 +2,9 @@
 // backend, never process-wide), OpenBLAS single-threaded inside each team for
 // large GEMM tiles, and the run-time selected row kernels of kernels.h.
 #pragma once
+#include <memory>
 #include <mutex>
 #include <unordered_map>
-#include <vector>
 #include <vector>
 
 #include "backend/backend.h"
@@ -79,14 +79,16 @@ class CpuBackend final : public Backend {
   // Euclidean norms of the rows of router weights (router()), by weight
   // data. A model's weights live as long as its backend; an entry whose
   // shape or first and last bytes differ from the weight now at that address
-  // (a weight freed and another allocated there) is computed again.
+  // (a weight freed and another allocated there) is computed again (a weight
+  // changed in place elsewhere keeps its old norms: weights are read-only).
+  // Shared, so a caller's norms stay valid while another call replaces them.
   struct RowNorms {
     int64_t rows = 0, cols = 0;
     std::vector<uint8_t> edges;  // the weight's first and last kEdgeBytes bytes
-    std::vector<float> norms;
+    std::shared_ptr<const std::vector<float>> norms;
   };
   static constexpr size_t kEdgeBytes = 64;
-  const std::vector<float>& row_norms(const Weight& w);
+  std::shared_ptr<const std::vector<float>> row_norms(const Weight& w);
   std::mutex row_norms_mutex_;
   std::unordered_map<const void*, RowNorms> row_norms_;
 };
