@@ -464,9 +464,10 @@ TEST_P(BackendOps, RouterEqualsDecodeLogits) {
 // mid bf16 parts (what two bf16 products drop) as large as rounding to
 // nearest leaves it and of the sign of the weights, whose rows share one
 // large component; the BatchNorm mean sits at that component's logit, so the
-// dropped part is tens of BatchNorm units' hundredths. And again at the same
-// address after a weight 4096 times smaller (the backend keeps the rows'
-// norms by address: those would bound these logits far too tightly).
+// dropped part is (by estimate) a few hundredths of a BatchNorm unit. The
+// weight sits at an address where a weight 4096 times smaller was routed
+// first (the backend keeps the rows' norms by address: that weight's would
+// bound these logits far too tightly).
 TEST_P(BackendOps, RouterBoundHoldsAtItsWorstCase) {
   std::mt19937 rng(17);
   const int64_t T = 16, H = 4, E = 96, K = 2048;

@@ -506,14 +506,13 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
     const float* norms = wn->data() + h * E;
     // n_e +- margin_e in BatchNorm units (the margin with slack for the
     // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
-    float* n = thread_scratch(4, size_t(4 * E));
-    float *margin = n + E, *low = n + 2 * E, *high = n + 3 * E;
+    float* low = thread_scratch(4, size_t(2 * E));
+    float* high = low + E;
     const float scale = c[t] * inv_std;
     for (int64_t e = 0; e < E; e++) {
-      n[e] = (zr[e] - mu[h]) * inv_std;
-      margin[e] = scale * norms[e] + 1e-5f * (1.0f + std::fabs(n[e]));
-      low[e] = n[e] - margin[e];
-      high[e] = n[e] + margin[e];
+      const float n = (zr[e] - mu[h]) * inv_std, margin = scale * norms[e] + 1e-5f * (1.0f + std::fabs(n));
+      low[e] = n - margin;
+      high[e] = n + margin;
     }
     const float max_low = max_value(low, E), max_high = max_value(high, E);
     const float lowest_cut = std::min(max_low, float(sigma)), highest_cut = std::min(max_high, float(sigma));
