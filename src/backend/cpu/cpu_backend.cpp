@@ -185,6 +185,14 @@ void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const f
   }
 }
 
+// Blocks of 64 weight rows per run a thread takes when it finishes one: up
+// to 4 (256 rows, a long stream), fewer for small matrices so every thread
+// gets some. Equal static halves finished up to a fifth apart in decode, a
+// different thread late each call (1.4B bf16 decode +4 % with runs).
+int64_t CpuBackend::block_run(int64_t blocks) const {
+  return std::clamp<int64_t>(blocks / (4 * int64_t(threads_)), 1, 4);
+}
+
 bool CpuBackend::rounds_inputs(const Weight& w) const {
   return w.dtype == DType::BF16 && products(w) == GemmCompute::BF16;
 }
@@ -211,10 +219,11 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
     // the activations quantized to blocks of 32 once, then integer dot
     // products. Each thread takes blocks of 64 weight rows and applies them
     // to the tokens kSmallBatch at a time, the rows staying in L2 between
-    // groups (docs/quantization.md).
+    // groups (docs/quantization.md). Runs of blocks go to threads as they
+    // finish (block_run).
     const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
-    const int64_t nb = K / kQ8Block, blocks = (N + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads_)
+    const int64_t nb = K / kQ8Block, blocks = (N + 63) / 64, run = block_run(blocks);
+#pragma omp parallel for schedule(dynamic, run) num_threads(threads_)
     for (int64_t b = 0; b < blocks; b++) {
       const int64_t n0 = b * 64;
       for (int64_t t0 = 0; t0 < T; t0 += kSmallBatch) {
@@ -237,9 +246,10 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
     for (int64_t t = 0; t < T; t++) xs[t] = x + t * K;
     const RowKernels* rk = k_.rows(w.dtype);
     if (rk) {
-      // Blocks of 64 rows: each thread streams long runs of consecutive rows.
-      const int64_t blocks = (N + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads_)
+      // Blocks of 64 rows: each thread streams a run of consecutive blocks,
+      // then takes the next run (block_run).
+      const int64_t blocks = (N + 63) / 64, run = block_run(blocks);
+#pragma omp parallel for schedule(dynamic, run) num_threads(threads_)
       for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * 64;
         rk->dot_rows(w.row(n0), w.row_bytes(), std::min<int64_t>(64, N - n0), xs, T, K, y + n0, N);

@@ -74,6 +74,8 @@ class CpuBackend final : public Backend {
   // Whether products with w take bf16-rounded inputs on every path (the row
   // kernels of small batches and sparse experts as well as the GEMMs).
   bool rounds_inputs(const Weight& w) const;
+  // blocks of 64 rows a thread takes at a time in linear's streamed products
+  int64_t block_run(int64_t blocks) const;
   Compute compute_;
   bool huge_pages_, copies_of_mapped_;
   // Euclidean norms of the rows of router weights (router()), by weight
