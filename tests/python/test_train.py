@@ -410,11 +410,21 @@ def test_kill_anywhere_then_resume(monet_bin, corpus, tmp_path):
                 with open(os.path.join(out, junk), "w") as f:
                     f.write("cut short")
             mode = "delay"
+        # A whole run may take less than the longest delay: while a kill the checks below
+        # count has not happened yet (in a checkpoint's write; a row ahead; one older
+        # checkpoint archived before a resume pruned it, for the injection above), a run
+        # that may finish is killed that way instead.
+        pending = [m for m in ("tmp", "row") if not hits[m]] + (["ckpt"] if not hits["extra"] else [])
+        if mode in ("delay", None) and pending:
+            mode = pending[i % len(pending)]
         if mode == "tmp":  # while a checkpoint is being written
             ready = lambda t0, pid: any(n.endswith(f".tmp-{pid}") for n in ls())  # noqa: E731
         elif mode == "row":  # a train.csv row ahead of the newest checkpoint
             target = max(rows(), 0) + rng.randint(1, 2)
             ready = lambda t0, pid: rows() >= target and rows() % over["save_every"] != 0  # noqa: E731
+        elif mode == "ckpt":  # once a newer checkpoint is complete (step-* folders appear by rename)
+            newest = checkpoints()[-1] if checkpoints() else ""
+            ready = lambda t0, pid, n=newest: bool(checkpoints()) and checkpoints()[-1] > n  # noqa: E731
         elif mode == "delay":
             delay = rng.uniform(0.02, 0.4)
             ready = lambda t0, pid, d=delay: time.monotonic() - t0 >= d  # noqa: E731

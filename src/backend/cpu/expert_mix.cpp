@@ -53,6 +53,9 @@ constexpr double kSparseMaxDensity = 0.2;
 // 1: 5 % slower, and decode 17 % slower), and batches of fewer than
 // kSmallBatch tokens (decode) then never pack.
 constexpr int64_t kTileMinTokens = kSmallBatch;
+// Parts of a few tokens' v slices summed apart (expert_mix_sparse): enough
+// for a thread each up to 8 threads, the same for any number of them.
+constexpr int64_t kSliceParts = 8;
 static_assert(amx::kTileRows >= kSmallBatch, "a tile's ids hold a row pass's");
 
 // Per-entry coefficients of the v slices (see the file comment), [n, w] / [n].
@@ -70,7 +73,7 @@ struct MixWorkspace {
   std::vector<uint8_t> kept;
   std::vector<int64_t> count, fill;
   Coefficients co;
-  std::vector<float> x1, x2, y_rounded;
+  std::vector<float> x1, x2, y_rounded, parts;
   std::vector<uint16_t> y16;
 };
 
@@ -363,8 +366,9 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     token_coefficients(s, r1, r2, x1.data(), x2.data(), token_mask(a, t), a.group, t, co,
                        thread_scratch(4, size_t(2 * H * w)));
 
-  // out[token, c0:c1] += v slices . coefficients, expert by expert: each
-  // thread owns a column range, so every slice row is read once per range.
+  // out[token, :] = v slices . coefficients, expert by expert: a few tokens'
+  // slices split among the threads (whole rows), more tokens' columns (each
+  // thread owns a column range, so every slice row is read once per range).
   struct Term {
     const Weight* v;
     std::vector<float>* coef;
@@ -376,6 +380,60 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       if (rounds_inputs(*terms[k].v))
         round_to_bf16(terms[k].coef->data(), int64_t(terms[k].coef->size()), terms[k].coef->data());
     if (rounds_inputs(b)) round_to_bf16(bias_coef.data(), int64_t(bias_coef.size()), bias_coef.data());
+    // All terms' rows of an entry in one pass over its columns when the
+    // v slices share a row kernel (the same sums as row after row).
+    const RowKernels* rk = k_.rows(terms[0].v->dtype);
+    for (int k = 1; k < n_terms; k++)
+      if (terms[k].v->dtype != terms[0].v->dtype) rk = nullptr;
+    if (n_terms * w > kMaxAxpyRows) rk = nullptr;
+    // out[c0:c1] += slice i's rows . entry e's coefficients, and its bias row
+    // (out indexed from column 0, as the Q8_0 rows' axpy indexes them)
+    auto add_slice = [&](int64_t i, int64_t e, float* out, int64_t c0, int64_t c1) {
+      if (rk) {
+        const void* rows[kMaxAxpyRows];
+        float coefs[kMaxAxpyRows];
+        const size_t esize = dtype_size(terms[0].v->dtype);
+        for (int k = 0; k < n_terms; k++)
+          for (int64_t j = 0; j < w; j++) {
+            rows[k * w + j] = terms[k].v->row(i * w + j) + size_t(c0) * esize;
+            coefs[k * w + j] = (*terms[k].coef)[size_t(e * w + j)];
+          }
+        rk->axpy_multi(rows, coefs, n_terms * w, out + c0, c1 - c0);
+      } else {
+        for (int k = 0; k < n_terms; k++) axpy_rows(*terms[k].v, i * w, w, terms[k].coef->data() + e * w, out, c0, c1);
+      }
+      axpy_rows(b, i, 1, &bias_coef[size_t(e)], out, c0, c1);
+    };
+    // A few tokens (decode): the selected slices are split into kSliceParts
+    // parts of about equal tokens, each summed over whole rows into its own
+    // out[T, N], then the parts are added in order (the same sums for any
+    // number of threads). Whole rows are long runs (an expert's w rows are
+    // adjacent), where the column ranges below read each thread's piece of
+    // every row: short runs the hardware prefetcher starts late on (1.4B
+    // bf16 decode +5 %).
+    if (T <= kSmallBatch) {
+      const int64_t total = r.by_start[size_t(E)];
+      int64_t part_start[kSliceParts + 1];
+      for (int64_t q = 0, i = 0; q <= kSliceParts; q++) {
+        while (i < E && r.by_start[size_t(i)] * kSliceParts < q * total) i++;
+        part_start[q] = q == kSliceParts ? E : i;
+      }
+      std::vector<float>& parts = ws.parts;  // [part, token, N]
+      parts.assign(size_t(kSliceParts * T * N), 0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+      for (int64_t q = 0; q < kSliceParts; q++)
+        for (int64_t i = part_start[q]; i < part_start[q + 1]; i++)
+          for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p++) {
+            const int64_t e = r.by_expert[size_t(p)];
+            add_slice(i, e, parts.data() + (q * T + int64_t(r.token[size_t(e)])) * N, 0, N);
+          }
+      for (int64_t t = 0; t < T; t++) {
+        float* o = a.out + t * d + col0;
+        std::copy(parts.begin() + t * N, parts.begin() + (t + 1) * N, o);
+        for (int64_t q = 1; q < kSliceParts; q++) k_.axpy(1.0f, parts.data() + (q * T + t) * N, o, N);
+      }
+      return;
+    }
 #pragma omp parallel num_threads(threads_)
     {
       const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -388,12 +446,6 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       const int64_t ld = c1 + 16;
       float* acc = c0 < c1 ? thread_scratch(6, size_t(T * ld)) : nullptr;
       for (int64_t t = 0; t < T && c0 < c1; t++) std::fill(acc + t * ld + c0, acc + t * ld + c1, 0.0f);
-      // All terms' rows of an entry in one pass over its columns when the
-      // v slices share a row kernel (the same sums as row after row).
-      const RowKernels* rk = k_.rows(terms[0].v->dtype);
-      for (int k = 1; k < n_terms; k++)
-        if (terms[k].v->dtype != terms[0].v->dtype) rk = nullptr;
-      if (n_terms * w > kMaxAxpyRows) rk = nullptr;
       // On AMX: a slice with enough tokens has its rows (all terms' and the
       // bias row) packed in pairs over this thread's columns, and its tokens'
       // coefficients go 16 at a time.
@@ -405,8 +457,6 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       uint16_t a_tile[amx::kTileRows * 2 * amx::kMaxPairRows] = {};
       const uint16_t* rows16[2 * amx::kMaxPairRows];
       float* outs[amx::kTileRows];
-      const void* rows[kMaxAxpyRows];
-      float coefs[kMaxAxpyRows];
       for (int64_t i = 0; i < E && c0 < c1; i++) {
         const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
         if (p0 == p1) continue;
@@ -432,19 +482,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
         }
         for (int64_t p = p0; p < p1; p++) {
           const int64_t e = r.by_expert[size_t(p)];
-          float* out = acc + int64_t(r.token[size_t(e)]) * ld;
-          if (rk) {
-            const size_t esize = dtype_size(terms[0].v->dtype);
-            for (int k = 0; k < n_terms; k++)
-              for (int64_t j = 0; j < w; j++) {
-                rows[k * w + j] = terms[k].v->row(i * w + j) + size_t(c0) * esize;
-                coefs[k * w + j] = (*terms[k].coef)[size_t(e * w + j)];
-              }
-            rk->axpy_multi(rows, coefs, n_terms * w, out + c0, c1 - c0);
-          } else {
-            for (int k = 0; k < n_terms; k++) axpy_rows(*terms[k].v, i * w, w, terms[k].coef->data() + e * w, out, c0, c1);
-          }
-          axpy_rows(b, i, 1, &bias_coef[size_t(e)], out, c0, c1);
+          add_slice(i, e, acc + int64_t(r.token[size_t(e)]) * ld, c0, c1);
         }
       }
       for (int64_t t = 0; t < T && c0 < c1; t++)
