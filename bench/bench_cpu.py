@@ -150,8 +150,9 @@ def bandwidth(threads: int) -> tuple[float, float]:
     return copy, read
 
 
-def decode_bytes(config: dict, elem: int, expert_fraction: float) -> tuple[float, float]:
-    """(dense bytes, monet sparse bytes) one batch-1 decode step reads, from the config.
+def decode_bytes(config: dict, elem: float, expert_fraction: float, router_elem: float | None = None) -> tuple[float, float]:
+    """(dense bytes, monet sparse bytes) one batch-1 decode step reads, from the config,
+    at elem bytes per weight (router_elem for the routers: q8_0 keeps them bf16).
     Both read the attention and router matrices, the lm_head and one embedding
     row; dense reads every expert matrix, monet the fraction of expert slices
     (u rows, v columns, b rows) its routers kept."""
@@ -165,8 +166,8 @@ def decode_bytes(config: dict, elem: int, expert_fraction: float) -> tuple[float
     routers = ((L + c["moe_groups"] - 1) // c["moe_groups"]) * 2 * H * E * d
     # VD: u1,u2 | v11,v12,v21,v22 | b1,b2; HD: u | v | b (the same sizes)
     experts = L * (E * m * d + E * m * d + E * d)
-    common = attn + routers + V * d + d + (2 * L + 1) * d  # + embedding row + norms
-    return (common + experts) * elem, (common + expert_fraction * experts) * elem
+    common = (attn + V * d + d + (2 * L + 1) * d) * elem + routers * (elem if router_elem is None else router_elem)
+    return common + experts * elem, common + expert_fraction * experts * elem
 
 
 def main() -> None:
@@ -244,10 +245,10 @@ def main() -> None:
             if args.huge_pages:
                 q8["huge_run"] = monet_bench(ensure_q8_checkpoint(path), args.threads, args.prompt, args.decode,
                                              repeat=args.repeat, huge_pages=True)
-            # (bytes: every matrix at 34 bytes per 32 values, the routers too, which stay bf16: a lower
-            # bound on what q8_0 decode reads, so its limits are upper bounds)
+            # (bytes: every matrix at 34 bytes per 32 values but the routers, which stay bf16; the
+            # embedding row and norms, a few KB, counted at 34/32 too)
             rows.append(dict(dtype="q8_0", ours=q8, peer=peer, gather=gather, dense_bytes=decode_bytes(config, 2, 1.0)[0],
-                             sparse_bytes=decode_bytes(config, 34 / 32, q8["expert_fraction"])[1],
+                             sparse_bytes=decode_bytes(config, 34 / 32, q8["expert_fraction"], router_elem=2)[1],
                              batched_ours={}, batched_peer={}))
 
     shape = "small" if args.small else "1.4B"

@@ -410,7 +410,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // number of threads). Whole rows are long runs (an expert's w rows are
     // adjacent), where the column ranges below read each thread's piece of
     // every row: short runs the hardware prefetcher starts late on (1.4B
-    // bf16 decode +5 %).
+    // decode, medians of alternating builds: bf16 +0.5-3 %, q8_0 +4 %).
     if (T <= kSmallBatch) {
       const int64_t total = r.by_start[size_t(E)];
       int64_t part_start[kSliceParts + 1];
