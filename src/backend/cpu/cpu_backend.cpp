@@ -445,14 +445,25 @@ void CpuBackend::router_select(const float* z, const Weight& mean, const Weight&
   }
 }
 
-std::shared_ptr<const std::vector<float>> CpuBackend::row_norms(const Weight& w) {
+CpuBackend::RouterAids& CpuBackend::router_aids(const Weight& w) {
   const size_t bytes = w.bytes(), edge = std::min(kEdgeBytes, bytes);
   const uint8_t* data = static_cast<const uint8_t*>(w.data);
   std::vector<uint8_t> edges(data, data + edge);
   edges.insert(edges.end(), data + bytes - edge, data + bytes);
-  std::lock_guard<std::mutex> lock(row_norms_mutex_);
-  RowNorms& entry = row_norms_[w.data];
-  if (!entry.norms || entry.rows != w.rows || entry.cols != w.cols || entry.edges != edges) {
+  RouterAids& entry = router_aids_[w.data];
+  if (entry.rows != w.rows || entry.cols != w.cols || entry.edges != edges) {
+    entry = RouterAids{};
+    entry.rows = w.rows;
+    entry.cols = w.cols;
+    entry.edges = std::move(edges);
+  }
+  return entry;
+}
+
+std::shared_ptr<const std::vector<float>> CpuBackend::row_norms(const Weight& w) {
+  std::lock_guard<std::mutex> lock(router_aids_mutex_);
+  RouterAids& entry = router_aids(w);
+  if (!entry.norms) {
     auto norms = std::make_shared<std::vector<float>>(size_t(w.rows));
     std::vector<float> row(size_t(w.cols));
     for (int64_t r = 0; r < w.rows; r++) {
@@ -461,13 +472,83 @@ std::shared_ptr<const std::vector<float>> CpuBackend::row_norms(const Weight& w)
       for (float v : row) ss += double(v) * v;
       (*norms)[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
     }
-    entry.rows = w.rows;
-    entry.cols = w.cols;
-    entry.edges = std::move(edges);
     entry.norms = std::move(norms);
   }
   return entry.norms;
 }
+
+std::shared_ptr<const CpuBackend::Int8Copy> CpuBackend::int8_copy(const Weight& w) {
+  std::lock_guard<std::mutex> lock(router_aids_mutex_);
+  RouterAids& entry = router_aids(w);
+  if (!entry.int8) {
+    const int64_t N = w.rows, K = w.cols;
+    const DTypeTraits& q8 = dtype_traits(DType::Q8_0);
+    auto copy = std::make_shared<Int8Copy>();
+    const size_t row_bytes = dtype_row_bytes(DType::Q8_0, K);
+    auto blocks = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(N) * row_bytes]);
+    copy->q8 = Weight::view(DType::Q8_0, N, K, blocks.get());
+    copy->q8.owned = blocks;
+    copy->err_norms.resize(size_t(N));
+#pragma omp parallel num_threads(threads_)
+    {
+      std::vector<float> row(static_cast<size_t>(K)), back(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < N; r++) {
+        w.rows_to_f32(r, 1, row.data());
+        q8.from_f32(row.data(), blocks.get() + size_t(r) * row_bytes, K);
+        q8.to_f32(blocks.get() + size_t(r) * row_bytes, back.data(), K);
+        double ss = 0;
+        for (int64_t k = 0; k < K; k++) {
+          const double diff = double(row[size_t(k)]) - back[size_t(k)];
+          ss += diff * diff;
+        }
+        copy->err_norms[size_t(r)] = float(std::sqrt(ss) * (1 + 1e-6));  // rounded up
+      }
+    }
+    entry.int8 = std::move(copy);
+  }
+  return entry.int8;
+}
+
+namespace {
+
+// The selection router_select_row makes from the float32 logits of the
+// decode, made from approximate logits z[E] (one head's) whose error is at
+// most margin(e) (raw logit units): a logit whose upper bound is under the
+// lowest possible threshold drops out (-inf); one whose lower bound is over
+// the highest possible threshold keeps its approximate value if keep_above;
+// the others get exact(e), the decode's float32 dot product. The threshold
+// min(max_e n_e, sigma) is at least min(max_e low_e, sigma), so every logit
+// the decode keeps, and its largest one, is among those computed exactly.
+template <class Margin, class Exact>
+void select_within_bounds(float* z, int64_t E, float mu, float inv_std, float sigma, bool keep_above, Margin margin,
+                          Exact exact, float* g) {
+  // n_e +- margin_e in BatchNorm units (the margin with slack for the
+  // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
+  float* low = thread_scratch(4, size_t(2 * E));
+  float* high = low + E;
+  for (int64_t e = 0; e < E; e++) {
+    const float n = (z[e] - mu) * inv_std, m = margin(e) * inv_std + 1e-5f * (1.0f + std::fabs(n));
+    low[e] = n - m;
+    high[e] = n + m;
+  }
+  const float max_low = max_value(low, E), max_high = max_value(high, E);
+  const float lowest_cut = std::min(max_low, sigma), highest_cut = std::min(max_high, sigma);
+  for (int64_t e = 0; e < E; e++) {
+    if (high[e] < lowest_cut) z[e] = -std::numeric_limits<float>::infinity();
+    else if (!keep_above || low[e] < highest_cut) z[e] = exact(e);
+  }
+  router_select_row<float, float>(z, E, mu, inv_std, sigma, g);
+}
+
+// Row r of w . x, as the decode's linear computes it (one token's row kernel).
+float decode_dot(const RowKernels& rk, const Weight& w, int64_t r, const float* x) {
+  float v;
+  rk.dot_rows(w.row(r), w.row_bytes(), 1, &x, 1, w.cols, &v, 1);
+  return v;
+}
+
+}  // namespace
 
 void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H,
                         int64_t E, double sigma, float* z, float* g) {
@@ -477,8 +558,15 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   // faster (monet_gemm_bench --routers: K 256, E 64 0.69x; K 1024, E 64
   // 0.92x; K 1536, E 512 1.09-1.22x; K 2048, E 512 1.15-1.31x).
   constexpr int64_t kBoundedRouterMinK = 1536;
-  if (w.dtype != DType::BF16 || !rk || T <= kSmallBatch || w.cols < kBoundedRouterMinK || compute_ == Compute::F32 ||
-      !bf16_products_native()) {
+  if (w.dtype != DType::BF16 || !rk || w.cols < kBoundedRouterMinK) {
+    Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
+    return;
+  }
+  if (T <= kSmallBatch && w.cols % kQ8Block == 0) {
+    router_int8_bounded(w, x, T, mean, var, H, E, sigma, z, g);
+    return;
+  }
+  if (compute_ == Compute::F32 || !bf16_products_native()) {
     Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
@@ -507,31 +595,67 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
   const float* mu = static_cast<const float*>(mean.data);
   const float* va = static_cast<const float*>(var.data);
-  constexpr float kInf = std::numeric_limits<float>::infinity();
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t th = 0; th < T * H; th++) {
     const int64_t t = th / H, h = th % H;
     const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
-    float* zr = z + t * N + h * E;
     const float* norms = wn->data() + h * E;
-    // n_e +- margin_e in BatchNorm units (the margin with slack for the
-    // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
-    float* low = thread_scratch(4, size_t(2 * E));
-    float* high = low + E;
-    const float scale = c[t] * inv_std;
-    for (int64_t e = 0; e < E; e++) {
-      const float n = (zr[e] - mu[h]) * inv_std, margin = scale * norms[e] + 1e-5f * (1.0f + std::fabs(n));
-      low[e] = n - margin;
-      high[e] = n + margin;
-    }
-    const float max_low = max_value(low, E), max_high = max_value(high, E);
-    const float lowest_cut = std::min(max_low, float(sigma)), highest_cut = std::min(max_high, float(sigma));
     const float* xt = x + t * K;
-    for (int64_t e = 0; e < E; e++) {
-      if (high[e] < lowest_cut) zr[e] = -kInf;
-      else if (low[e] < highest_cut) rk->dot_rows(w.row(h * E + e), w.row_bytes(), 1, &xt, 1, K, zr + e, 1);
+    select_within_bounds(
+        z + t * N + h * E, E, mu[h], inv_std, float(sigma), /*keep_above=*/true,
+        [&](int64_t e) { return c[t] * norms[e]; },
+        [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
+        g + t * N + h * E);
+  }
+}
+
+void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean,
+                                     const Weight& var, int64_t H, int64_t E, double sigma, float* z, float* g) {
+  // A few tokens (decode) read every router row: int8 products (linear's
+  // Q8_0 path over an int8 copy of the weight, half the bytes) bound every
+  // logit, and the float32 dot product of the decode computes the few that
+  // may be kept (the kept ones too: their probabilities are then the
+  // decode's exactly). With x^ and w^_e the int8 values the products take,
+  // |x^ . w^_e - x . w_e| <= ||x - x^|| ||w_e|| + ||x^|| ||w_e - w^_e||
+  // (Cauchy-Schwarz), and K 2^-21 (||x|| + ||x - x^||)(||w_e|| + ||w_e - w^_e||)
+  // bounds both float32 sums (the products' and the dot product's, whose
+  // errors are under K 2^-24 times those norms each).
+  const int64_t N = w.rows, K = w.cols;
+  const RowKernels* rk = k_.rows(w.dtype);
+  const std::shared_ptr<const std::vector<float>> wn = row_norms(w);
+  const std::shared_ptr<const Int8Copy> copy = int8_copy(w);
+  linear(copy->q8, x, T, z, nullptr);
+  // per token: ||x - x^||, ||x^||, K 2^-21 (||x|| + ||x - x^||), each rounded up
+  const BlockQ8Act* xq = quantize_activations(x, T, K, 0);  // the blocks linear's products took
+  float* c = thread_scratch(3, size_t(3 * T));
+  for (int64_t t = 0; t < T; t++) {
+    double err = 0, norm_q = 0, norm = 0;
+    for (int64_t k = 0; k < K; k++) {
+      const BlockQ8Act& b = xq[t * (K / kQ8Block) + k / kQ8Block];
+      const double v = double(x[t * K + k]), q = double(b.d) * b.q[k % kQ8Block];
+      err += (v - q) * (v - q);
+      norm_q += q * q;
+      norm += v * v;
     }
-    router_select_row<float, float>(zr, E, mu[h], inv_std, float(sigma), g + t * N + h * E);
+    c[3 * t] = float(std::sqrt(err) * 1.01);
+    c[3 * t + 1] = float(std::sqrt(norm_q) * 1.01);
+    c[3 * t + 2] = float(double(K) * std::ldexp(1.0, -21) * (std::sqrt(norm) + std::sqrt(err)) * 1.01);
+  }
+  const float* mu = static_cast<const float*>(mean.data);
+  const float* va = static_cast<const float*>(var.data);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t th = 0; th < T * H; th++) {
+    const int64_t t = th / H, h = th % H;
+    const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
+    const float* norms = wn->data() + h * E;
+    const float* errs = copy->err_norms.data() + h * E;
+    const float* xt = x + t * K;
+    const float ex = c[3 * t], nq = c[3 * t + 1], fs = c[3 * t + 2];
+    select_within_bounds(
+        z + t * N + h * E, E, mu[h], inv_std, float(sigma), /*keep_above=*/false,
+        [&](int64_t e) { return ex * norms[e] + nq * errs[e] + fs * (norms[e] + errs[e]); },
+        [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
+        g + t * N + h * E);
   }
 }
 

@@ -78,21 +78,32 @@ class CpuBackend final : public Backend {
   int64_t block_run(int64_t blocks) const;
   Compute compute_;
   bool huge_pages_, copies_of_mapped_;
-  // Euclidean norms of the rows of router weights (router()), by weight
-  // data. A model's weights live as long as its backend; an entry whose
-  // shape or first and last bytes differ from the weight now at that address
-  // (a weight freed and another allocated there) is computed again (a weight
-  // changed in place elsewhere keeps its old norms: weights are read-only).
-  // Shared, so a caller's norms stay valid while another call replaces them.
-  struct RowNorms {
+  // What router() bounds logits with, per router weight, by weight data:
+  // the Euclidean norms of its rows and (for a few tokens) its int8 copy. A
+  // model's weights live as long as its backend; an entry whose shape or
+  // first and last bytes differ from the weight now at that address (a
+  // weight freed and another allocated there) is computed again (a weight
+  // changed in place elsewhere keeps its old entry: weights are read-only).
+  // Shared, so a caller's copy stays valid while another call replaces it.
+  struct Int8Copy {
+    Weight q8;                     // the rows as Q8_0 blocks
+    std::vector<float> err_norms;  // ||w_e - q8_e|| per row, rounded up
+  };
+  struct RouterAids {
     int64_t rows = 0, cols = 0;
     std::vector<uint8_t> edges;  // the weight's first and last kEdgeBytes bytes
     std::shared_ptr<const std::vector<float>> norms;
+    std::shared_ptr<const Int8Copy> int8;
   };
   static constexpr size_t kEdgeBytes = 64;
+  RouterAids& router_aids(const Weight& w);  // the entry of w, emptied if stale (router_aids_mutex_ held)
   std::shared_ptr<const std::vector<float>> row_norms(const Weight& w);
-  std::mutex row_norms_mutex_;
-  std::unordered_map<const void*, RowNorms> row_norms_;
+  std::shared_ptr<const Int8Copy> int8_copy(const Weight& w);
+  std::mutex router_aids_mutex_;
+  std::unordered_map<const void*, RouterAids> router_aids_;
+  // router() for up to kSmallBatch tokens with bf16 weights: int8 products bound the logits
+  void router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var,
+                           int64_t H, int64_t E, double sigma, float* z, float* g);
 };
 
 // Per-thread scratch of at least n floats (slot: independent buffers of one
