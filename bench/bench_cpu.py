@@ -150,9 +150,16 @@ def bandwidth(threads: int) -> tuple[float, float]:
     return copy, read
 
 
+# monet's decode reads bf16 routers of 1536 inputs or more as an int8 copy (34 bytes per 32
+# weights) plus, in bf16, the rows of the logits its bounds cannot drop: 28.6 of 512 per
+# head on the Monet-VD-1.4B shape (docs/architecture.md, routers).
+INT8_ROUTER_BYTES = 34 / 32 + 2 * 28.6 / 512
+
+
 def decode_bytes(config: dict, elem: float, expert_fraction: float, router_elem: float | None = None) -> tuple[float, float]:
     """(dense bytes, monet sparse bytes) one batch-1 decode step reads, from the config,
-    at elem bytes per weight (router_elem for the routers: q8_0 keeps them bf16).
+    at elem bytes per weight (router_elem per router weight for monet; the dense peer
+    reads them at 2 bytes when elem is less, as q8_0 keeps the routers bf16).
     Both read the attention and router matrices, the lm_head and one embedding
     row; dense reads every expert matrix, monet the fraction of expert slices
     (u rows, v columns, b rows) its routers kept."""
@@ -166,8 +173,9 @@ def decode_bytes(config: dict, elem: float, expert_fraction: float, router_elem:
     routers = ((L + c["moe_groups"] - 1) // c["moe_groups"]) * 2 * H * E * d
     # VD: u1,u2 | v11,v12,v21,v22 | b1,b2; HD: u | v | b (the same sizes)
     experts = L * (E * m * d + E * m * d + E * d)
-    common = (attn + V * d + d + (2 * L + 1) * d) * elem + routers * (elem if router_elem is None else router_elem)
-    return common + experts * elem, common + expert_fraction * experts * elem
+    common = (attn + V * d + d + (2 * L + 1) * d) * elem
+    dense = common + routers * max(elem, 2) + experts * elem
+    return dense, common + routers * (elem if router_elem is None else router_elem) + expert_fraction * experts * elem
 
 
 def main() -> None:
@@ -236,7 +244,9 @@ def main() -> None:
         batched_ours = {B: monet_bench(path, args.threads, args.prompt, args.decode, B, args.repeat)["decode_tok_s"]
                         for B in batches}
         batched_peer = peer["batched"]
-        dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"])
+        int8_routers = config["hidden_size"] >= 1536  # (CpuBackend::router's kBoundedRouterMinK)
+        dense_b, sparse_b = decode_bytes(config, 2 if dtype == "bf16" else 4, ours["expert_fraction"],
+                                         router_elem=INT8_ROUTER_BYTES if dtype == "bf16" and int8_routers else None)
         rows.append(dict(dtype=dtype, ours=ours, peer=peer, gather=gather, dense_bytes=dense_b, sparse_bytes=sparse_b,
                          batched_ours=batched_ours, batched_peer=batched_peer))
         if args.q8 and dtype == "bf16":
@@ -245,10 +255,11 @@ def main() -> None:
             if args.huge_pages:
                 q8["huge_run"] = monet_bench(ensure_q8_checkpoint(path), args.threads, args.prompt, args.decode,
                                              repeat=args.repeat, huge_pages=True)
-            # (bytes: every matrix at 34 bytes per 32 values but the routers, which stay bf16; the
-            # embedding row and norms, a few KB, counted at 34/32 too)
+            # (bytes: every matrix at 34 bytes per 32 values; the routers, which stay bf16, as
+            # bf16 decode reads them; the embedding row and norms, a few KB, counted at 34/32 too)
             rows.append(dict(dtype="q8_0", ours=q8, peer=peer, gather=gather, dense_bytes=decode_bytes(config, 2, 1.0)[0],
-                             sparse_bytes=decode_bytes(config, 34 / 32, q8["expert_fraction"], router_elem=2)[1],
+                             sparse_bytes=decode_bytes(config, 34 / 32, q8["expert_fraction"],
+                                                          router_elem=INT8_ROUTER_BYTES if int8_routers else 2)[1],
                              batched_ours={}, batched_peer={}))
 
     shape = "small" if args.small else "1.4B"

@@ -541,6 +541,18 @@ void select_within_bounds(float* z, int64_t E, float mu, float inv_std, float si
   router_select_row<float, float>(z, E, mu, inv_std, sigma, g);
 }
 
+// fn(t, h, mean_h, 1 / std_h) for every (token, head) row of a router, in parallel
+template <class Fn>
+void for_each_head_row(int threads, int64_t T, int64_t H, const Weight& mean, const Weight& var, Fn fn) {
+  const float* mu = static_cast<const float*>(mean.data);
+  const float* va = static_cast<const float*>(var.data);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t th = 0; th < T * H; th++) {
+    const int64_t t = th / H, h = th % H;
+    fn(t, h, mu[h], 1.0f / std::sqrt(va[h] + 1e-5f));  // BatchNorm1d eps
+  }
+}
+
 // Row r of w . x, as the decode's linear computes it (one token's row kernel).
 float decode_dot(const RowKernels& rk, const Weight& w, int64_t r, const float* x) {
   float v;
@@ -593,20 +605,15 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   const double c_per_norm = (std::ldexp(1.0, -16) + double(K) * std::ldexp(1.0, -21)) * 1.01;
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
-  const float* mu = static_cast<const float*>(mean.data);
-  const float* va = static_cast<const float*>(var.data);
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t th = 0; th < T * H; th++) {
-    const int64_t t = th / H, h = th % H;
-    const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
+  for_each_head_row(threads_, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
     const float* norms = wn->data() + h * E;
     const float* xt = x + t * K;
     select_within_bounds(
-        z + t * N + h * E, E, mu[h], inv_std, float(sigma), /*keep_above=*/true,
+        z + t * N + h * E, E, mu, inv_std, float(sigma), /*keep_above=*/true,
         [&](int64_t e) { return c[t] * norms[e]; },
         [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
         g + t * N + h * E);
-  }
+  });
 }
 
 void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean,
@@ -641,22 +648,17 @@ void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T,
     c[3 * t + 1] = float(std::sqrt(norm_q) * 1.01);
     c[3 * t + 2] = float(double(K) * std::ldexp(1.0, -21) * (std::sqrt(norm) + std::sqrt(err)) * 1.01);
   }
-  const float* mu = static_cast<const float*>(mean.data);
-  const float* va = static_cast<const float*>(var.data);
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t th = 0; th < T * H; th++) {
-    const int64_t t = th / H, h = th % H;
-    const float inv_std = 1.0f / std::sqrt(va[h] + 1e-5f);  // BatchNorm1d eps
+  for_each_head_row(threads_, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
     const float* norms = wn->data() + h * E;
     const float* errs = copy->err_norms.data() + h * E;
     const float* xt = x + t * K;
     const float ex = c[3 * t], nq = c[3 * t + 1], fs = c[3 * t + 2];
     select_within_bounds(
-        z + t * N + h * E, E, mu[h], inv_std, float(sigma), /*keep_above=*/false,
+        z + t * N + h * E, E, mu, inv_std, float(sigma), /*keep_above=*/false,
         [&](int64_t e) { return ex * norms[e] + nq * errs[e] + fs * (norms[e] + errs[e]); },
         [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
         g + t * N + h * E);
-  }
+  });
 }
 
 void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
