@@ -135,7 +135,8 @@ std::vector<float> q8_activations(const float* x, int64_t n) {
   for (int64_t b = 0; b < n / 32; b++) {
     float amax = 0.0f;
     for (int64_t i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[b * 32 + i]));
-    const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    // (a block under 127 FLT_MIN quantizes to zero: 1 / d is not finite)
+    const float d = amax / 127.0f, id = d >= std::numeric_limits<float>::min() ? 1.0f / d : 0.0f;
     for (int64_t i = 0; i < 32; i++) out[size_t(b * 32 + i)] = d * std::nearbyint(x[b * 32 + i] * id);
   }
   return out;
@@ -762,7 +763,8 @@ INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends()),
 
 // The Q8_0 row kernels of every level this CPU runs against plain loops:
 // activation blocks bit for bit, block dot products (odd block counts for
-// the tails, w = -128, which only a file can hold, and all-zero blocks),
+// the tails, w = -128, which only a file can hold, all-zero blocks and
+// subnormal ones, which quantize to zero),
 // and axpy over column ranges that cut blocks.
 TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
   std::mt19937 rng(9);
@@ -773,6 +775,8 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
       const int64_t K = 32 * nb, N = 5;
       std::vector<float> x = random_vec(size_t(8 * K), rng, 3.0f);
       std::fill(x.begin() + K, x.begin() + K + 32, 0.0f);  // token 1's first block is zero: d = 0
+      for (int64_t i = 0; i < 32; i++)  // token 2's first block is subnormal: 1 / d would overflow
+        x[size_t(2 * K + i)] = float(i % 3) * std::numeric_limits<float>::min() * 0.4f;
       std::vector<monet::cpu::BlockQ8Act> xq(size_t(8 * nb));
       for (int64_t t = 0; t < 8; t++) k.quantize(x.data() + t * K, xq.data() + t * nb, K);
       const std::vector<float> xv = q8_activations(x.data(), 8 * K);

@@ -574,8 +574,9 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
     Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
-  if (T <= kSmallBatch && w.cols % kQ8Block == 0) {
-    router_int8_bounded(w, x, T, mean, var, H, E, sigma, z, g);
+  if (T <= kSmallBatch) {  // (int8 blocks need whole blocks of inputs)
+    if (w.cols % kQ8Block == 0) router_int8_bounded(w, x, T, mean, var, H, E, sigma, z, g);
+    else Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
   if (compute_ == Compute::F32 || !bf16_products_native()) {

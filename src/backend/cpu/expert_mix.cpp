@@ -51,7 +51,7 @@ constexpr double kSparseMaxDensity = 0.2;
 // slice for the tiles costs about what a few tokens' products do (prefill
 // 128/512 tokens at the 1.4B shape: 4, 6 and 8 within 5 % of each other;
 // 1: 5 % slower, and decode 17 % slower), and batches of fewer than
-// kSmallBatch tokens (decode) then never pack.
+// kSmallBatch tokens (decode) then never pack (their v slices never do).
 constexpr int64_t kTileMinTokens = kSmallBatch;
 // Parts of a few tokens' v slices summed apart (expert_mix_sparse): enough
 // for a thread each up to 8 threads, the same for any number of them.
@@ -407,7 +407,10 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // A few tokens (decode): the selected slices are split into kSliceParts
     // parts of about equal tokens, each summed over whole rows into its own
     // out[T, N], then the parts are added in order (the same sums for any
-    // number of threads). Whole rows are long runs (an expert's w rows are
+    // number of threads; a token's grouping of its terms, and so their
+    // rounding, depends on the batch's other tokens, as in the u products
+    // of several tokens; parts by fixed ranges of experts, the same for any
+    // batch, were 2-4 % slower in decode). Whole rows are long runs (an expert's w rows are
     // adjacent), where the column ranges below read each thread's piece of
     // every row: short runs the hardware prefetcher starts late on (1.4B
     // decode, medians of alternating builds: bf16 +0.5-3 %, q8_0 +4 %).
