@@ -156,7 +156,8 @@ def bandwidth(threads: int) -> tuple[float, float]:
 INT8_ROUTER_BYTES = 34 / 32 + 2 * 28.6 / 512
 
 
-def decode_bytes(config: dict, elem: float, expert_fraction: float, router_elem: float | None = None) -> tuple[float, float]:
+def decode_bytes(config: dict, elem: float, expert_fraction: float,
+                 router_elem: float | None = None) -> tuple[float, float]:
     """(dense bytes, monet sparse bytes) one batch-1 decode step reads, from the config,
     at elem bytes per weight (router_elem per router weight for monet; the dense peer
     reads them at 2 bytes when elem is less, as q8_0 keeps the routers bf16).

@@ -410,10 +410,11 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // number of threads; a token's grouping of its terms, and so their
     // rounding, depends on the batch's other tokens, as in the u products
     // of several tokens; parts by fixed ranges of experts, the same for any
-    // batch, were 2-4 % slower in decode). Whole rows are long runs (an expert's w rows are
-    // adjacent), where the column ranges below read each thread's piece of
-    // every row: short runs the hardware prefetcher starts late on (1.4B
-    // decode, medians of alternating builds: bf16 +0.5-3 %, q8_0 +4 %).
+    // batch, were 2-4 % slower in decode). Whole rows are long runs (an
+    // expert's w rows are adjacent), where the column ranges below read each
+    // thread's piece of every row: short runs the hardware prefetcher starts
+    // late on (1.4B decode, medians of alternating builds: bf16 +0.5-3 %,
+    // q8_0 +4 %).
     if (T <= kSmallBatch) {
       const int64_t total = r.by_start[size_t(E)];
       int64_t part_start[kSliceParts + 1];
