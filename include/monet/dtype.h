@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <string_view>
 
@@ -55,6 +56,10 @@ uint16_t f32_to_f16(float f);  // round to nearest even
 
 // Q8_0 block: d = max|x| / 127 (stored as F16), q = round(x / d); x ~ d * q.
 constexpr int64_t kQ8Block = 32;
+// 1 / d, the factor that quantizes a block of scale d, or 0 where that is
+// not finite (d = 0, or a block of values under 127 FLT_MIN: they quantize
+// to 0, where inf * x would be undefined in an int8 cast)
+inline float q8_inverse_scale(float d) { return d >= std::numeric_limits<float>::min() ? 1.0f / d : 0.0f; }
 struct BlockQ8_0 {
   uint16_t d;         // F16 scale
   int8_t q[kQ8Block];

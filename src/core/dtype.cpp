@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
 namespace monet {
 
@@ -58,8 +57,7 @@ void q8_0_from_f32(const float* src, void* dst, int64_t n) {
     float amax = 0.0f;
     for (int64_t i = 0; i < kQ8Block; i++) amax = std::max(amax, std::fabs(x[i]));
     const float d = amax / 127.0f;
-    // (values under 127 FLT_MIN quantize to 0: 1 / d would not be finite)
-    const float inv = d >= std::numeric_limits<float>::min() ? 1.0f / d : 0.0f;
+    const float inv = q8_inverse_scale(d);
     BlockQ8_0 blk;
     blk.d = f32_to_f16(d);
     for (int64_t i = 0; i < kQ8Block; i++) blk.q[i] = int8_t(std::lround(x[i] * inv));

@@ -5,7 +5,6 @@
 #pragma once
 #include <algorithm>  // (kernels_impl.inc is included inside a namespace: its std headers come from here)
 #include <cmath>
-#include <limits>
 #include <cstdint>
 #include <string>
 #include <vector>
