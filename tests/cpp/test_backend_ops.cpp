@@ -771,7 +771,7 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
   for (const auto& choice : monet::cpu::kernel_sets()) {
     if (!choice.supported) continue;
     const monet::cpu::Q8Kernels& k = choice.set->q8_0;
-    for (int64_t nb : {1, 2, 3, 8}) {
+    for (int64_t nb : {1, 2, 3, 8, 64, 65, 130}) {  // up to and past decode's longest rows (kQ8DecodeSteps)
       const int64_t K = 32 * nb, N = 5;
       std::vector<float> x = random_vec(size_t(8 * K), rng, 3.0f);
       std::fill(x.begin() + K, x.begin() + K + 32, 0.0f);  // token 1's first block is zero: d = 0
@@ -788,12 +788,17 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
       monet::BlockQ8_0* blocks = reinterpret_cast<monet::BlockQ8_0*>(bytes.data());
       blocks[0].q[3] = -128;  // |w| = 128 must still multiply right
       w.values[3] = monet::f16_to_f32(blocks[0].d) * -128.0f;
-      for (int64_t T = 1; T <= 8; T++) {
+      std::vector<float> first_token;  // token 0's sums with T = 2
+      for (int64_t T : {2, 3, 4, 5, 6, 7, 8, 1}) {
         const monet::cpu::BlockQ8Act* xs[8];
         for (int64_t t = 0; t < T; t++) xs[t] = xq.data() + t * nb;
         std::vector<float> y(size_t(T * N));
         k.dot_rows(bytes.data(), w.w.row_bytes(), N, xs, T, K, y.data(), N);
         EXPECT_LT(max_rel_err(y, reference_products(w.values, xv, T, N, K)), 1e-6 * std::sqrt(double(K))) << choice.set->name << " T=" << T << " K=" << K;
+        if (T == 2) first_token.assign(y.begin(), y.begin() + N);
+        // Decode's own loop (one token) makes the same sums in the same order.
+        if (T == 1)
+          for (int64_t n = 0; n < N; n++) EXPECT_EQ(y[size_t(n)], first_token[size_t(n)]) << choice.set->name << " K=" << K << " row " << n;
       }
       for (auto [c0, c1] : {std::pair<int64_t, int64_t>{0, K}, {5, K - 3}, {32, K}, {7, 9}}) {
         if (c1 <= c0) continue;

@@ -121,6 +121,14 @@ Buffer CpuBackend::alloc(size_t bytes) {
   return Buffer(p, bytes, cached_free);
 }
 
+std::shared_ptr<void> CpuBackend::huge_page_memory(size_t bytes) const {
+  constexpr size_t kKeepFree = size_t(2) << 30;
+  if (!huge_pages_ || bytes < kHugePageMinBytes || !huge_pages_available()) return nullptr;
+  const uint64_t available = available_memory_bytes();
+  if (available != 0 && available < bytes + kKeepFree) return nullptr;
+  return alloc_huge_pages(bytes);
+}
+
 Weight CpuBackend::prepare(const Weight& w) {
   // With huge pages, converted weights of 2 MiB and more (the load's own
   // memory, in 4 KiB pages) are copied into huge pages: streamed rows then
@@ -128,20 +136,17 @@ Weight CpuBackend::prepare(const Weight& w) {
   // threads, Intel machine of 2026-12-03). Weights read in place from the
   // mapped files get 2 MiB pages from the page cache (TensorStore::map_huge_pages),
   // or, where the files could not be mapped so, are copied too.
-  // No copy where the kernel offers no huge pages or it would leave less than 2 GiB free.
-  constexpr size_t kMinBytes = size_t(2) << 20, kKeepFree = size_t(2) << 30;
   const size_t bytes = w.bytes();
-  if (!huge_pages_ || (!w.owned && !copies_of_mapped_) || bytes < kMinBytes || !huge_pages_available()) return w;
-  const uint64_t available = available_memory_bytes();
-  if (available != 0 && available < bytes + kKeepFree) return w;
-  std::shared_ptr<void> copy = alloc_huge_pages(bytes);
+  if (!w.owned && !copies_of_mapped_) return w;
+  std::shared_ptr<void> copy = huge_page_memory(bytes);
   if (!copy) return w;
-  const int64_t chunks = int64_t((bytes + kMinBytes - 1) / kMinBytes);
+  constexpr size_t kChunk = size_t(2) << 20;
+  const int64_t chunks = int64_t((bytes + kChunk - 1) / kChunk);
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t c = 0; c < chunks; c++) {
-    const size_t at = size_t(c) * kMinBytes;
+    const size_t at = size_t(c) * kChunk;
     std::memcpy(static_cast<uint8_t*>(copy.get()) + at, static_cast<const uint8_t*>(w.data) + at,
-                std::min(kMinBytes, bytes - at));
+                std::min(kChunk, bytes - at));
   }
   Weight out = w;
   out.data = copy.get();
@@ -485,9 +490,12 @@ std::shared_ptr<const CpuBackend::Int8Copy> CpuBackend::int8_copy(const Weight& 
     const DTypeTraits& q8 = dtype_traits(DType::Q8_0);
     auto copy = std::make_shared<Int8Copy>();
     const size_t row_bytes = dtype_row_bytes(DType::Q8_0, K);
-    auto blocks = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(N) * row_bytes]);
-    copy->q8 = Weight::view(DType::Q8_0, N, K, blocks.get());
-    copy->q8.owned = blocks;
+    // Read whole by every decode step: in huge pages as the weights are (prepare).
+    std::shared_ptr<void> memory = huge_page_memory(size_t(N) * row_bytes);
+    if (!memory) memory = std::shared_ptr<uint8_t[]>(new uint8_t[size_t(N) * row_bytes]);
+    uint8_t* blocks = static_cast<uint8_t*>(memory.get());
+    copy->q8 = Weight::view(DType::Q8_0, N, K, blocks);
+    copy->q8.owned = std::move(memory);
     copy->err_norms.resize(size_t(N));
 #pragma omp parallel num_threads(threads_)
     {
@@ -495,8 +503,8 @@ std::shared_ptr<const CpuBackend::Int8Copy> CpuBackend::int8_copy(const Weight& 
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < N; r++) {
         w.rows_to_f32(r, 1, row.data());
-        q8.from_f32(row.data(), blocks.get() + size_t(r) * row_bytes, K);
-        q8.to_f32(blocks.get() + size_t(r) * row_bytes, back.data(), K);
+        q8.from_f32(row.data(), blocks + size_t(r) * row_bytes, K);
+        q8.to_f32(blocks + size_t(r) * row_bytes, back.data(), K);
         double ss = 0;
         for (int64_t k = 0; k < K; k++) {
           const double diff = double(row[size_t(k)]) - back[size_t(k)];

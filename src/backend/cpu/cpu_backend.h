@@ -78,6 +78,10 @@ class CpuBackend final : public Backend {
   int64_t block_run(int64_t blocks) const;
   Compute compute_;
   bool huge_pages_, copies_of_mapped_;
+  // With huge pages, memory of at least kHugePageMinBytes comes in 2 MiB
+  // pages where the kernel offers them and at least 2 GiB stay free; null otherwise.
+  static constexpr size_t kHugePageMinBytes = size_t(2) << 20;
+  std::shared_ptr<void> huge_page_memory(size_t bytes) const;
   // What router() bounds logits with, per router weight, by weight data:
   // the Euclidean norms of its rows and (for a few tokens) its int8 copy. A
   // model's weights live as long as its backend; an entry whose shape or
