@@ -19,13 +19,27 @@ std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, i
     if (on1) s1.push_back(int32_t(i));
     if (on2) s2.push_back(int32_t(i));
   }
+  // The kept experts' probabilities gathered head by head, so that a pair's
+  // sum over the heads runs over contiguous j (vectorized; each pair's sum
+  // still adds its heads in order from 0).
+  const size_t n1 = s1.size(), n2 = s2.size();
+  std::vector<float> a1(size_t(H) * n1), a2(size_t(H) * n2), p(n2);
+  for (int64_t h = 0; h < H; h++) {
+    for (size_t a = 0; a < n1; a++) a1[size_t(h) * n1 + a] = g1[h * E + s1[a]];
+    for (size_t b = 0; b < n2; b++) a2[size_t(h) * n2 + b] = g2[h * E + s2[b]];
+  }
   std::vector<ExpertActivation> out;
-  for (int32_t i : s1)
-    for (int32_t j : s2) {
-      float p = 0.0f;
-      for (int64_t h = 0; h < H; h++) p += g1[h * E + i] * g2[h * E + j];
-      if (p > threshold) out.push_back({int64_t(i) * E + j, i, j, p});
+  for (size_t a = 0; a < n1; a++) {
+    std::fill(p.begin(), p.end(), 0.0f);
+    for (int64_t h = 0; h < H; h++) {
+      const float x = a1[size_t(h) * n1 + a];
+      const float* y = a2.data() + size_t(h) * n2;
+      for (size_t b = 0; b < n2; b++) p[b] += x * y[b];
     }
+    const int32_t i = s1[a];
+    for (size_t b = 0; b < n2; b++)
+      if (p[b] > threshold) out.push_back({int64_t(i) * E + s2[b], i, s2[b], p[b]});
+  }
   if (sorted)
     std::sort(out.begin(), out.end(), [](const ExpertActivation& a, const ExpertActivation& b) {
     return a.prob > b.prob || (a.prob == b.prob && a.id < b.id);
