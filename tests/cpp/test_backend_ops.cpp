@@ -866,7 +866,7 @@ TEST(AmxKernels, AgainstPlainLoops) {
             for (int64_t j = 0; j < n_rows; j++)
               want[size_t((15 - t) * (N + 3) + n)] += double(a[size_t(t * lda + j)]) * v[size_t(j * N + n)];
         }
-        std::vector<float> products(size_t(16 * N));
+        std::vector<float> products(size_t(amx::kAxpyScratchFloats));
         amx::axpy_tile(ab.data(), lda, pair_rows, packed.data(), N, outs, nt, products.data());
         EXPECT_LT(max_rel_err(out, want), 1e-6) << "axpy_tile rows=" << n_rows << " N=" << N << " nt=" << nt;
       }

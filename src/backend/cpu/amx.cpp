@@ -146,8 +146,17 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
   for (int t = 4; t <= 6; t++) cfg.set(t, 16, 64);
   cfg.load();
   _tile_loadd(0, a, size_t(lda) * 2);
+  // Each 48 (or 16) columns' products go to c and are added to the tokens'
+  // rows right away, while that piece of c is in L1 (c[16, 48] reused).
+  auto add_to_out = [&](int64_t n0, int64_t width) {
+    for (int64_t t = 0; t < nt; t++) {
+      float* o = out[t] + n0;
+      const float* ct = c + t * 48;  // (kAxpyScratchFloats: 16 rows of 48)
+      for (int64_t n = 0; n < width; n += 16) _mm512_storeu_ps(o + n, _mm512_add_ps(_mm512_loadu_ps(o + n), _mm512_loadu_ps(ct + n)));
+    }
+  };
+  constexpr size_t c_stride = 48 * 4;
   const size_t b_stride = size_t(N) * 4;
-  // All products first, into c[16, N], then the adds.
   int64_t n0 = 0;
   for (; n0 + 48 <= N; n0 += 48) {
     _tile_zero(4);
@@ -159,22 +168,19 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
     _tile_dpbf16ps(4, 0, 1);
     _tile_dpbf16ps(5, 0, 2);
     _tile_dpbf16ps(6, 0, 3);
-    _tile_stored(4, c + n0, b_stride);
-    _tile_stored(5, c + n0 + 16, b_stride);
-    _tile_stored(6, c + n0 + 32, b_stride);
+    _tile_stored(4, c, c_stride);
+    _tile_stored(5, c + 16, c_stride);
+    _tile_stored(6, c + 32, c_stride);
+    add_to_out(n0, 48);
   }
   for (; n0 < N; n0 += 16) {
     _tile_zero(4);
     _tile_loadd(1, packed + n0, b_stride);
     _tile_dpbf16ps(4, 0, 1);
-    _tile_stored(4, c + n0, b_stride);
+    _tile_stored(4, c, c_stride);
+    add_to_out(n0, 16);
   }
   _tile_release();
-  for (int64_t t = 0; t < nt; t++) {
-    float* o = out[t];
-    const float* ct = c + t * N;
-    for (int64_t n = 0; n < N; n += 16) _mm512_storeu_ps(o + n, _mm512_add_ps(_mm512_loadu_ps(o + n), _mm512_loadu_ps(ct + n)));
-  }
 }
 
 #else  // no AMX in this compiler: never usable, never called

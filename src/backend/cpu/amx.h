@@ -14,6 +14,8 @@ namespace monet::cpu::amx {
 constexpr int64_t kTileRows = 16;
 // The most pair rows of packed v slices (axpy_tile's K, 2 values per pair row).
 constexpr int64_t kMaxPairRows = 16;
+// axpy_tile's scratch: the products of 48 columns of 16 tokens.
+constexpr int64_t kAxpyScratchFloats = kTileRows * 48;
 
 // This binary has the tile kernels, the CPU has AMX-BF16 and the kernel lets
 // this process use the tile registers.
@@ -36,7 +38,7 @@ void pack_pairs(const uint16_t* const* rows, int64_t n_rows, int64_t N, uint32_t
 // out[t][n] += sum_j a[t][j] rows[j][n] for t < nt <= 16, n < N (N % 16 == 0):
 // a is 16 bf16 rows `lda` values apart holding 2 * pair_rows coefficients
 // (pair_rows <= kMaxPairRows), the rows packed by pack_pairs; out[t] are the
-// tokens' float32 output rows; c: scratch of 16 * N floats.
+// tokens' float32 output rows; c: scratch of kAxpyScratchFloats floats.
 void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t* packed, int64_t N,
                float* const* out, int64_t nt, float* c);
 

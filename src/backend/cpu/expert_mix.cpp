@@ -457,7 +457,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       bool tiles = pair_rows <= amx::kMaxPairRows && (c1 - c0) % 16 == 0 && tiles_take(b, rounds_inputs(b));
       for (int k = 0; k < n_terms; k++) tiles = tiles && tiles_take(*terms[k].v, rounds_inputs(*terms[k].v));
       uint32_t* packed = tiles ? reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(pair_rows * (c1 - c0)))) : nullptr;
-      float* products = tiles ? thread_scratch(7, size_t(amx::kTileRows * (c1 - c0))) : nullptr;
+      float* products = tiles ? thread_scratch(7, size_t(amx::kAxpyScratchFloats)) : nullptr;
       uint16_t a_tile[amx::kTileRows * 2 * amx::kMaxPairRows] = {};
       const uint16_t* rows16[2 * amx::kMaxPairRows];
       float* outs[amx::kTileRows];
