@@ -88,30 +88,36 @@ void dot_tile(const uint16_t* const* a_rows, int64_t nt, const uint32_t* packed,
   cfg.load();
   _tile_zero(0);
   _tile_zero(1);
-  // Each step's A gathered from the tokens' rows into 1 KB that stays in L1
-  // (rows past nt repeat row 0: their sums are ignored).
-  alignas(64) uint16_t a_step[2][16 * 32];
+  // Each step's A (16 tokens x 32 values) is gathered from the tokens' rows
+  // into 1 KB of a ring that stays in L1, kAhead steps before its tile load:
+  // a tile load right after the stores to its rows waits for them (about
+  // 15 ns a step; 1 KB stored a few steps before loads at L1 speed). Rows past
+  // nt repeat row 0: their sums are ignored.
+  constexpr int64_t kAhead = 4;
+  alignas(64) uint16_t a_ring[kAhead][16 * 32];
   const uint16_t* rows[16];
   for (int64_t t = 0; t < 16; t++) rows[t] = a_rows[t < nt ? t : 0];
-  auto gather = [&](uint16_t* dst, int64_t k0) {
-    for (int t = 0; t < 16; t++) _mm512_store_si512(dst + t * 32, _mm512_loadu_si512(rows[t] + k0));
+  auto gather = [&](int64_t step) {
+    uint16_t* dst = a_ring[step % kAhead];
+    for (int t = 0; t < 16; t++) _mm512_store_si512(dst + t * 32, _mm512_loadu_si512(rows[t] + step * 32));
   };
   const size_t b_stride = size_t(w) * 4;
-  int64_t k0 = 0;
-  for (; k0 + 64 <= K; k0 += 64) {
-    gather(a_step[0], k0);
-    _tile_loadd(2, a_step[0], 64);
-    _tile_loadd(4, packed + k0 / 2 * w, b_stride);
+  const int64_t steps = K / 32;
+  for (int64_t step = 0; step < kAhead && step < steps; step++) gather(step);
+  int64_t step = 0;
+  for (; step + 2 <= steps; step += 2) {
+    _tile_loadd(2, a_ring[step % kAhead], 64);
+    _tile_loadd(4, packed + step * 16 * w, b_stride);
     _tile_dpbf16ps(0, 2, 4);
-    gather(a_step[1], k0 + 32);
-    _tile_loadd(3, a_step[1], 64);
-    _tile_loadd(5, packed + (k0 + 32) / 2 * w, b_stride);
+    if (step + kAhead < steps) gather(step + kAhead);  // into the slot just loaded
+    _tile_loadd(3, a_ring[(step + 1) % kAhead], 64);
+    _tile_loadd(5, packed + (step + 1) * 16 * w, b_stride);
     _tile_dpbf16ps(1, 3, 5);
+    if (step + 1 + kAhead < steps) gather(step + 1 + kAhead);
   }
-  if (k0 < K) {  // K % 64 == 32
-    gather(a_step[0], k0);
-    _tile_loadd(2, a_step[0], 64);
-    _tile_loadd(4, packed + k0 / 2 * w, b_stride);
+  if (step < steps) {  // K % 64 == 32
+    _tile_loadd(2, a_ring[step % kAhead], 64);
+    _tile_loadd(4, packed + step * 16 * w, b_stride);
     _tile_dpbf16ps(0, 2, 4);
   }
   alignas(64) float odd[16 * 16];
