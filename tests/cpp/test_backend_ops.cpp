@@ -771,7 +771,7 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
   for (const auto& choice : monet::cpu::kernel_sets()) {
     if (!choice.supported) continue;
     const monet::cpu::Q8Kernels& k = choice.set->q8_0;
-    for (int64_t nb : {1, 2, 3, 8, 64, 65, 130}) {  // up to and past decode's longest rows (kQ8DecodeSteps)
+    for (int64_t nb : {1, 2, 3, 8, 64, 65, 128, 129, 130}) {  // up to and past the one-token loop's longest rows (64 steps)
       const int64_t K = 32 * nb, N = 5;
       std::vector<float> x = random_vec(size_t(8 * K), rng, 3.0f);
       std::fill(x.begin() + K, x.begin() + K + 32, 0.0f);  // token 1's first block is zero: d = 0
@@ -822,7 +822,7 @@ TEST(AmxKernels, AgainstPlainLoops) {
   std::mt19937 rng(10);
   auto bits = [](const TestWeight& t) { return static_cast<const uint16_t*>(t.w.data); };
   for (int64_t w : {3, 8, 16})
-    for (int64_t K : {32, 96, 2048}) {
+    for (int64_t K : {32, 96, 128, 160, 2048}) {
       const TestWeight u = random_weight(w, K, DType::BF16, rng), yw = random_weight(16, K, DType::BF16, rng);
       const std::vector<float>& y = yw.values;
       const uint16_t* yb = bits(yw);
@@ -840,7 +840,7 @@ TEST(AmxKernels, AgainstPlainLoops) {
       }
     }
   for (int64_t n_rows : {7, 17, 32})
-    for (int64_t N : {16, 48, 80}) {
+    for (int64_t N : {16, 48, 80, 96}) {
       const TestWeight vw = random_weight(n_rows, N, DType::BF16, rng);
       const std::vector<float>& v = vw.values;
       const int64_t pair_rows = (n_rows + 1) / 2, lda = 2 * pair_rows;

@@ -32,6 +32,11 @@ struct alignas(64) TileConfig {
   }
 };
 
+// GCC's tile loads and stores are asm that takes only the address: a
+// compiler barrier between them and the vector loads and stores of the same
+// memory keeps those from being moved across or dropped.
+inline void memory_barrier() { __asm__ __volatile__("" : : : "memory"); }
+
 }  // namespace
 
 bool usable() { return bf16_tiles(); }  // oneDNN's check also asks the kernel for the tile state
@@ -99,7 +104,9 @@ void dot_tile(const uint16_t* const* a_rows, int64_t nt, const uint32_t* packed,
   for (int64_t t = 0; t < 16; t++) rows[t] = a_rows[t < nt ? t : 0];
   auto gather = [&](int64_t step) {
     uint16_t* dst = a_ring[step % kAhead];
+    memory_barrier();  // after the tile load that read this slot last
     for (int t = 0; t < 16; t++) _mm512_store_si512(dst + t * 32, _mm512_loadu_si512(rows[t] + step * 32));
+    memory_barrier();  // before the tile load of this slot
   };
   const size_t b_stride = size_t(w) * 4;
   const int64_t steps = K / 32;
@@ -124,6 +131,7 @@ void dot_tile(const uint16_t* const* a_rows, int64_t nt, const uint32_t* packed,
   _tile_stored(0, c, b_stride);
   _tile_stored(1, odd, b_stride);
   _tile_release();
+  memory_barrier();
   for (int64_t i = 0; i < 16 * w; i++) c[i] += odd[i];
 }
 
@@ -155,11 +163,13 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
   // Each 48 (or 16) columns' products go to c and are added to the tokens'
   // rows right away, while that piece of c is in L1 (c[16, 48] reused).
   auto add_to_out = [&](int64_t n0, int64_t width) {
+    memory_barrier();  // after the tile stores to c
     for (int64_t t = 0; t < nt; t++) {
       float* o = out[t] + n0;
       const float* ct = c + t * 48;  // (kAxpyScratchFloats: 16 rows of 48)
       for (int64_t n = 0; n < width; n += 16) _mm512_storeu_ps(o + n, _mm512_add_ps(_mm512_loadu_ps(o + n), _mm512_loadu_ps(ct + n)));
     }
+    memory_barrier();  // before the next tile stores to c
   };
   constexpr size_t c_stride = 48 * 4;
   const size_t b_stride = size_t(N) * 4;
