@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -765,7 +766,7 @@ INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends()),
 // activation blocks bit for bit, block dot products (odd block counts for
 // the tails, w = -128, which only a file can hold, all-zero blocks and
 // subnormal ones, which quantize to zero),
-// and axpy over column ranges that cut blocks.
+// and axpy (one row and several) over column ranges that cut blocks.
 TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
   std::mt19937 rng(9);
   for (const auto& choice : monet::cpu::kernel_sets()) {
@@ -800,6 +801,19 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
         if (T == 1)
           for (int64_t n = 0; n < N; n++) EXPECT_EQ(y[size_t(n)], first_token[size_t(n)]) << choice.set->name << " K=" << K << " row " << n;
       }
+      // The token laid out once, then applied to rows (decode's expert slices): the same sums again.
+      if (k.prepare_token) {
+        auto token = std::make_unique<monet::cpu::Q8Token>();
+        const bool fits = nb / 2 <= monet::cpu::kQ8TokenSteps;
+        ASSERT_EQ(k.prepare_token(xq.data(), nb, token.get()), fits) << choice.set->name << " K=" << K;
+        if (fits) {
+          std::vector<float> y(size_t(N), 0.0f);
+          for (const void* next : {static_cast<const void*>(nullptr), static_cast<const void*>(bytes.data())}) {
+            k.dot_rows_token(bytes.data(), w.w.row_bytes(), N, *token, y.data(), next);
+            for (int64_t n = 0; n < N; n++) EXPECT_EQ(y[size_t(n)], first_token[size_t(n)]) << choice.set->name << " K=" << K << " row " << n;
+          }
+        }
+      }
       for (auto [c0, c1] : {std::pair<int64_t, int64_t>{0, K}, {5, K - 3}, {32, K}, {7, 9}}) {
         if (c1 <= c0) continue;
         std::vector<float> out = random_vec(size_t(K), rng);
@@ -807,6 +821,21 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
         k.axpy(bytes.data() + w.w.row_bytes(), 0.7f, out.data(), c0, c1);
         for (int64_t c = c0; c < c1; c++) want[size_t(c)] += 0.7 * double(w.values[size_t(K + c)]);
         EXPECT_LT(max_rel_err(out, want), 1e-6) << choice.set->name << " axpy [" << c0 << ", " << c1 << ")";
+        // Several rows at once (a zero coefficient skipped; some rows to prefetch, one not): the same sums
+        // as axpy row after row, bit for bit.
+        const void* rows[N];
+        const void* next[N];
+        const float coefs[N] = {0.7f, 0.0f, -1.3f, 0.25f, 2.0f};
+        for (int64_t n = 0; n < N; n++) {
+          rows[n] = bytes.data() + size_t(n) * w.w.row_bytes();
+          next[n] = n == 2 ? nullptr : rows[N - 1 - n];
+        }
+        std::vector<float> one_by_one = random_vec(size_t(K), rng), together = one_by_one;
+        for (int64_t n = 0; n < N; n++)
+          if (coefs[n] != 0.0f) k.axpy(rows[n], coefs[n], one_by_one.data(), c0, c1);
+        k.axpy_multi(rows, coefs, N, together.data(), c0, c1, c0 == 0 ? next : nullptr);
+        for (int64_t c = 0; c < K; c++)
+          ASSERT_EQ(together[size_t(c)], one_by_one[size_t(c)]) << choice.set->name << " axpy_multi [" << c0 << ", " << c1 << ") column " << c;
       }
     }
   }

@@ -62,6 +62,10 @@ class CpuBackend final : public Backend {
   // The T rows x[T, K] as Q8 activation blocks [T, K / 32], in the calling
   // thread's buffer `slot` (0 or 1), valid until its next call with that slot.
   const BlockQ8Act* quantize_activations(const float* x, int64_t T, int64_t K, int slot) const;
+  // One token's nb blocks laid out for the one-token loop over many rows, in
+  // the calling thread's buffer `slot` (0 or 1); null where the kernels have
+  // no such loop (then dot_rows with T = 1 makes the same sums).
+  const Q8Token* prepare_token(const BlockQ8Act* xq, int64_t nb, int slot) const;
 
  private:
   // r1, r2: the kept (token, expert) entries of each side (expert_mix.cpp)

@@ -39,7 +39,7 @@ struct SideEntries {
   // The same entries grouped by expert: by_expert[by_start[i] .. by_start[i+1]).
   std::vector<int64_t> by_start;  // [E+1]
   std::vector<int64_t> by_expert; // [n] entry ids, tokens ascending within an expert
-  int64_t experts_used = 0;       // experts with at least one entry
+  std::vector<int32_t> used;      // the experts with at least one entry, ascending
 };
 
 namespace {
@@ -84,7 +84,6 @@ MixWorkspace& mix_workspace() {
 
 void side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads, SideEntries& s, MixWorkspace& ws) {
   s.start.assign(size_t(T + 1), 0);
-  s.experts_used = 0;
   // kept[t, i]: token t keeps expert i (any head's g > 0): one vectorised
   // pass over g, then the entries are read at the kept experts only.
   std::vector<uint8_t>& kept = ws.kept;
@@ -130,8 +129,9 @@ void side_entries(const float* g, int64_t T, int64_t H, int64_t E, int threads, 
   // Counting sort by expert (stable: tokens stay ascending).
   s.by_start.assign(size_t(E + 1), 0);
   for (int64_t e = 0; e < n; e++) s.by_start[size_t(s.expert[size_t(e)] + 1)]++;
+  s.used.clear();
   for (int64_t i = 0; i < E; i++) {
-    s.experts_used += s.by_start[size_t(i + 1)] > 0;
+    if (s.by_start[size_t(i + 1)] > 0) s.used.push_back(int32_t(i));
     s.by_start[size_t(i + 1)] += s.by_start[size_t(i)];
   }
   s.by_expert.resize(size_t(n));
@@ -306,10 +306,15 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     }
     // Q8_0 u: every token's y quantized once, then int8 products (linear's small batches alike).
     const BlockQ8Act* yq = u.dtype == DType::Q8_0 ? quantize_activations(a.y, T, d, 1) : nullptr;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_)
-    for (int64_t i = 0; i < E; i++) {
+    // One token (decode): laid out once for all its slices.
+    const Q8Token* token = yq && T == 1 ? prepare_token(yq, d / kQ8Block, 1) : nullptr;
+    // One token: the slices in one run per thread (the same work each), so
+    // that each slice but a thread's first was prefetched by the one before.
+    const int64_t n_used = int64_t(r.used.size()), chunk = T == 1 ? (n_used + threads_ - 1) / threads_ : 4;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_)
+    for (int64_t j = 0; j < n_used; j++) {
+      const int64_t i = r.used[size_t(j)];
       const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
-      if (p0 == p1) continue;
       int64_t ids[amx::kTileRows];
       if (tiles && p1 - p0 >= kTileMinTokens) {
         uint32_t* packed = reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(d / 2 * w)));
@@ -337,7 +342,11 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
           ids[k] = r.by_expert[size_t(p + k)];
           rows[k] = y + int64_t(r.token[size_t(ids[k])]) * d;
         }
-        if (yq) {
+        if (token) {
+          // (the next slice prefetched at the same offsets: the thread's next one but at its run's end)
+          const void* next = j + 1 < n_used ? u.row(int64_t(r.used[size_t(j + 1)]) * w) : nullptr;
+          k_.q8_0.dot_rows_token(u.row(i * w), u.row_bytes(), w, *token, out, next);
+        } else if (yq) {
           const BlockQ8Act* qrows[kSmallBatch];
           for (int64_t k = 0; k < nt; k++) qrows[k] = yq + int64_t(r.token[size_t(ids[k])]) * (d / kQ8Block);
           k_.q8_0.dot_rows(u.row(i * w), u.row_bytes(), w, qrows, nt, d, out, w);
@@ -388,8 +397,26 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     if (n_terms * w > kMaxAxpyRows) rk = nullptr;
     // out[c0:c1] += slice i's rows . entry e's coefficients, and its bias row
     // (out indexed from column 0, as the Q8_0 rows' axpy indexes them)
-    auto add_slice = [&](int64_t i, int64_t e, float* out, int64_t c0, int64_t c1) {
-      if (rk) {
+    bool q8 = n_terms * w <= kMaxAxpyRows;
+    for (int k = 0; k < n_terms; k++) q8 = q8 && terms[k].v->dtype == DType::Q8_0;
+    // next: the expert the thread takes after i (-1: none), whose rows the
+    // Q8_0 rows' pass prefetches
+    auto add_slice = [&](int64_t i, int64_t e, float* out, int64_t c0, int64_t c1, int64_t next) {
+      if (q8) {
+        const void* rows[kMaxAxpyRows];
+        const void* ahead[kMaxAxpyRows];
+        float coefs[kMaxAxpyRows];
+        // the next expert's rows that its first token reads (all of them with T > 1)
+        const int64_t next_e = next >= 0 && T == 1 ? r.by_expert[size_t(r.by_start[size_t(next)])] : -1;
+        for (int k = 0; k < n_terms; k++)
+          for (int64_t j = 0; j < w; j++) {
+            rows[k * w + j] = terms[k].v->row(i * w + j);
+            const bool read = next >= 0 && (next_e < 0 || (*terms[k].coef)[size_t(next_e * w + j)] != 0.0f);
+            ahead[k * w + j] = read ? terms[k].v->row(next * w + j) : nullptr;
+            coefs[k * w + j] = (*terms[k].coef)[size_t(e * w + j)];
+          }
+        k_.q8_0.axpy_multi(rows, coefs, n_terms * w, out, c0, c1, next >= 0 ? ahead : nullptr);
+      } else if (rk) {
         const void* rows[kMaxAxpyRows];
         float coefs[kMaxAxpyRows];
         const size_t esize = dtype_size(terms[0].v->dtype);
@@ -416,21 +443,23 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // late on (1.4B decode, medians of alternating builds: bf16 +0.5-3 %,
     // q8_0 +4 %).
     if (T <= kSmallBatch) {
-      const int64_t total = r.by_start[size_t(E)];
-      int64_t part_start[kSliceParts + 1];
-      for (int64_t q = 0, i = 0; q <= kSliceParts; q++) {
-        while (i < E && r.by_start[size_t(i)] * kSliceParts < q * total) i++;
-        part_start[q] = q == kSliceParts ? E : i;
+      const int64_t total = r.by_start[size_t(E)], n_used = int64_t(r.used.size());
+      int64_t part_start[kSliceParts + 1];  // into r.used
+      for (int64_t q = 0, j = 0; q <= kSliceParts; q++) {
+        while (j < n_used && r.by_start[size_t(r.used[size_t(j)])] * kSliceParts < q * total) j++;
+        part_start[q] = q == kSliceParts ? n_used : j;
       }
       std::vector<float>& parts = ws.parts;  // [part, token, N]
       parts.assign(size_t(kSliceParts * T * N), 0.0f);
 #pragma omp parallel for schedule(static) num_threads(threads_)
       for (int64_t q = 0; q < kSliceParts; q++)
-        for (int64_t i = part_start[q]; i < part_start[q + 1]; i++)
+        for (int64_t j = part_start[q]; j < part_start[q + 1]; j++) {
+          const int64_t i = r.used[size_t(j)], next = j + 1 < n_used ? r.used[size_t(j + 1)] : -1;
           for (int64_t p = r.by_start[size_t(i)]; p < r.by_start[size_t(i + 1)]; p++) {
             const int64_t e = r.by_expert[size_t(p)];
-            add_slice(i, e, parts.data() + (q * T + int64_t(r.token[size_t(e)])) * N, 0, N);
+            add_slice(i, e, parts.data() + (q * T + int64_t(r.token[size_t(e)])) * N, 0, N, next);
           }
+        }
       for (int64_t t = 0; t < T; t++) {
         float* o = a.out + t * d + col0;
         std::copy(parts.begin() + t * N, parts.begin() + (t + 1) * N, o);
@@ -486,7 +515,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
         }
         for (int64_t p = p0; p < p1; p++) {
           const int64_t e = r.by_expert[size_t(p)];
-          add_slice(i, e, acc + int64_t(r.token[size_t(e)]) * ld, c0, c1);
+          add_slice(i, e, acc + int64_t(r.token[size_t(e)]) * ld, c0, c1, -1);
         }
       }
       for (int64_t t = 0; t < T && c0 < c1; t++)

@@ -46,6 +46,18 @@ struct BlockQ8Act {
   int8_t q[kQ8Block];
 };
 
+// One token's activation blocks laid out for the one-token loop over Q8_0
+// rows (levels with VNNI): made once, then applied to every row of every
+// slice a decode step reads. Two blocks per step, up to kQ8TokenSteps steps.
+constexpr int64_t kQ8TokenSteps = 64;
+struct Q8Token {
+  alignas(64) int8_t q[kQ8TokenSteps * 64];            // the two blocks' quants of each step
+  alignas(64) int32_t minus_128x[kQ8TokenSteps * 16];  // -128 times each 4 quants' sum
+  alignas(64) float d[kQ8TokenSteps * 16];             // the two blocks' scales, lanes 0-7 and 8-15
+  const BlockQ8Act* x = nullptr;                       // the blocks (an odd count's last one is read here)
+  int64_t nb = 0;
+};
+
 // Loops over Q8_0 weight rows: integer dot products of 32-value blocks,
 // scaled by the weight block's and the activation block's scales.
 struct Q8Kernels {
@@ -57,6 +69,19 @@ struct Q8Kernels {
                    int64_t K, float* y, int64_t ystride);
   // out[c] += coef * d[c / 32] * q[c] for c in [c0, c1) of one Q8_0 row
   void (*axpy)(const void* row, float coef, float* out, int64_t c0, int64_t c1);
+  // out[c] += coef[r] * (row r's values) over [c0, c1) for r < nrows <= kMaxAxpyRows, in
+  // order: axpy's sums, row after row. next: null, or nrows rows the caller
+  // reads next, prefetched at the same offsets.
+  void (*axpy_multi)(const void* const* rows, const float* coef, int64_t nrows, float* out, int64_t c0, int64_t c1,
+                     const void* const* next);
+  // x's nb blocks as a Q8Token; false (out untouched) where the level has no
+  // one-token loop or nb / 2 > kQ8TokenSteps
+  bool (*prepare_token)(const BlockQ8Act* x, int64_t nb, Q8Token* out);
+  // y[r] = row r . token for r < nrows: dot_rows' sums for T = 1, exactly.
+  // next: null, or the nrows rows (row_bytes apart) the caller reads next,
+  // prefetched at the same offsets.
+  void (*dot_rows_token)(const void* rows, size_t row_bytes, int64_t nrows, const Q8Token& x, float* y,
+                         const void* next);
 };
 
 struct KernelSet {
