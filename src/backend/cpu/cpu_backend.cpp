@@ -191,14 +191,13 @@ void CpuBackend::axpy_rows(const Weight& w, int64_t row0, int64_t nrows, const f
 }
 
 // Blocks of 64 weight rows per run a thread takes when it finishes one: up
-// to 4 (256 rows, a long stream), fewer for small matrices so every thread
-// gets some. Equal static halves finished up to a fifth apart in decode, a
-// different thread late each call (1.4B bf16 decode +4 % with runs).
+// to 8 (512 rows, a long stream), about two runs per thread (a 2048-row
+// matrix in 4 runs of 8). Equal static halves finished up to a fifth apart
+// in decode, a different thread late each call (1.4B bf16 decode +4 % with
+// runs); each run starts its stream cold, which q8_0's short rows pay most
+// (1.4B q8_0 decode +4 % against runs of up to 4 blocks, 4 per thread; bf16
+// even).
 int64_t CpuBackend::block_run(int64_t blocks) const {
-  // Two runs per thread of up to 8 blocks (a 2048-row matrix in 4 runs of 8):
-  // each run starts its stream cold, which q8_0's short rows pay most
-  // (1.4B q8_0 decode +4 % against runs of up to 4 blocks, 4 per thread;
-  // bf16 even). One run per thread (static halves) ended far apart.
   return std::clamp<int64_t>(blocks / (2 * int64_t(threads_)), 1, 8);
 }
 

@@ -64,7 +64,8 @@ class CpuBackend final : public Backend {
   const BlockQ8Act* quantize_activations(const float* x, int64_t T, int64_t K, int slot) const;
   // One token's nb blocks laid out for the one-token loop over many rows, in
   // the calling thread's buffer `slot` (0 or 1); null where the kernels have
-  // no such loop (then dot_rows with T = 1 makes the same sums).
+  // no such loop or the rows are longer than it takes (kQ8TokenSteps steps):
+  // then dot_rows with T = 1 makes the same sums.
   const Q8Token* prepare_token(const BlockQ8Act* xq, int64_t nb, int slot) const;
 
  private:

@@ -308,9 +308,11 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     const BlockQ8Act* yq = u.dtype == DType::Q8_0 ? quantize_activations(a.y, T, d, 1) : nullptr;
     // One token (decode): laid out once for all its slices.
     const Q8Token* token = yq && T == 1 ? prepare_token(yq, d / kQ8Block, 1) : nullptr;
-    // One token: the slices in one run per thread (the same work each), so
-    // that each slice but a thread's first was prefetched by the one before.
-    const int64_t n_used = int64_t(r.used.size()), chunk = T == 1 ? (n_used + threads_ - 1) / threads_ : 4;
+    // One token on the int8 layout: the slices in one run per thread (the
+    // same work each), so that each slice but a thread's first was
+    // prefetched by the one before.
+    const int64_t n_used = int64_t(r.used.size());
+    const int64_t chunk = token ? std::max<int64_t>(1, (n_used + threads_ - 1) / threads_) : 4;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_)
     for (int64_t j = 0; j < n_used; j++) {
       const int64_t i = r.used[size_t(j)];
@@ -399,8 +401,9 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // (out indexed from column 0, as the Q8_0 rows' axpy indexes them)
     bool q8 = n_terms * w <= kMaxAxpyRows;
     for (int k = 0; k < n_terms; k++) q8 = q8 && terms[k].v->dtype == DType::Q8_0;
-    // next: the expert the thread takes after i (-1: none), whose rows the
-    // Q8_0 rows' pass prefetches
+    // next: the expert after i in the thread's order (-1: none; at the end
+    // of a thread's parts, another thread's first), whose rows the Q8_0
+    // rows' pass prefetches
     auto add_slice = [&](int64_t i, int64_t e, float* out, int64_t c0, int64_t c1, int64_t next) {
       if (q8) {
         const void* rows[kMaxAxpyRows];

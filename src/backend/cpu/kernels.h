@@ -70,12 +70,14 @@ struct Q8Kernels {
   // out[c] += coef * d[c / 32] * q[c] for c in [c0, c1) of one Q8_0 row
   void (*axpy)(const void* row, float coef, float* out, int64_t c0, int64_t c1);
   // out[c] += coef[r] * (row r's values) over [c0, c1) for r < nrows <= kMaxAxpyRows, in
-  // order: axpy's sums, row after row. next: null, or nrows rows the caller
-  // reads next, prefetched at the same offsets.
+  // order: axpy's sums row after row, bit for bit, at every level. next:
+  // null, or nrows rows (null entries skipped) the caller reads next,
+  // prefetched at the same offsets (AVX-512 levels).
   void (*axpy_multi)(const void* const* rows, const float* coef, int64_t nrows, float* out, int64_t c0, int64_t c1,
                      const void* const* next);
-  // x's nb blocks as a Q8Token; false (out untouched) where the level has no
-  // one-token loop or nb / 2 > kQ8TokenSteps
+  // x's nb blocks as a Q8Token; false (out untouched) where nb / 2 >
+  // kQ8TokenSteps. Null, as dot_rows_token, where the level has no
+  // one-token loop (VNNI).
   bool (*prepare_token)(const BlockQ8Act* x, int64_t nb, Q8Token* out);
   // y[r] = row r . token for r < nrows: dot_rows' sums for T = 1, exactly.
   // next: null, or the nrows rows (row_bytes apart) the caller reads next,
