@@ -755,12 +755,94 @@ TEST_P(BackendOps, ExpertMix) {
       }
 }
 
+// The expert mix gives the same bits for any number of threads: the decode's
+// v slices go to threads in fixed parts summed in order, more tokens split
+// the columns, and every u product is one thread's.
+TEST_P(BackendOps, ExpertMixSameForAnyThreads) {
+  std::mt19937 rng(9);
+  std::vector<std::unique_ptr<Backend>> teams;
+  for (int threads : {1, 3}) {
+    const std::string name = GetParam();
+    const size_t a = name.find('/'), b = name.rfind('/');
+    monet::BackendOptions o;
+    o.device = name.substr(0, a);
+    o.cpu_kernels = name.substr(a + 1, b - a - 1);
+    o.compute = name.substr(b + 1);
+    o.threads = threads;
+    teams.push_back(monet::make_backend(o));
+  }
+  for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
+    for (DType dt : {DType::BF16, DType::Q8_0, DType::F32})
+      for (int64_t T : {1, 5, 8, 12, 40}) {
+        ExpertSetup s = make_experts(*be, dec, dt, rng, 16);
+        const int64_t d = s.c.hidden_size, H = s.c.moe_heads, E = s.c.moe_experts;
+        std::vector<float> g1(size_t(T * H * E), 0.0f), g2(g1.size(), 0.0f);
+        std::uniform_int_distribution<int> pick(0, int(E) - 1);
+        for (auto* g : {&g1, &g2})
+          for (int64_t th = 0; th < T * H; th++)
+            for (int k = 0; k < 3; k++) (*g)[size_t(th * E + pick(rng))] += 1.0f / 3.0f;
+        const std::vector<float> yh = random_vec(size_t(T * d), rng);
+        std::vector<std::vector<float>> outs;
+        for (Backend* team : {be.get(), teams[0].get(), teams[1].get()}) {
+          DeviceVec y(*team, yh), G1(*team, g1), G2(*team, g2), out(*team, size_t(T * d));
+          monet::ExpertMixArgs args;
+          args.config = &s.c;
+          args.weights = &s.w;
+          args.T = T;
+          args.y = y.get();
+          args.g1 = G1.get();
+          args.g2 = G2.get();
+          args.group = 0;
+          args.path = monet::ExpertPath::Sparse;
+          args.out = out.get();
+          team->expert_mix(args);
+          outs.push_back(out.host());
+        }
+        for (size_t i = 1; i < outs.size(); i++)
+          EXPECT_EQ(std::memcmp(outs[0].data(), outs[i].data(), outs[0].size() * sizeof(float)), 0)
+              << (dec == monet::Decompose::Vertical ? "VD " : "HD ") << monet::dtype_name(dt) << " T=" << T
+              << ": 2 threads and " << (i == 1 ? 1 : 3) << " differ";
+      }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, BackendOps, ::testing::ValuesIn(backends()),
                          [](const ::testing::TestParamInfo<std::string>& p) {
                            std::string n = p.param;
                            std::replace(n.begin(), n.end(), '/', '_');
                            return n;
                          });
+
+// The online softmax's exponentials of every level against std::exp: within
+// 2 ulp where exp's value is a normal float, 0 or under float32's normal
+// range below that; the sum within float32 rounding of the values'.
+TEST(KernelSets, ExpShiftedSumAgainstStdExp) {
+  std::mt19937 rng(10);
+  std::uniform_real_distribution<float> ud(-95.0f, 0.0f);
+  for (const auto& choice : monet::cpu::kernel_sets()) {
+    if (!choice.supported) continue;
+    for (int64_t n : {1, 15, 16, 17, 100}) {
+      const float shift = 3.5f;
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& v : x) v = shift + ud(rng);
+      x[0] = shift;  // exp(0) = 1 exactly
+      if (n > 3) x[1] = shift - 87.2f, x[2] = shift - 87.4f, x[3] = shift - 1e-3f;
+      std::vector<float> got = x;
+      const float sum = choice.set->exp_shifted_sum(got.data(), n, shift);
+      double want_sum = 0;
+      for (int64_t i = 0; i < n; i++) {
+        const float want = std::exp(x[size_t(i)] - shift);
+        want_sum += want;
+        if (want >= std::numeric_limits<float>::min())
+          EXPECT_LE(std::abs(got[size_t(i)] - want), 2 * (std::nextafter(want, 1e30f) - want))
+              << choice.set->name << " t=" << x[size_t(i)] - shift;
+        else
+          EXPECT_LT(got[size_t(i)], std::numeric_limits<float>::min()) << choice.set->name;
+      }
+      EXPECT_EQ(got[0], 1.0f) << choice.set->name;
+      EXPECT_NEAR(sum, want_sum, 1e-6 * want_sum) << choice.set->name << " n=" << n;
+    }
+  }
+}
 
 // The Q8_0 row kernels of every level this CPU runs against plain loops:
 // activation blocks bit for bit, block dot products (odd block counts for

@@ -427,8 +427,7 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
         for (int64_t j = 0; j < visible; j++) block_max = std::max(block_max, row[j]);
         const float m_new = std::max(m[r], block_max);
         const float correction = visible == 0 || m[r] == m_new ? 1.0f : std::exp(m[r] - m_new);
-        float sum = 0.0f;
-        for (int64_t j = 0; j < visible; j++) sum += (row[j] = std::exp(row[j] - m_new));
+        const float sum = visible > 0 ? k_.exp_shifted_sum(row, visible, m_new) : 0.0f;
         std::fill(row + visible, row + nk, 0.0f);
         if (visible > 0) m[r] = m_new;
         l[r] = l[r] * correction + sum;

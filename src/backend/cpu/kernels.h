@@ -95,6 +95,7 @@ struct KernelSet {
   float (*dot)(const float* a, const float* b, int64_t n);           // sum a[i] b[i]
   void (*axpy)(float a, const float* x, float* y, int64_t n);         // y += a x
   void (*scale)(float a, float* x, int64_t n);                       // x *= a
+  float (*exp_shifted_sum)(float* x, int64_t n, float shift);         // x = exp(x - shift), x <= shift; sum x
 
   // The row kernels of a weight dtype, or null when rows must be widened
   // through dtype_traits first (block-quantized types).
