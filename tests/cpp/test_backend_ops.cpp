@@ -38,13 +38,13 @@ std::vector<std::string> backends() {
   return names;
 }
 
-std::unique_ptr<Backend> make(const std::string& name) {
+std::unique_ptr<Backend> make(const std::string& name, int threads = 2) {
   const size_t a = name.find('/'), b = name.rfind('/');
   monet::BackendOptions o;
   o.device = name.substr(0, a);
   o.cpu_kernels = name.substr(a + 1, b - a - 1);
   o.compute = name.substr(b + 1);
-  o.threads = 2;
+  o.threads = threads;
   return monet::make_backend(o);
 }
 
@@ -680,6 +680,23 @@ std::vector<double> explicit_sum(const ExpertSetup& s, const std::vector<float>&
 // sequences), with removal (scale 0) and amplification (scale 2). The last
 // shape (bf16 weights, 96 tokens, expert width 8 / 16) gives the sparse path's
 // AMX tiles several 16-token chunks of one expert at the released models' widths.
+// The arguments of an expert mix of T tokens over s's experts (group 0).
+monet::ExpertMixArgs mix_args(const ExpertSetup& s, int64_t T, const float* y, const float* g1, const float* g2,
+                              const monet::ExpertMask* const* masks, monet::ExpertPath path, float* out) {
+  monet::ExpertMixArgs a;
+  a.config = &s.c;
+  a.weights = &s.w;
+  a.T = T;
+  a.y = y;
+  a.g1 = g1;
+  a.g2 = g2;
+  a.masks = masks;
+  a.group = 0;
+  a.path = path;
+  a.out = out;
+  return a;
+}
+
 TEST_P(BackendOps, ExpertMix) {
   std::mt19937 rng(8);
   for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
@@ -719,18 +736,7 @@ TEST_P(BackendOps, ExpertMix) {
           const std::vector<double> want_q8 =
               dt == DType::Q8_0 ? explicit_sum(s, q8_activations(yh.data(), T * d), g1, g2, T, masks) : want;
           for (monet::ExpertPath path : {monet::ExpertPath::Dense, monet::ExpertPath::Sparse, monet::ExpertPath::Auto}) {
-            monet::ExpertMixArgs a;
-            a.config = &s.c;
-            a.weights = &s.w;
-            a.T = T;
-            a.y = y.get();
-            a.g1 = G1.get();
-            a.g2 = G2.get();
-            a.masks = masking ? masks.data() : nullptr;
-            a.group = 0;
-            a.path = path;
-            a.out = out.get();
-            be->expert_mix(a);
+            be->expert_mix(mix_args(s, T, y.get(), G1.get(), G2.get(), masking ? masks.data() : nullptr, path, out.get()));
             // bf16 compute rounds the inputs of the large products (u, and the
             // coefficients of v) to bf16: 2^-8 relative per input.
             EXPECT_LT(max_rel_err(out.host(), want_q8), bf16_compute ? 2e-2 : 1e-5)
@@ -761,16 +767,7 @@ TEST_P(BackendOps, ExpertMix) {
 TEST_P(BackendOps, ExpertMixSameForAnyThreads) {
   std::mt19937 rng(9);
   std::vector<std::unique_ptr<Backend>> teams;
-  for (int threads : {1, 3}) {
-    const std::string name = GetParam();
-    const size_t a = name.find('/'), b = name.rfind('/');
-    monet::BackendOptions o;
-    o.device = name.substr(0, a);
-    o.cpu_kernels = name.substr(a + 1, b - a - 1);
-    o.compute = name.substr(b + 1);
-    o.threads = threads;
-    teams.push_back(monet::make_backend(o));
-  }
+  for (int threads : {1, 3}) teams.push_back(make(GetParam(), threads));
   for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
     for (DType dt : {DType::BF16, DType::Q8_0, DType::F32})
       for (int64_t T : {1, 5, 8, 12, 40}) {
@@ -785,17 +782,7 @@ TEST_P(BackendOps, ExpertMixSameForAnyThreads) {
         std::vector<std::vector<float>> outs;
         for (Backend* team : {be.get(), teams[0].get(), teams[1].get()}) {
           DeviceVec y(*team, yh), G1(*team, g1), G2(*team, g2), out(*team, size_t(T * d));
-          monet::ExpertMixArgs args;
-          args.config = &s.c;
-          args.weights = &s.w;
-          args.T = T;
-          args.y = y.get();
-          args.g1 = G1.get();
-          args.g2 = G2.get();
-          args.group = 0;
-          args.path = monet::ExpertPath::Sparse;
-          args.out = out.get();
-          team->expert_mix(args);
+          team->expert_mix(mix_args(s, T, y.get(), G1.get(), G2.get(), nullptr, monet::ExpertPath::Sparse, out.get()));
           outs.push_back(out.host());
         }
         for (size_t i = 1; i < outs.size(); i++)
