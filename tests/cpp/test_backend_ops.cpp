@@ -675,11 +675,6 @@ std::vector<double> explicit_sum(const ExpertSetup& s, const std::vector<float>&
   return out;
 }
 
-// The dense and sparse paths (and Auto) compute the explicit sum, with and
-// without masks; tokens of one call may carry different masks (a batch of
-// sequences), with removal (scale 0) and amplification (scale 2). The last
-// shape (bf16 weights, 96 tokens, expert width 8 / 16) gives the sparse path's
-// AMX tiles several 16-token chunks of one expert at the released models' widths.
 // The arguments of an expert mix of T tokens over s's experts (group 0).
 monet::ExpertMixArgs mix_args(const ExpertSetup& s, int64_t T, const float* y, const float* g1, const float* g2,
                               const monet::ExpertMask* const* masks, monet::ExpertPath path, float* out) {
@@ -697,6 +692,11 @@ monet::ExpertMixArgs mix_args(const ExpertSetup& s, int64_t T, const float* y, c
   return a;
 }
 
+// The dense and sparse paths (and Auto) compute the explicit sum, with and
+// without masks; tokens of one call may carry different masks (a batch of
+// sequences), with removal (scale 0) and amplification (scale 2). The last
+// shape (bf16 weights, 96 tokens, expert width 8 / 16) gives the sparse path's
+// AMX tiles several 16-token chunks of one expert at the released models' widths.
 TEST_P(BackendOps, ExpertMix) {
   std::mt19937 rng(8);
   for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})

@@ -273,8 +273,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
   std::vector<float>& y_rounded = ws.y_rounded;  // the tokens' inputs as the GEMM's bf16 products take them
   std::vector<uint16_t>& y16 = ws.y16;           // the same in bf16, for the tiles: rows ld16 apart (not a power of two:
   bool have_y_rounded = false, have_y16 = false; // (made once per call for both sides)
-  bool have_yq = false;                          // (the same for the int8 blocks and layout)
-  const BlockQ8Act* yq_all = nullptr;
+  const BlockQ8Act* yq_all = nullptr;            // (the same for the int8 blocks and layout)
   const Q8Token* token_all = nullptr;
   const int64_t ld16 = d + 32;   // the same columns of many rows would share a few cache sets)
   auto relu2_out = [&](const float* out, const float* bv, int64_t i, const int64_t* ids, int64_t nt,
@@ -310,8 +309,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     // Q8_0 u: every token's y quantized once, then int8 products (linear's
     // small batches alike); one token (decode) also laid out once for all
     // its slices (once per call for both sides, VD).
-    if (u.dtype == DType::Q8_0 && !have_yq) {
-      have_yq = true;
+    if (u.dtype == DType::Q8_0 && !yq_all) {
       yq_all = quantize_activations(a.y, T, d, 1);
       token_all = T == 1 ? prepare_token(yq_all, d / kQ8Block, 1) : nullptr;
     }

@@ -77,7 +77,7 @@ struct Q8Kernels {
                      const void* const* next);
   // x's nb blocks as a Q8Token; false (out untouched) where nb / 2 >
   // kQ8TokenSteps. Null, as dot_rows_token, where the level has no
-  // one-token loop (VNNI).
+  // one-token loop (the levels without VNNI).
   bool (*prepare_token)(const BlockQ8Act* x, int64_t nb, Q8Token* out);
   // y[r] = row r . token for r < nrows: dot_rows' sums for T = 1, exactly.
   // next: null, or the nrows rows (row_bytes apart) the caller reads next,
