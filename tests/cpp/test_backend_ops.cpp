@@ -907,6 +907,25 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
         k.axpy_multi(rows, coefs, N, together.data(), c0, c1, c0 == 0 ? next : nullptr);
         for (int64_t c = 0; c < K; c++)
           ASSERT_EQ(together[size_t(c)], one_by_one[size_t(c)]) << choice.set->name << " axpy_multi [" << c0 << ", " << c1 << ") column " << c;
+        // The same rows for 1..8 tokens at once (prefill's expert slices), each
+        // token's coefficients its own (zeros among them): axpy_multi's values.
+        for (int64_t nt = 1; nt <= monet::cpu::kSmallBatch; nt++) {
+          std::vector<float> token_coefs(size_t(nt * N));
+          for (float& v : token_coefs) v = std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? 0.0f : float(rng() % 200) / 50.0f - 2.0f;
+          std::vector<std::vector<float>> each(static_cast<size_t>(nt)), all(static_cast<size_t>(nt));
+          float* outs[monet::cpu::kSmallBatch];
+          for (int64_t t = 0; t < nt; t++) {
+            each[size_t(t)] = random_vec(size_t(K), rng);
+            all[size_t(t)] = each[size_t(t)];
+            k.axpy_multi(rows, token_coefs.data() + t * N, N, each[size_t(t)].data(), c0, c1, nullptr);
+            outs[t] = all[size_t(t)].data();
+          }
+          k.axpy_multi_tokens(rows, token_coefs.data(), N, outs, nt, c0, c1);
+          for (int64_t t = 0; t < nt; t++)
+            for (int64_t c = 0; c < K; c++)
+              ASSERT_EQ(all[size_t(t)][size_t(c)], each[size_t(t)][size_t(c)])
+                  << choice.set->name << " axpy_multi_tokens nt=" << nt << " token " << t << " [" << c0 << ", " << c1 << ") column " << c;
+        }
       }
     }
   }
@@ -969,6 +988,63 @@ TEST(AmxKernels, AgainstPlainLoops) {
         std::vector<float> products(size_t(amx::kAxpyScratchFloats));
         amx::axpy_tile(ab.data(), lda, pair_rows, packed.data(), N, outs, nt, products.data());
         EXPECT_LT(max_rel_err(out, want), 1e-6) << "axpy_tile rows=" << n_rows << " N=" << N << " nt=" << nt;
+      }
+    }
+}
+
+// The int8 tiles' Q8_0 products (linear's prefill, the sparse experts' u
+// slices) against plain loops of the same arithmetic: each block's int32 sum
+// exact, then y = fma(float(sum), dw * dx, y) block after block, so the same
+// bits. Row counts of a full and a partial tile, token counts of partial
+// tiles, odd block counts, the next rows prefetched or not.
+TEST(AmxKernels, Q8AgainstPlainLoops) {
+  namespace amx = monet::cpu::amx;
+  if (!amx::usable()) GTEST_SKIP() << "this CPU has no AMX tiles (Q8_0 products use the row kernels)";
+  std::mt19937 rng(11);
+  const monet::cpu::KernelSet& k = monet::cpu::select_kernels("");
+  for (int64_t nb : {1, 2, 3, 64})
+    for (int64_t nrows : {16, 8, 5}) {
+      const int64_t K = 32 * nb;
+      TestWeight w = random_weight(nrows + 16, K, DType::Q8_0, rng);  // 16 more: the next rows
+      const uint8_t* bytes = static_cast<const uint8_t*>(w.w.data);
+      for (int64_t T : {1, 5, 16, 17, 40}) {
+        std::vector<float> x = random_vec(size_t(T * K), rng, 2.0f);
+        std::vector<monet::cpu::BlockQ8Act> xq(size_t(T * nb));
+        for (int64_t t = 0; t < T; t++) k.q8_0.quantize(x.data() + t * K, xq.data() + t * nb, K);
+        std::vector<uint8_t> packed(size_t(amx::q8_tokens_bytes(T, nb)));
+        amx::pack_q8_tokens(xq.data(), T, nb, packed.data());
+        std::vector<float> want(size_t(T * (nrows + 3)), -1.0f);
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t r = 0; r < nrows; r++) {
+            const monet::BlockQ8_0* row = reinterpret_cast<const monet::BlockQ8_0*>(bytes + size_t(r) * w.w.row_bytes());
+            float y = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+              int32_t sum = 0;
+              for (int64_t i = 0; i < 32; i++) sum += int32_t(row[b].q[i]) * int32_t(xq[size_t(t * nb + b)].q[i]);
+              y = std::fma(float(sum), monet::f16_to_f32(row[b].d) * xq[size_t(t * nb + b)].d, y);
+            }
+            want[size_t(t * (nrows + 3) + r)] = y;
+          }
+        std::vector<float> scratch(size_t(amx::q8_tile_scratch_floats(nb)));
+        for (const void* next : {static_cast<const void*>(nullptr), static_cast<const void*>(bytes + size_t(nrows) * w.w.row_bytes())}) {
+          std::vector<float> y(want.size(), -1.0f);  // rows nrows + 3 apart: the 3 past each row untouched
+          amx::q8_dot_rows_tile(bytes, w.w.row_bytes(), nrows, packed.data(), T, nb, y.data(), nrows + 3, next, scratch.data());
+          for (size_t i = 0; i < y.size(); i++)
+            ASSERT_EQ(y[i], want[i]) << "nb=" << nb << " rows=" << nrows << " T=" << T << " at " << i;
+        }
+        // An expert slice (its rows packed once) and up to 16 of the tokens
+        // in any order (prefill's sparse u products): the same sums.
+        std::vector<uint8_t> slice(size_t(amx::q8_slice_bytes(nb)));
+        amx::pack_q8_slice(bytes, w.w.row_bytes(), nrows, nb, slice.data());
+        const int64_t nt = std::min<int64_t>(T, 16);
+        const monet::cpu::BlockQ8Act* xs[16];
+        for (int64_t k = 0; k < nt; k++) xs[k] = xq.data() + (T - 1 - k) * nb;  // the last tokens, backwards
+        std::vector<float> out(size_t(nt * nrows));
+        amx::q8_dot_slice_tile(xs, nt, slice.data(), nrows, nb, out.data(), scratch.data());
+        for (int64_t k = 0; k < nt; k++)
+          for (int64_t r = 0; r < nrows; r++)
+            ASSERT_EQ(out[size_t(k * nrows + r)], want[size_t((T - 1 - k) * (nrows + 3) + r)])
+                << "slice nb=" << nb << " rows=" << nrows << " token " << T - 1 - k;
       }
     }
 }

@@ -1,11 +1,12 @@
-// AMX tile kernels (amx.h). Built with -mamx-tile -mamx-bf16 -mavx512f
-// -mavx512bw (CMakeLists.txt); without a compiler that knows them the
-// functions exist and usable() is false.
+// AMX tile kernels (amx.h). Built with -mamx-tile -mamx-bf16 -mamx-int8
+// -mavx512f -mavx512bw -mf16c (CMakeLists.txt); without a compiler that
+// knows them the functions exist and usable() is false.
 #include "backend/cpu/amx.h"
 
 #include "backend/cpu/gemm.h"
+#include "backend/cpu/kernels.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__F16C__)
 #include <immintrin.h>
 #define MONET_AMX 1
 #endif
@@ -37,9 +38,64 @@ struct alignas(64) TileConfig {
 // memory keeps those from being moved across or dropped.
 inline void memory_barrier() { __asm__ __volatile__("" : : : "memory"); }
 
+// v[n] (8 words each) -> t[r] = (v[0][r], ..., v[7][r]): an 8 x 8 transpose of 32-bit words.
+void transpose_8x8_words(const __m256i* v, __m256i* out) {
+  __m256i t[8], q[8];
+  for (int n = 0; n < 8; n += 2) {
+    t[n] = _mm256_unpacklo_epi32(v[n], v[n + 1]);      // words 0,1 | 4,5 of rows n, n+1
+    t[n + 1] = _mm256_unpackhi_epi32(v[n], v[n + 1]);  // words 2,3 | 6,7
+  }
+  for (int h = 0; h < 8; h += 4) {
+    q[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);          // word 0 | 4 of rows h..h+3
+    q[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);      // word 1 | 5
+    q[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // word 2 | 6
+    q[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // word 3 | 7
+  }
+  for (int j = 0; j < 4; j++) {
+    out[j] = _mm256_permute2x128_si256(q[j], q[4 + j], 0x20);
+    out[4 + j] = _mm256_permute2x128_si256(q[j], q[4 + j], 0x31);
+  }
+}
+
+// The int8 kernels' block step: block b's products into C tile b % 2 (from
+// zero), A (tile 2 or 3) read from a, a_stride bytes a row, B (4 or 5) from bt.
+void int8_block_products(int64_t b, const void* a, size_t a_stride, const void* bt) {
+  if (b % 2 == 0) {
+    _tile_loadd(2, a, a_stride);
+    _tile_loadd(4, bt, 64);
+    _tile_zero(0);
+    _tile_dpbssd(0, 2, 4);
+  } else {
+    _tile_loadd(3, a, a_stride);
+    _tile_loadd(5, bt, 64);
+    _tile_zero(1);
+    _tile_dpbssd(1, 3, 5);
+  }
+}
+// After block b's products are issued: block b - 1's sums, stored a step
+// before, scaled into the sums (scale_add(b - 1, its 16 x 16 int32)) while
+// the tiles run, then block b's stored to c + (b % 2) * 256.
+template <class ScaleAdd>
+void scale_previous_store(int64_t b, int32_t* c, const ScaleAdd& scale_add) {
+  memory_barrier();  // the tile stores of block b - 1 before their reads
+  if (b > 0) scale_add(b - 1, c + ((b - 1) % 2) * 256);
+  memory_barrier();  // their reads before the next tile store to the same c
+  if (b % 2 == 0) _tile_stored(0, c, 64);
+  else _tile_stored(1, c + 256, 64);
+}
+// acc[i] = fma(float(c[i][:]), row_scale[i] * col_scales, acc[i]) for the 16
+// rows of a block's int32 sums c (16 x 16).
+void scale_add_block(__m512* acc, const int32_t* c, const float* row_scale, __m512 col_scales) {
+  for (int i = 0; i < 16; i++)
+    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + i * 16)),
+                             _mm512_mul_ps(_mm512_set1_ps(row_scale[i]), col_scales), acc[i]);
+}
+
 }  // namespace
 
-bool usable() { return bf16_tiles(); }  // oneDNN's check also asks the kernel for the tile state
+// oneDNN's check (its AMX level has the bf16 and the int8 tiles) also asks
+// the kernel for the tile state.
+bool usable() { return bf16_tiles(); }
 
 void pack_u(const uint16_t* u, size_t row_bytes, int64_t w, int64_t K, uint32_t* packed) {
   // A transpose of w rows of K/2 pairs (32-bit words).
@@ -52,23 +108,9 @@ void pack_u(const uint16_t* u, size_t row_bytes, int64_t w, int64_t K, uint32_t*
       for (int64_t r0 = 0; r0 < K / 2; r0 += 8) {
         __m256i v[8];
         for (int n = 0; n < 8; n++) v[n] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row(n0 + n) + r0));
-        __m256i t[8], q[8];
-        for (int n = 0; n < 8; n += 2) {
-          t[n] = _mm256_unpacklo_epi32(v[n], v[n + 1]);  // pairs 0,1 | 4,5 of rows n, n+1
-          t[n + 1] = _mm256_unpackhi_epi32(v[n], v[n + 1]);  // pairs 2,3 | 6,7
-        }
-        for (int h = 0; h < 8; h += 4) {
-          q[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);      // pair 0 | 4 of rows h..h+3
-          q[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);  // pair 1 | 5
-          q[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // pair 2 | 6
-          q[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // pair 3 | 7
-        }
-        for (int j = 0; j < 4; j++) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (r0 + j) * w + n0),
-                              _mm256_permute2x128_si256(q[j], q[4 + j], 0x20));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (r0 + 4 + j) * w + n0),
-                              _mm256_permute2x128_si256(q[j], q[4 + j], 0x31));
-        }
+        __m256i t[8];
+        transpose_8x8_words(v, t);
+        for (int j = 0; j < 8; j++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (r0 + j) * w + n0), t[j]);
       }
     return;
   }
@@ -199,6 +241,166 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
   _tile_release();
 }
 
+// A tile of 16 tokens' block b: their quants as the int8 products' second
+// operand (8 rows of 4 quants per token: row r holds quants 4r..4r+3 of
+// tokens 0..15), then the 16 tokens' scales.
+constexpr int64_t kQ8TokenTileBytes = 8 * 64 + 16 * 4;
+
+int64_t q8_tokens_bytes(int64_t T, int64_t nb) { return (T + 15) / 16 * nb * kQ8TokenTileBytes; }
+
+void pack_q8_tokens(const BlockQ8Act* x, int64_t T, int64_t nb, uint8_t* packed) {
+  for (int64_t t0 = 0; t0 < T; t0 += 16)
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* tile = packed + (t0 / 16 * nb + b) * kQ8TokenTileBytes;
+      float scales[16];
+      for (int64_t t = 0; t < 16; t++) {
+        const bool real = t0 + t < T;
+        const BlockQ8Act* xb = real ? &x[(t0 + t) * nb + b] : nullptr;
+        for (int r = 0; r < 8; r++) {
+          if (real) std::memcpy(tile + r * 64 + t * 4, xb->q + 4 * r, 4);
+          else std::memset(tile + r * 64 + t * 4, 0, 4);
+        }
+        scales[t] = real ? xb->d : 0.0f;
+      }
+      std::memcpy(tile + 8 * 64, scales, sizeof(scales));
+    }
+}
+
+// q8_dot_rows_tile: dw [nb][16], c [2][256], out [256]; q8_dot_slice_tile: ring [4][128], c [2][256]
+int64_t q8_tile_scratch_floats(int64_t nb) { return 16 * nb + 4 * 256; }
+
+void q8_dot_rows_tile(const void* rows, size_t row_bytes, int64_t nrows, const uint8_t* packed, int64_t T, int64_t nb,
+                      float* y, int64_t ystride, const void* next, float* scratch) {
+  // Tiles 0, 1: C of even and odd blocks (a block's products are scaled
+  // from memory while the next block's run); 2, 3: A (the rows' quants of a
+  // block, read in place: 32 bytes at block b of each row); 4, 5: B.
+  TileConfig cfg;
+  for (int t = 0; t < 2; t++) {
+    cfg.set(t, int(nrows), 64);
+    cfg.set(2 + t, int(nrows), 32);
+    cfg.set(4 + t, 8, 64);
+  }
+  cfg.load();
+  const uint8_t* base = static_cast<const uint8_t*>(rows);
+  // dw[b * 16 + r]: the rows' block scales (rows past nrows: 0)
+  float* dw = scratch;
+  int32_t* c = reinterpret_cast<int32_t*>(scratch + 16 * nb);  // [2][16 rows][16 tokens]
+  float* out = scratch + 16 * nb + 2 * 256;                    // [16 rows][16 tokens]
+  for (int64_t b = 0; b < nb; b++)
+    for (int64_t r = 0; r < 16; r++) {
+      uint16_t h = 0;
+      if (r < nrows) std::memcpy(&h, base + size_t(r) * row_bytes + size_t(b) * sizeof(BlockQ8_0), 2);
+      dw[b * 16 + r] = r < nrows ? _cvtsh_ss(h) : 0.0f;
+    }
+  // The next rows' bytes, a few lines per block step over all the steps.
+  const char* ahead = static_cast<const char*>(next);
+  const int64_t token_tiles = (T + 15) / 16, steps = token_tiles * nb;
+  const int64_t lines = (16 * int64_t(row_bytes) + 63) / 64, per_step = (lines + steps - 1) / steps;
+  const size_t q_offset = offsetof(BlockQ8_0, q);
+  for (int64_t tt = 0; tt < token_tiles; tt++) {
+    const uint8_t* tiles = packed + tt * nb * kQ8TokenTileBytes;
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    // acc[r][t] = fma(float(c[r][t]), dw[r] * dx[t], acc[r][t]) for block b
+    auto scale_add = [&](int64_t b, const int32_t* cb) {
+      scale_add_block(acc, cb, dw + b * 16, _mm512_loadu_ps(reinterpret_cast<const float*>(tiles + b * kQ8TokenTileBytes + 8 * 64)));
+    };
+    for (int64_t b = 0; b < nb; b++) {
+      const uint8_t* a = base + size_t(b) * sizeof(BlockQ8_0) + q_offset;
+      const uint8_t* bt = tiles + b * kQ8TokenTileBytes;
+      int8_block_products(b, a, row_bytes, bt);
+      if (ahead) {
+        const int64_t step = tt * nb + b;
+        for (int64_t l = step * per_step; l < (step + 1) * per_step && l < lines; l++)
+          _mm_prefetch(ahead + l * 64, _MM_HINT_T0);
+      }
+      scale_previous_store(b, c, scale_add);
+    }
+    memory_barrier();
+    scale_add(nb - 1, c + ((nb - 1) % 2) * 256);
+    for (int r = 0; r < 16; r++) _mm512_storeu_ps(out + r * 16, acc[r]);
+    for (int64_t t = 0; t < 16 && tt * 16 + t < T; t++)
+      for (int64_t r = 0; r < nrows; r++) y[(tt * 16 + t) * ystride + r] = out[r * 16 + t];
+  }
+  _tile_release();
+}
+
+int64_t q8_slice_bytes(int64_t nb) { return nb * kQ8TokenTileBytes; }
+
+void pack_q8_slice(const void* rows, size_t row_bytes, int64_t w, int64_t nb, uint8_t* packed) {
+  // Per block: its 32 quants of each row are 8 words; B's row r holds word r
+  // of rows 0..15, so two 8 x 8 transposes (rows 0-7, 8-15; rows past w zero).
+  const uint8_t* base = static_cast<const uint8_t*>(rows);
+  for (int64_t b = 0; b < nb; b++) {
+    uint8_t* tile = packed + b * kQ8TokenTileBytes;
+    float scales[16];
+    for (int64_t half = 0; half < 2; half++) {
+      __m256i v[8], t[8];
+      for (int64_t n = 0; n < 8; n++) {
+        const int64_t row = half * 8 + n;
+        const BlockQ8_0* blk = row < w ? reinterpret_cast<const BlockQ8_0*>(base + size_t(row) * row_bytes) + b : nullptr;
+        v[n] = blk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->q)) : _mm256_setzero_si256();
+        uint16_t h = 0;
+        if (blk) std::memcpy(&h, &blk->d, 2);
+        scales[row] = blk ? _cvtsh_ss(h) : 0.0f;
+      }
+      transpose_8x8_words(v, t);
+      for (int r = 0; r < 8; r++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 64 + half * 32), t[r]);
+    }
+    std::memcpy(tile + 8 * 64, scales, sizeof(scales));
+  }
+}
+
+void q8_dot_slice_tile(const BlockQ8Act* const* x, int64_t nt, const uint8_t* packed, int64_t w, int64_t nb,
+                       float* out, float* scratch) {
+  // Tiles 0, 1: C of even and odd blocks (as q8_dot_rows_tile); 2, 3: A (the
+  // tokens' quants of a block, gathered into a ring kAhead blocks ahead:
+  // a tile load right after the stores to its rows waits for them); 4, 5: B.
+  TileConfig cfg;
+  for (int t = 0; t < 2; t++) {
+    cfg.set(t, 16, 64);
+    cfg.set(2 + t, 16, 32);
+    cfg.set(4 + t, 8, 64);
+  }
+  cfg.load();
+  constexpr int64_t kAhead = 4;
+  int8_t* ring = reinterpret_cast<int8_t*>(scratch);                 // [kAhead][16 tokens][32]
+  int32_t* c = reinterpret_cast<int32_t*>(scratch + kAhead * 128);  // [2][16 tokens][16 rows]
+  const BlockQ8Act* tok[16];
+  for (int64_t t = 0; t < 16; t++) tok[t] = x[t < nt ? t : 0];  // rows past nt repeat token 0 (ignored)
+  // The tokens' scales of the blocks gathered: a block's are read when the
+  // next block's products run, after 4 more blocks were gathered (8 slots).
+  float dx[2 * kAhead][16];
+  auto gather = [&](int64_t b) {
+    int8_t* dst = ring + (b % kAhead) * 512;
+    memory_barrier();  // after the tile load that read this slot last
+    for (int t = 0; t < 16; t++) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t * 32), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok[t][b].q)));
+      dx[b % (2 * kAhead)][t] = tok[t][b].d;
+    }
+    memory_barrier();  // before the tile load of this slot
+  };
+  __m512 acc[16];
+  for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
+  // acc[t][n] = fma(float(c[t][n]), dx[t] * dw[n], acc[t][n]) for block b
+  auto scale_add = [&](int64_t b, const int32_t* cb) {
+    scale_add_block(acc, cb, dx[b % (2 * kAhead)], _mm512_loadu_ps(reinterpret_cast<const float*>(packed + b * kQ8TokenTileBytes + 8 * 64)));
+  };
+  for (int64_t b = 0; b < kAhead && b < nb; b++) gather(b);
+  for (int64_t b = 0; b < nb; b++) {
+    const int8_t* a = ring + (b % kAhead) * 512;
+    const uint8_t* bt = packed + b * kQ8TokenTileBytes;
+    int8_block_products(b, a, 32, bt);
+    if (b + kAhead < nb) gather(b + kAhead);  // into the slot just loaded
+    scale_previous_store(b, c, scale_add);
+  }
+  memory_barrier();
+  scale_add(nb - 1, c + ((nb - 1) % 2) * 256);
+  _tile_release();
+  const __mmask16 lanes = __mmask16((1u << w) - 1u);
+  for (int64_t t = 0; t < nt; t++) _mm512_mask_storeu_ps(out + t * w, lanes, acc[t]);
+}
+
 #else  // no AMX in this compiler: never usable, never called
 
 bool usable() { return false; }
@@ -206,6 +408,13 @@ void pack_u(const uint16_t*, size_t, int64_t, int64_t, uint32_t*) {}
 void dot_tile(const uint16_t* const*, int64_t, const uint32_t*, int64_t, int64_t, float*) {}
 void pack_pairs(const uint16_t* const*, int64_t, int64_t, uint32_t*) {}
 void axpy_tile(const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float* const*, int64_t, float*) {}
+int64_t q8_tokens_bytes(int64_t, int64_t) { return 0; }
+void pack_q8_tokens(const BlockQ8Act*, int64_t, int64_t, uint8_t*) {}
+int64_t q8_tile_scratch_floats(int64_t) { return 0; }
+void q8_dot_rows_tile(const void*, size_t, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, const void*, float*) {}
+int64_t q8_slice_bytes(int64_t) { return 0; }
+void pack_q8_slice(const void*, size_t, int64_t, int64_t, uint8_t*) {}
+void q8_dot_slice_tile(const BlockQ8Act* const*, int64_t, const uint8_t*, int64_t, int64_t, float*, float*) {}
 
 #endif
 

@@ -1,12 +1,17 @@
-// AMX tile kernels for the sparse expert products (expert_mix.cpp): the
+// AMX tile kernels: for the sparse expert products (expert_mix.cpp), the
 // small per-expert GEMMs of many tokens, with bf16 inputs and float32 sums,
-// as the dense path's oneDNN products take them. Compiled with the AMX flags
+// as the dense path's oneDNN products take them; for Q8_0 weights
+// (CpuBackend::linear), the int8 products of many tokens. Compiled with the AMX flags
 // whatever MONET_NATIVE says (amx.cpp) and used only where usable() says so;
 // amx.cpp instantiates no library templates (a copy built with these flags
 // could be the one the linker keeps for every caller).
 #pragma once
 #include <cstddef>
 #include <cstdint>
+
+namespace monet::cpu {
+struct BlockQ8Act;
+}
 
 namespace monet::cpu::amx {
 
@@ -41,5 +46,36 @@ void pack_pairs(const uint16_t* const* rows, int64_t n_rows, int64_t N, uint32_t
 // tokens' float32 output rows; c: scratch of kAxpyScratchFloats floats.
 void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t* packed, int64_t N,
                float* const* out, int64_t nt, float* c);
+
+// Q8_0 rows times many tokens' int8 blocks on the int8 tiles: each 32-value
+// block's products summed exactly in int32 by the tiles, then scaled by the
+// weight block's and the token block's scales and summed over the blocks in
+// float32, in order: y = fma(float(block sum), dw * dx, y). (The row kernels
+// sum 4-value pieces per lane instead: the same products, other roundings.)
+//
+// The bytes pack_q8_tokens writes for T tokens of nb blocks each.
+int64_t q8_tokens_bytes(int64_t T, int64_t nb);
+// x: T tokens' nb blocks each, token-major. Packed in tiles of 16 tokens
+// (tokens past T are zeros); made once and read by every q8_dot_rows_tile.
+void pack_q8_tokens(const BlockQ8Act* x, int64_t T, int64_t nb, uint8_t* packed);
+// The floats of q8_dot_rows_tile's (and q8_dot_slice_tile's) scratch for nb blocks.
+int64_t q8_tile_scratch_floats(int64_t nb);
+// y[t * ystride + r] = sum_b dw[r,b] dx[t,b] (qw[r,b] . qx[t,b]) for r < nrows <= 16
+// Q8_0 rows `row_bytes` apart (nb blocks each), t < T tokens packed by
+// pack_q8_tokens. next: null or the 16 rows the caller reads next (also
+// row_bytes apart), prefetched while these are multiplied.
+void q8_dot_rows_tile(const void* rows, size_t row_bytes, int64_t nrows, const uint8_t* packed, int64_t T, int64_t nb,
+                      float* y, int64_t ystride, const void* next, float* scratch);
+
+// The same products for one expert slice (w <= 16 Q8_0 rows) and the tokens
+// that selected it (expert_mix.cpp): the slice packed once, its tokens'
+// blocks gathered 16 at a time.
+int64_t q8_slice_bytes(int64_t nb);
+void pack_q8_slice(const void* rows, size_t row_bytes, int64_t w, int64_t nb, uint8_t* packed);
+// out[k * w + n] = sum_b dw[n,b] dx[k,b] (qw[n,b] . qx[k,b]) for n < w and the
+// nt <= 16 tokens x[k] (nb blocks each), in q8_dot_rows_tile's order; scratch:
+// q8_tile_scratch_floats(nb) floats.
+void q8_dot_slice_tile(const BlockQ8Act* const* x, int64_t nt, const uint8_t* packed, int64_t w, int64_t nb,
+                       float* out, float* scratch);
 
 }  // namespace monet::cpu::amx

@@ -79,6 +79,8 @@ class CpuBackend final : public Backend {
   // Whether products with w take bf16-rounded inputs on every path (the row
   // kernels of small batches and sparse experts as well as the GEMMs).
   bool rounds_inputs(const Weight& w) const;
+  // y[t, :] += bias for t < T (no bias: nothing)
+  void add_bias(const Weight* bias, int64_t T, int64_t N, float* y);
   // blocks of 64 rows a thread takes at a time in linear's streamed products
   int64_t block_run(int64_t blocks) const;
   Compute compute_;

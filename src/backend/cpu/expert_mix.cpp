@@ -315,6 +315,8 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
     }
     const BlockQ8Act* yq = u.dtype == DType::Q8_0 ? yq_all : nullptr;
     const Q8Token* token = u.dtype == DType::Q8_0 ? token_all : nullptr;
+    // Q8_0 slices with enough tokens (prefill) take the int8 tiles.
+    const bool q8_tiles = yq && T > kSmallBatch && w <= 16 && amx::usable();
     // One token on the int8 layout: the slices in one run per thread (the
     // same work each), so that each slice but a thread's first was
     // prefetched by the one before.
@@ -325,6 +327,26 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       const int64_t i = r.used[size_t(j)];
       const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
       int64_t ids[amx::kTileRows];
+      if (q8_tiles && p1 - p0 >= kTileMinTokens) {
+        // Q8_0 on the int8 tiles: the slice packed once, its tokens' int8
+        // blocks gathered 16 at a time.
+        const int64_t nb = d / kQ8Block;
+        uint8_t* packed = reinterpret_cast<uint8_t*>(thread_scratch(5, size_t(amx::q8_slice_bytes(nb) + 3) / 4));
+        float* out = thread_scratch(6, size_t(amx::kTileRows * w));
+        float* scratch = thread_scratch(7, size_t(amx::q8_tile_scratch_floats(nb)));
+        amx::pack_q8_slice(u.row(i * w), u.row_bytes(), w, nb, packed);
+        const BlockQ8Act* xs[amx::kTileRows];
+        for (int64_t p = p0; p < p1; p += amx::kTileRows) {
+          const int64_t nt = std::min<int64_t>(amx::kTileRows, p1 - p);
+          for (int64_t k = 0; k < nt; k++) {
+            ids[k] = r.by_expert[size_t(p + k)];
+            xs[k] = yq + int64_t(r.token[size_t(ids[k])]) * nb;
+          }
+          amx::q8_dot_slice_tile(xs, nt, packed, w, nb, out, scratch);
+          relu2_out(out, bv, i, ids, nt, x);
+        }
+        continue;
+      }
       if (tiles && p1 - p0 >= kTileMinTokens) {
         uint32_t* packed = reinterpret_cast<uint32_t*>(thread_scratch(5, size_t(d / 2 * w)));
         float* out = thread_scratch(6, size_t(amx::kTileRows * w));
@@ -520,6 +542,29 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
               outs[k] = acc + int64_t(r.token[size_t(e)]) * ld + c0;
             }
             amx::axpy_tile(a_tile, lda, pair_rows, packed, c1 - c0, outs, nt, products);
+          }
+          continue;
+        }
+        if (q8) {
+          // Q8_0 slices: up to kSmallBatch tokens at a time, each row's
+          // blocks widened once for all of them (add_slice's sums per token).
+          const int64_t n_rows_q8 = n_terms * w;
+          const void* rows[kMaxAxpyRows];
+          for (int k = 0; k < n_terms; k++)
+            for (int64_t j = 0; j < w; j++) rows[k * w + j] = terms[k].v->row(i * w + j);
+          float coefs[kSmallBatch * kMaxAxpyRows];
+          float* outs_q8[kSmallBatch];
+          for (int64_t p = p0; p < p1; p += kSmallBatch) {
+            const int64_t nt = std::min<int64_t>(kSmallBatch, p1 - p);
+            for (int64_t k = 0; k < nt; k++) {
+              const int64_t e = r.by_expert[size_t(p + k)];
+              for (int m = 0; m < n_terms; m++)
+                for (int64_t j = 0; j < w; j++) coefs[k * n_rows_q8 + m * w + j] = (*terms[m].coef)[size_t(e * w + j)];
+              outs_q8[k] = acc + int64_t(r.token[size_t(e)]) * ld;
+            }
+            k_.q8_0.axpy_multi_tokens(rows, coefs, n_rows_q8, outs_q8, nt, c0, c1);
+            for (int64_t k = 0; k < nt; k++)
+              axpy_rows(b, i, 1, &bias_coef[size_t(r.by_expert[size_t(p + k)])], outs_q8[k], c0, c1);
           }
           continue;
         }

@@ -75,6 +75,13 @@ struct Q8Kernels {
   // prefetched at the same offsets (AVX-512 levels).
   void (*axpy_multi)(const void* const* rows, const float* coef, int64_t nrows, float* out, int64_t c0, int64_t c1,
                      const void* const* next);
+  // axpy_multi for nt <= kSmallBatch tokens with the same rows (no prefetch):
+  // outs[t][c] += coef[t * nrows + r] * (row r's values) over [c0, c1), each
+  // token's sums those of axpy_multi, in the same order (except that a zero
+  // coefficient adds a zero, which may turn a -0.0 into +0.0); each row's
+  // blocks are widened once for all the tokens.
+  void (*axpy_multi_tokens)(const void* const* rows, const float* coef, int64_t nrows, float* const* outs, int64_t nt,
+                            int64_t c0, int64_t c1);
   // x's nb blocks as a Q8Token; false (out untouched) where nb / 2 >
   // kQ8TokenSteps. Null, as dot_rows_token, where the level has no
   // one-token loop (the levels without VNNI).
