@@ -7,7 +7,7 @@ Builds build/monet_bench (unless --skip-build) and, once (cached in
 bench/out/, gitignored), a random checkpoint of the Monet-VD-1.4B shape with
 calibrated routers per dtype. Then measures batch-1 greedy decode tokens/s
 after a --prompt-token prompt and prefill tokens/s of a --prefill-token
-prompt, for monet (build/monet_bench) and for two peers
+prompt (each after one untimed warm-up pass), for monet (build/monet_bench) and for two peers
 (python/monet_ref/torch_model.py, torch.inference_mode, torch.set_num_threads):
 the reference's dense einsums, and the sparse peer that gathers only the kept
 experts' slices (monet's algorithm in PyTorch), in each dtype, plus the memory-bandwidth limit of decode: measured copy
@@ -61,8 +61,12 @@ def ensure_checkpoint(dtype: str, small: bool) -> str:
 
 def monet_bench(path: str, threads: int, prompt: int, decode: int, batch: int = 1, repeat: int = 1,
                 huge_pages: bool = False) -> dict:
+    """One monet_bench process: one untimed pass first, as the peer's warm-up
+    (a first pass over weights mapped from the file also reads the pages that
+    are not cached, e.g. after the peer's run pushed them out), then the
+    best of `repeat`."""
     r = subprocess.run([BINARY, "--model", path, "--threads", str(threads), "--prompt", str(prompt),
-                        "--decode", str(decode), "--batch", str(batch), "--repeat", str(repeat),
+                        "--decode", str(decode), "--batch", str(batch), "--repeat", str(repeat), "--warmup", "1",
                         "--huge-pages", "1" if huge_pages else "0"],
                        capture_output=True, text=True)
     if r.returncode != 0:
@@ -71,8 +75,8 @@ def monet_bench(path: str, threads: int, prompt: int, decode: int, batch: int = 
 
 
 def run_ours(path: str, threads: int, prompt: int, decode: int, prefill: int, repeat: int) -> dict:
-    """Best of `repeat` runs of each measurement, in one process (as the peer:
-    the first pass of a process also pays for mapping the weights' pages)."""
+    """Best of `repeat` runs of each measurement, each in its own process
+    after a warm-up pass (monet_bench)."""
     dec = monet_bench(path, threads, prompt, decode, repeat=repeat)
     pre = monet_bench(path, threads, prefill, 1, repeat=repeat)
     return {"decode_tok_s": dec["decode_tok_s"], "prefill_tok_s": pre["prefill_tok_s"],

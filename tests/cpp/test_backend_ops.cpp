@@ -907,13 +907,14 @@ TEST(Q8Kernels, EveryLevelAgainstPlainLoops) {
         k.axpy_multi(rows, coefs, N, together.data(), c0, c1, c0 == 0 ? next : nullptr);
         for (int64_t c = 0; c < K; c++)
           ASSERT_EQ(together[size_t(c)], one_by_one[size_t(c)]) << choice.set->name << " axpy_multi [" << c0 << ", " << c1 << ") column " << c;
-        // The same rows for 1..8 tokens at once (prefill's expert slices), each
-        // token's coefficients its own (zeros among them): axpy_multi's values.
-        for (int64_t nt = 1; nt <= monet::cpu::kSmallBatch; nt++) {
+        // The same rows for 1..11 tokens at once (prefill's expert slices; past
+        // kSmallBatch in groups), each token's coefficients its own (zeros
+        // among them): axpy_multi's values.
+        for (int64_t nt = 1; nt <= monet::cpu::kSmallBatch + 3; nt++) {
           std::vector<float> token_coefs(size_t(nt * N));
           for (float& v : token_coefs) v = std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? 0.0f : float(rng() % 200) / 50.0f - 2.0f;
           std::vector<std::vector<float>> each(static_cast<size_t>(nt)), all(static_cast<size_t>(nt));
-          float* outs[monet::cpu::kSmallBatch];
+          float* outs[monet::cpu::kSmallBatch + 3];
           for (int64_t t = 0; t < nt; t++) {
             each[size_t(t)] = random_vec(size_t(K), rng);
             all[size_t(t)] = each[size_t(t)];

@@ -1,5 +1,5 @@
 // AMX tile kernels (amx.h). Built with -mamx-tile -mamx-bf16 -mamx-int8
-// -mavx512f -mavx512bw -mf16c (CMakeLists.txt); without a compiler that
+// -mavx512f -mavx512bw -mavx512vl -mf16c (CMakeLists.txt); without a compiler that
 // knows them the functions exist and usable() is false.
 #include "backend/cpu/amx.h"
 
@@ -55,6 +55,22 @@ void transpose_8x8_words(const __m256i* v, __m256i* out) {
     out[j] = _mm256_permute2x128_si256(q[j], q[4 + j], 0x20);
     out[4 + j] = _mm256_permute2x128_si256(q[j], q[4 + j], 0x31);
   }
+}
+
+// One B tile of the int8 products, then its 16 scales: column n holds the
+// 32 quants q[n] (null: zeros) as 8 rows of 4, i.e. B's row r is word r of
+// each column's 8 words: two 8 x 8 transposes (columns 0-7, 8-15).
+void pack_b_tile(const int8_t* const* q, const float* scales, uint8_t* tile) {
+  for (int half = 0; half < 2; half++) {
+    __m256i v[8], t[8];
+    for (int n = 0; n < 8; n++) {
+      const int8_t* col = q[half * 8 + n];
+      v[n] = col ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col)) : _mm256_setzero_si256();
+    }
+    transpose_8x8_words(v, t);
+    for (int r = 0; r < 8; r++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 64 + half * 32), t[r]);
+  }
+  std::memcpy(tile + 8 * 64, scales, 16 * sizeof(float));
 }
 
 // The int8 kernels' block step: block b's products into C tile b % 2 (from
@@ -251,18 +267,14 @@ int64_t q8_tokens_bytes(int64_t T, int64_t nb) { return (T + 15) / 16 * nb * kQ8
 void pack_q8_tokens(const BlockQ8Act* x, int64_t T, int64_t nb, uint8_t* packed) {
   for (int64_t t0 = 0; t0 < T; t0 += 16)
     for (int64_t b = 0; b < nb; b++) {
-      uint8_t* tile = packed + (t0 / 16 * nb + b) * kQ8TokenTileBytes;
+      const int8_t* q[16];
       float scales[16];
       for (int64_t t = 0; t < 16; t++) {
-        const bool real = t0 + t < T;
-        const BlockQ8Act* xb = real ? &x[(t0 + t) * nb + b] : nullptr;
-        for (int r = 0; r < 8; r++) {
-          if (real) std::memcpy(tile + r * 64 + t * 4, xb->q + 4 * r, 4);
-          else std::memset(tile + r * 64 + t * 4, 0, 4);
-        }
-        scales[t] = real ? xb->d : 0.0f;
+        const BlockQ8Act* xb = t0 + t < T ? &x[(t0 + t) * nb + b] : nullptr;
+        q[t] = xb ? xb->q : nullptr;
+        scales[t] = xb ? xb->d : 0.0f;
       }
-      std::memcpy(tile + 8 * 64, scales, sizeof(scales));
+      pack_b_tile(q, scales, packed + (t0 / 16 * nb + b) * kQ8TokenTileBytes);
     }
 }
 
@@ -328,26 +340,18 @@ void q8_dot_rows_tile(const void* rows, size_t row_bytes, int64_t nrows, const u
 int64_t q8_slice_bytes(int64_t nb) { return nb * kQ8TokenTileBytes; }
 
 void pack_q8_slice(const void* rows, size_t row_bytes, int64_t w, int64_t nb, uint8_t* packed) {
-  // Per block: its 32 quants of each row are 8 words; B's row r holds word r
-  // of rows 0..15, so two 8 x 8 transposes (rows 0-7, 8-15; rows past w zero).
   const uint8_t* base = static_cast<const uint8_t*>(rows);
   for (int64_t b = 0; b < nb; b++) {
-    uint8_t* tile = packed + b * kQ8TokenTileBytes;
+    const int8_t* q[16];
     float scales[16];
-    for (int64_t half = 0; half < 2; half++) {
-      __m256i v[8], t[8];
-      for (int64_t n = 0; n < 8; n++) {
-        const int64_t row = half * 8 + n;
-        const BlockQ8_0* blk = row < w ? reinterpret_cast<const BlockQ8_0*>(base + size_t(row) * row_bytes) + b : nullptr;
-        v[n] = blk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk->q)) : _mm256_setzero_si256();
-        uint16_t h = 0;
-        if (blk) std::memcpy(&h, &blk->d, 2);
-        scales[row] = blk ? _cvtsh_ss(h) : 0.0f;
-      }
-      transpose_8x8_words(v, t);
-      for (int r = 0; r < 8; r++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 64 + half * 32), t[r]);
+    for (int64_t n = 0; n < 16; n++) {
+      const BlockQ8_0* blk = n < w ? reinterpret_cast<const BlockQ8_0*>(base + size_t(n) * row_bytes) + b : nullptr;
+      uint16_t h = 0;
+      if (blk) std::memcpy(&h, &blk->d, 2);
+      q[n] = blk ? blk->q : nullptr;
+      scales[n] = blk ? _cvtsh_ss(h) : 0.0f;
     }
-    std::memcpy(tile + 8 * 64, scales, sizeof(scales));
+    pack_b_tile(q, scales, packed + b * kQ8TokenTileBytes);
   }
 }
 
@@ -369,7 +373,8 @@ void q8_dot_slice_tile(const BlockQ8Act* const* x, int64_t nt, const uint8_t* pa
   const BlockQ8Act* tok[16];
   for (int64_t t = 0; t < 16; t++) tok[t] = x[t < nt ? t : 0];  // rows past nt repeat token 0 (ignored)
   // The tokens' scales of the blocks gathered: a block's are read when the
-  // next block's products run, after 4 more blocks were gathered (8 slots).
+  // next block's products run, after 5 more blocks were gathered (6 slots
+  // would do; 8).
   float dx[2 * kAhead][16];
   auto gather = [&](int64_t b) {
     int8_t* dst = ring + (b % kAhead) * 512;

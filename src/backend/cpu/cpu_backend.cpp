@@ -230,12 +230,8 @@ const Q8Token* CpuBackend::prepare_token(const BlockQ8Act* xq, int64_t nb, int s
 void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, const Weight* bias, bool exact) {
   const int64_t N = w.rows, K = w.cols;
   if (w.dtype == DType::Q8_0 && !exact) {
-    // int8 products for every batch size (decode and prefill round alike):
-    // the activations quantized to blocks of 32 once, then integer dot
-    // products. Each thread takes blocks of 64 weight rows and applies them
-    // to the tokens kSmallBatch at a time, the rows staying in L2 between
-    // groups (docs/quantization.md). Runs of blocks go to threads as they
-    // finish (block_run).
+    // int8 products for every batch size: the activations quantized to
+    // blocks of 32 once, then integer dot products (docs/quantization.md).
     const BlockQ8Act* xq = quantize_activations(x, T, K, 0);
     if (T > kSmallBatch && amx::usable()) {
       // Many tokens (prefill) on the int8 tiles: the tokens packed once,
@@ -260,6 +256,10 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
       add_bias(bias, T, N, y);
       return;
     }
+    // Up to kSmallBatch tokens, or no AMX: each thread takes blocks of 64
+    // weight rows and applies them to the tokens kSmallBatch at a time, the
+    // rows staying in L2 between groups (the same sums for any batch size).
+    // Runs of blocks go to threads as they finish (block_run).
     const int64_t nb = K / kQ8Block, blocks = (N + 63) / 64, run = block_run(blocks);
     const Q8Token* token = T == 1 ? prepare_token(xq, nb, 0) : nullptr;
 #pragma omp parallel for schedule(dynamic, run) num_threads(threads_)

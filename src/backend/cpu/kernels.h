@@ -75,7 +75,7 @@ struct Q8Kernels {
   // prefetched at the same offsets (AVX-512 levels).
   void (*axpy_multi)(const void* const* rows, const float* coef, int64_t nrows, float* out, int64_t c0, int64_t c1,
                      const void* const* next);
-  // axpy_multi for nt <= kSmallBatch tokens with the same rows (no prefetch):
+  // axpy_multi for nt tokens with the same rows (no prefetch; kSmallBatch at a time):
   // outs[t][c] += coef[t * nrows + r] * (row r's values) over [c0, c1), each
   // token's sums those of axpy_multi, in the same order (except that a zero
   // coefficient adds a zero, which may turn a -0.0 into +0.0); each row's
