@@ -236,7 +236,7 @@ void CpuBackend::linear(const Weight& w, const float* x, int64_t T, float* y, co
     if (T > kSmallBatch && amx::usable()) {
       // Many tokens (prefill) on the int8 tiles: the tokens packed once,
       // then each thread's 16-row blocks in turn, the next block's rows
-      // prefetched (1.4B prefill shapes: 4-5x the row kernels' speed).
+      // prefetched (docs/quantization.md).
       const int64_t nb = K / kQ8Block, blocks = (N + 15) / 16;
       static thread_local std::vector<uint8_t> packed_tokens;  // the calling thread's
       packed_tokens.resize(size_t(amx::q8_tokens_bytes(T, nb)));
