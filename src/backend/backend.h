@@ -44,6 +44,10 @@ struct ExpertMixArgs {
   int64_t group = 0;
   ExpertPath path = ExpertPath::Auto;
   float* out = nullptr;                       // [T, d], overwritten
+  // g1 and g2 hold what they held at this thread's previous expert_mix call
+  // (a router group's later layers): a backend may reuse what it derived
+  // from them then, if that call had the same g1, g2, T and config.
+  bool same_routing = false;
 };
 
 enum class Activation { Relu2, GeluQuick, Gelu };  // relu(x)^2; x*sigmoid(1.702x); exact erf GELU

@@ -210,6 +210,7 @@ void Model::forward_batch(std::vector<Sequence>& seqs, const BatchOptions& opts)
     mix.g2 = a.g2.f32();
     mix.masks = row_mask.empty() ? nullptr : row_mask.data();
     mix.group = l / c.moe_groups;
+    mix.same_routing = !lw.has_router && l > 0;  // the previous layer's mix saw these g1, g2
     mix.path = opts.expert_path;
     mix.out = a.proj.f32();
     be.expert_mix(mix);

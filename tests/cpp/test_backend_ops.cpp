@@ -761,6 +761,54 @@ TEST_P(BackendOps, ExpertMix) {
       }
 }
 
+// same_routing (a router group's later layers): with other g buffers than
+// the previous call's the mix is computed afresh; with the same ones the CPU
+// backend reuses the entries it made from them then (what forward promises
+// by the flag), while the inputs y are this call's.
+TEST_P(BackendOps, ExpertMixSameRouting) {
+  std::mt19937 rng(10);
+  for (monet::Decompose dec : {monet::Decompose::Vertical, monet::Decompose::Horizontal})
+    for (int64_t T : {1, 12, 40}) {
+      ExpertSetup s = make_experts(*be, dec, DType::F32, rng, 16);
+      const int64_t d = s.c.hidden_size, H = s.c.moe_heads, E = s.c.moe_experts;
+      auto routing = [&] {
+        std::vector<float> g(size_t(T * H * E), 0.0f);
+        std::uniform_int_distribution<int> pick(0, int(E) - 1);
+        for (int64_t th = 0; th < T * H; th++)
+          for (int k = 0; k < 2; k++) g[size_t(th * E + pick(rng))] += 0.5f;
+        return g;
+      };
+      const std::vector<float> g1 = routing(), g2 = routing(), h1 = routing(), h2 = routing();
+      const std::vector<float> yh = random_vec(size_t(T * d), rng), yh2 = random_vec(size_t(T * d), rng);
+      const std::vector<const monet::ExpertMask*> no_masks(static_cast<size_t>(T), nullptr);
+      DeviceVec y(*be, yh), y2(*be, yh2), G1(*be, g1), G2(*be, g2), H1(*be, h1), H2(*be, h2), out(*be, size_t(T * d));
+      auto mix = [&](const DeviceVec& x, const DeviceVec& a1, const DeviceVec& a2, bool same) {
+        monet::ExpertMixArgs args = mix_args(s, T, x.get(), a1.get(), a2.get(), nullptr, monet::ExpertPath::Auto, out.get());
+        args.same_routing = same;
+        be->expert_mix(args);
+        return out.host();
+      };
+      const double tol = bf16_compute ? 2e-2 : 1e-5;
+      const std::string what = std::string(dec == monet::Decompose::Vertical ? "VD" : "HD") + " T=" + std::to_string(T);
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, false), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
+      EXPECT_LT(max_rel_err(mix(y, H1, H2, true), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
+          << what << ": other buffers than the previous call's";
+      // G1, G2 now hold h1, h2: the previous call read H1, H2, so they are read again.
+      be->from_host(G1.get(), h1.data(), h1.size() * 4);
+      be->from_host(G2.get(), h2.data(), h2.size() * 4);
+      EXPECT_LT(max_rel_err(mix(y2, G1, G2, true), explicit_sum(s, yh2, h1, h2, T, no_masks)), tol) << what;
+      // The same buffers again, their contents changed behind the flag's back:
+      // the entries of h1, h2 are reused, with this call's inputs.
+      be->from_host(G1.get(), g1.data(), g1.size() * 4);
+      be->from_host(G2.get(), g2.data(), g2.size() * 4);
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, true), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
+          << what << ": the entries were not reused";
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, false), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
+      EXPECT_LT(max_rel_err(mix(y, G1, H2, true), explicit_sum(s, yh, g1, h2, T, no_masks)), tol)
+          << what << ": another side-2 buffer than the previous call's";
+    }
+}
+
 // The expert mix gives the same bits for any number of threads: the decode's
 // v slices go to threads in fixed parts summed in order, more tokens split
 // the columns, and every u product is one thread's.

@@ -210,7 +210,8 @@ void pack_pairs(const uint16_t* const* rows, int64_t n_rows, int64_t N, uint32_t
 }
 
 void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t* packed, int64_t N,
-               float* const* out, int64_t nt, float* c) {
+               float* const* out, int64_t nt, float* c, RowPrefetch* prefetch) {
+  const int64_t prefetch_per_block = prefetch ? (prefetch->n_rows * prefetch->row_lines + N / 48) / (N / 48 + 1) : 0;
   // Tile 0: A (16 x 2 * pair_rows); 1-3: B of three 16-column blocks; 4-6: their C.
   TileConfig cfg;
   cfg.set(0, 16, int(pair_rows * 4));
@@ -245,6 +246,7 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
     _tile_stored(4, c, c_stride);
     _tile_stored(5, c + 16, c_stride);
     _tile_stored(6, c + 32, c_stride);
+    if (prefetch) prefetch->issue(prefetch_per_block);
     add_to_out(n0, 48);
   }
   for (; n0 < N; n0 += 16) {
@@ -254,6 +256,7 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
     _tile_stored(4, c, c_stride);
     add_to_out(n0, 16);
   }
+  if (prefetch) prefetch->issue(prefetch->n_rows * prefetch->row_lines);  // (the lines left)
   _tile_release();
 }
 
@@ -412,7 +415,8 @@ bool usable() { return false; }
 void pack_u(const uint16_t*, size_t, int64_t, int64_t, uint32_t*) {}
 void dot_tile(const uint16_t* const*, int64_t, const uint32_t*, int64_t, int64_t, float*) {}
 void pack_pairs(const uint16_t* const*, int64_t, int64_t, uint32_t*) {}
-void axpy_tile(const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float* const*, int64_t, float*) {}
+void axpy_tile(const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float* const*, int64_t, float*,
+               RowPrefetch*) {}
 int64_t q8_tokens_bytes(int64_t, int64_t) { return 0; }
 void pack_q8_tokens(const BlockQ8Act*, int64_t, int64_t, uint8_t*) {}
 int64_t q8_tile_scratch_floats(int64_t) { return 0; }

@@ -11,6 +11,7 @@
 
 namespace monet::cpu {
 struct BlockQ8Act;
+struct RowPrefetch;
 }
 
 namespace monet::cpu::amx {
@@ -44,8 +45,10 @@ void pack_pairs(const uint16_t* const* rows, int64_t n_rows, int64_t N, uint32_t
 // a is 16 bf16 rows `lda` values apart holding 2 * pair_rows coefficients
 // (pair_rows <= kMaxPairRows), the rows packed by pack_pairs; out[t] are the
 // tokens' float32 output rows; c: scratch of kAxpyScratchFloats floats.
+// prefetch (null: none; kernels.h) issues a share of its lines per 48
+// columns and the rest at the end.
 void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t* packed, int64_t N,
-               float* const* out, int64_t nt, float* c);
+               float* const* out, int64_t nt, float* c, RowPrefetch* prefetch = nullptr);
 
 // Q8_0 rows times many tokens' int8 blocks on the int8 tiles: each 32-value
 // block's products summed exactly in int32 by the tiles, then scaled by the

@@ -70,6 +70,10 @@ struct Coefficients {
 // thread (a thread_local named inside a parallel loop is each thread's own).
 struct MixWorkspace {
   SideEntries r1, r2;
+  // What r1 and r2 were made from (ExpertMixArgs::same_routing)
+  const float* g1 = nullptr;
+  const float* g2 = nullptr;
+  int64_t T = -1, H = -1, E = -1;
   std::vector<uint8_t> kept;
   std::vector<int64_t> count, fill;
   Coefficients co;
@@ -240,8 +244,20 @@ void CpuBackend::expert_mix(const ExpertMixArgs& a) {
   MixWorkspace& ws = mix_workspace();
   SideEntries& r1 = ws.r1;
   SideEntries& r2 = ws.r2;
-  side_entries(a.g1, T, H, E, threads_, r1, ws);
-  side_entries(a.g2, T, H, E, threads_, r2, ws);
+  // The layers of a router group after its first read the same g1, g2:
+  // their entries are made once (1.4B prefill of 512 tokens: side_entries
+  // took 94 ms of 2.0 s, 48 calls).
+  const bool same = a.same_routing && ws.g1 == a.g1 && ws.g2 == a.g2 && ws.T == T && ws.H == H && ws.E == E;
+  if (!same) {
+    ws.g1 = nullptr;  // (r1, r2 half made if side_entries throws)
+    side_entries(a.g1, T, H, E, threads_, r1, ws);
+    side_entries(a.g2, T, H, E, threads_, r2, ws);
+    ws.g1 = a.g1;
+    ws.g2 = a.g2;
+    ws.T = T;
+    ws.H = H;
+    ws.E = E;
+  }
   ExpertPath path = a.path;
   if (path == ExpertPath::Auto) {
     // Sparse work grows with the kept (token, expert) pairs, dense work with
@@ -522,15 +538,35 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       uint16_t a_tile[amx::kTileRows * 2 * amx::kMaxPairRows] = {};
       const uint16_t* rows16[2 * amx::kMaxPairRows];
       float* outs[amx::kTileRows];
-      for (int64_t i = 0; i < E && c0 < c1; i++) {
+      // The next slice's rows, prefetched while a slice's products run: on
+      // the tiles all terms' rows and the bias row from column c0 (as
+      // pack_pairs reads them), for Q8_0 the terms' blocks over [c0, c1).
+      // (1.4B prefill of 128 tokens: bf16 +5 %, q8_0 +2 %, medians of
+      // alternating runs.)
+      RowPrefetch ahead;
+      const int64_t n_used = int64_t(r.used.size());
+      auto prefetch_slice = [&](int64_t j_used) {
+        ahead.next = 0;
+        ahead.n_rows = 0;
+        if (j_used >= n_used) return;
+        const int64_t i = r.used[size_t(j_used)];
+        const size_t from = q8 ? size_t(c0 / kQ8Block) * sizeof(BlockQ8_0) : size_t(c0) * 2;
+        const size_t to = q8 ? size_t((c1 + kQ8Block - 1) / kQ8Block) * sizeof(BlockQ8_0) : size_t(c1) * 2;
+        for (int k = 0; k < n_terms; k++)
+          for (int64_t j = 0; j < w; j++) ahead.rows[ahead.n_rows++] = terms[k].v->row(i * w + j) + from;
+        if (!q8) ahead.rows[ahead.n_rows++] = b.row(i) + from;
+        ahead.row_lines = int64_t((to - from + 63) / 64) + 1;  // (+1: rows need not start on a line)
+      };
+      for (int64_t j_used = 0; j_used < n_used && c0 < c1; j_used++) {
+        const int64_t i = r.used[size_t(j_used)];
         const int64_t p0 = r.by_start[size_t(i)], p1 = r.by_start[size_t(i + 1)];
-        if (p0 == p1) continue;
         if (tiles && p1 - p0 >= kTileMinTokens) {
           for (int k = 0; k < n_terms; k++)
             for (int64_t j = 0; j < w; j++)
               rows16[k * w + j] = reinterpret_cast<const uint16_t*>(terms[k].v->row(i * w + j)) + c0;
           rows16[n_terms * w] = reinterpret_cast<const uint16_t*>(b.row(i)) + c0;
           amx::pack_pairs(rows16, n_rows, c1 - c0, packed);
+          prefetch_slice(j_used + 1);
           for (int64_t p = p0; p < p1; p += amx::kTileRows) {
             const int64_t nt = std::min<int64_t>(amx::kTileRows, p1 - p);
             for (int64_t k = 0; k < nt; k++) {
@@ -541,7 +577,7 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
               arow[n_terms * w] = f32_to_bf16(bias_coef[size_t(e)]);
               outs[k] = acc + int64_t(r.token[size_t(e)]) * ld + c0;
             }
-            amx::axpy_tile(a_tile, lda, pair_rows, packed, c1 - c0, outs, nt, products);
+            amx::axpy_tile(a_tile, lda, pair_rows, packed, c1 - c0, outs, nt, products, &ahead);
           }
           continue;
         }
@@ -554,6 +590,8 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
             for (int64_t j = 0; j < w; j++) rows[k * w + j] = terms[k].v->row(i * w + j);
           float coefs[kSmallBatch * kMaxAxpyRows];
           float* outs_q8[kSmallBatch];
+          prefetch_slice(j_used + 1);
+          ahead.issue(ahead.n_rows * ahead.row_lines);
           for (int64_t p = p0; p < p1; p += kSmallBatch) {
             const int64_t nt = std::min<int64_t>(kSmallBatch, p1 - p);
             for (int64_t k = 0; k < nt; k++) {

@@ -30,6 +30,11 @@ std::vector<KernelChoice> kernel_sets() {
           {&generic::kKernels, true}};
 }
 
+void RowPrefetch::issue(int64_t lines) {
+  for (const int64_t end = std::min(next + lines, n_rows * row_lines); next < end; next++)
+    __builtin_prefetch(static_cast<const char*>(rows[next / row_lines]) + (next % row_lines) * 64, 0, 2);
+}
+
 const KernelSet& select_kernels(const std::string& name) {
   const std::vector<KernelChoice> sets = kernel_sets();
   std::string known;

@@ -20,6 +20,18 @@ constexpr int64_t kSmallBatch = 8;
 // The most rows one axpy_multi call takes (callers split longer lists).
 constexpr int64_t kMaxAxpyRows = 64;
 
+// Rows a loop prefetches into L2 a few lines at a time between its steps, so
+// that they arrive while it computes: the next expert slice's rows in the
+// sparse mix, short runs (a thread's columns of each row) that the hardware
+// prefetcher starts late on. issue() is built for every CPU (kernels.cpp).
+struct RowPrefetch {
+  const void* rows[kMaxAxpyRows];     // where each row's lines start
+  int64_t n_rows = 0, row_lines = 0;  // rows, 64-byte lines per row
+  int64_t next = 0;                   // lines issued so far, row after row
+  // Prefetch the next `lines` lines (fewer where fewer are left).
+  void issue(int64_t lines);
+};
+
 // Loops over one weight row in a given dtype. `row` points at the row's
 // first element (F32, F16, BF16; never Q8_0, whose rows are widened first).
 struct RowKernels {
