@@ -182,6 +182,8 @@ void routers(int threads, int repeat) {
                           {"K 1536 H 4 E 64", 1536, 4, 64, 1.15},
                           {"K 1024 H 8 E 512", 1024, 8, 512, 2.15},
                           {"K 1536 H 8 E 512", 1536, 8, 512, 2.15},
+                          {"K 2048 H 8 E 128", 2048, 8, 128, 1.53},
+                          {"K 2048 H 8 E 256", 2048, 8, 256, 1.86},
                           {"Monet-VD-1.4B K 2048 H 8 E 512", 2048, 8, 512, 2.15}};
   monet::BackendOptions opts;
   opts.threads = threads;

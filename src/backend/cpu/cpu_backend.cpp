@@ -560,17 +560,18 @@ std::shared_ptr<const CpuBackend::Int8Copy> CpuBackend::int8_copy(const Weight& 
 
 namespace {
 
-// The selection router_select_row makes from the float32 logits of the
-// decode, made from approximate logits z[E] (one head's) whose error is at
-// most margin(e) (raw logit units): a logit whose upper bound is under the
+// One head's approximate logits z[E], whose error is at most margin(e) (raw
+// logit units), against the selection router_select_row makes from the
+// float32 logits of the decode: a logit whose upper bound is under the
 // lowest possible threshold drops out (-inf); one whose lower bound is over
 // the highest possible threshold keeps its approximate value if keep_above;
-// the others get exact(e), the decode's float32 dot product. The threshold
-// min(max_e n_e, sigma) is at least min(max_e low_e, sigma), so every logit
-// the decode keeps, and its largest one, is among those computed exactly.
-template <class Margin, class Exact>
-void select_within_bounds(float* z, int64_t E, float mu, float inv_std, float sigma, bool keep_above, Margin margin,
-                          Exact exact, float* g) {
+// the others must be the decode's float32 dot products: their indices go to
+// need (the count is returned). The threshold min(max_e n_e, sigma) is at
+// least min(max_e low_e, sigma), so every logit the decode keeps, and its
+// largest one, is among those recomputed or kept.
+template <class Margin>
+int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, bool keep_above, Margin margin,
+                  int32_t* need) {
   // n_e +- margin_e in BatchNorm units (the margin with slack for the
   // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
   float* low = thread_scratch(4, size_t(2 * E));
@@ -582,11 +583,12 @@ void select_within_bounds(float* z, int64_t E, float mu, float inv_std, float si
   }
   const float max_low = max_value(low, E), max_high = max_value(high, E);
   const float lowest_cut = std::min(max_low, sigma), highest_cut = std::min(max_high, sigma);
+  int64_t count = 0;
   for (int64_t e = 0; e < E; e++) {
     if (high[e] < lowest_cut) z[e] = -std::numeric_limits<float>::infinity();
-    else if (!keep_above || low[e] < highest_cut) z[e] = exact(e);
+    else if (!keep_above || low[e] < highest_cut) need[count++] = int32_t(e);
   }
-  router_select_row<float, float>(z, E, mu, inv_std, sigma, g);
+  return count;
 }
 
 // fn(t, h, mean_h, 1 / std_h) for every (token, head) row of a router, in parallel
@@ -601,11 +603,56 @@ void for_each_head_row(int threads, int64_t T, int64_t H, const Weight& mean, co
   }
 }
 
-// Row r of w . x, as the decode's linear computes it (one token's row kernel).
-float decode_dot(const RowKernels& rk, const Weight& w, int64_t r, const float* x) {
-  float v;
-  rk.dot_rows(w.row(r), w.row_bytes(), 1, &x, 1, w.cols, &v, 1);
-  return v;
+// A bounded router's three passes over T tokens' approximate logits z
+// [T, H*E]: bound_row per (token, head) row (margin(t, n): the error bound of
+// logit n of token t); the logits it marks recomputed as the decode's
+// float32 dot products (one token's row kernel), weight row by weight row,
+// so that each row is read once for all the tokens that need it; then the
+// selection.
+template <class Margin>
+void bounded_select(int threads, const RowKernels& rk, const Weight& w, const float* x, int64_t T, const Weight& mean,
+                    const Weight& var, int64_t H, int64_t E, float sigma, bool keep_above, Margin margin, float* z,
+                    float* g) {
+  const int64_t N = H * E, K = w.cols;
+  struct Marks {
+    std::vector<int32_t> by_row;                  // [T*H, E]: each row's marked indices from its start
+    std::vector<int64_t> count, start, fill;      // per (token, head) row; per weight row [N + 1]; fill
+    std::vector<int32_t> tokens;                  // the tokens of each weight row's marks, by weight row
+  };
+  static thread_local Marks marks;  // kept with its capacity; taken by reference in the calling
+  Marks& mk = marks;                 // thread (named in a parallel loop, it is each thread's own)
+  mk.by_row.resize(size_t(T * N));
+  mk.count.resize(size_t(T * H));
+  for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
+    mk.count[size_t(t * H + h)] =
+        bound_row(z + t * N + h * E, E, mu, inv_std, sigma, keep_above, [&](int64_t e) { return margin(t, h * E + e); },
+                  mk.by_row.data() + (t * H + h) * E);
+  });
+  // Counting sort of the marks by (block of kTokens tokens, weight row): a
+  // block's inputs stay in L2 while its rows are read (1.4B, 512 tokens: the
+  // dot products took 8.5 ms per router reading every row once for all
+  // tokens, their inputs from L3).
+  constexpr int64_t kTokens = 128;
+  const int64_t slots = (T + kTokens - 1) / kTokens * N;
+  auto slot = [&](int64_t th, int64_t i) { return th / H / kTokens * N + (th % H) * E + mk.by_row[size_t(th * E + i)]; };
+  mk.start.assign(size_t(slots + 1), 0);
+  for (int64_t th = 0; th < T * H; th++)
+    for (int64_t i = 0; i < mk.count[size_t(th)]; i++) mk.start[size_t(slot(th, i) + 1)]++;
+  for (int64_t j = 0; j < slots; j++) mk.start[size_t(j + 1)] += mk.start[size_t(j)];
+  mk.fill.assign(mk.start.begin(), mk.start.end() - 1);
+  mk.tokens.resize(size_t(mk.start[size_t(slots)]));
+  for (int64_t th = 0; th < T * H; th++)
+    for (int64_t i = 0; i < mk.count[size_t(th)]; i++) mk.tokens[size_t(mk.fill[size_t(slot(th, i))]++)] = int32_t(th / H);
+#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
+  for (int64_t j = 0; j < slots; j++)
+    for (int64_t i = mk.start[size_t(j)]; i < mk.start[size_t(j + 1)]; i++) {
+      const int64_t t = mk.tokens[size_t(i)], n = j % N;
+      const float* xt = x + t * K;
+      rk.dot_rows(w.row(n), w.row_bytes(), 1, &xt, 1, K, z + t * N + n, 1);
+    }
+  for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
+    router_select_row<float, float>(z + t * N + h * E, E, mu, inv_std, sigma, g + t * N + h * E);
+  });
 }
 
 }  // namespace
@@ -615,9 +662,13 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   const RowKernels* rk = k_.rows(w.dtype);
   // The bounds' passes cost per logit and per input; the product they save
   // costs per logit times K: below K = 1536 the exact product is as fast or
-  // faster (monet_gemm_bench --routers: K 256, E 64 0.69x; K 1024, E 64
-  // 0.92x; K 1536, E 512 1.09-1.22x; K 2048, E 512 1.15-1.31x).
-  constexpr int64_t kBoundedRouterMinK = 1536;
+  // faster (monet_gemm_bench --routers, exact / bounded time, 512 tokens:
+  // K 256, E 64 0.69x; K 1024, E 64 0.92x). Over more tokens the kept
+  // logits' dot products cost per kept logit: with few experts per head
+  // (a larger share kept) they cost more than the product they save
+  // (K 1536, E 64 0.59-0.64x; K 2048, E 128 1.02-1.05x, E 256 1.27-1.52x,
+  // E 512 1.54-1.84x; K 1536, E 512 1.66-1.68x).
+  constexpr int64_t kBoundedRouterMinK = 1536, kBoundedRouterMinExperts = 128;
   if (w.dtype != DType::BF16 || !rk || w.cols < kBoundedRouterMinK) {
     Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
@@ -627,42 +678,34 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
     else Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
-  if (compute_ == Compute::F32 || !bf16_products_native()) {
+  if (compute_ == Compute::F32 || !bf16_products_native() || E < kBoundedRouterMinExperts) {
     Backend::router(w, x, T, mean, var, H, E, sigma, z, g);
     return;
   }
-  // Two bf16 products (GemmCompute::Split2: each input's hi and mid bf16
-  // parts) instead of the exact three (or float32 sgemm without AMX), then
-  // the float32 dot product of the decode for the logits near the threshold.
-  // A logit of the two products differs from the real x . w_e by at most
-  // |lo . w_e| + |float32 sums' error| <= c_t ||w_e||, where
-  // c_t = (2^-16 + K 2^-21) ||x|| (Cauchy-Schwarz; |lo| <= 2^-16 |x| for
-  // each input in float32's normal range, as activations after RMSNorm are:
-  // two roundings to nearest bf16 of 2^-8 each; K 2^-23 bounds
-  // float32 sums of K terms, counted twice over: the products' sums and the
-  // float32 dot product's). In BatchNorm units n_e +- margin_e: a logit whose
-  // upper bound is under the lowest possible threshold is dropped; one whose
-  // lower bound is over the highest possible threshold is kept with the
-  // products' value; the few between (about 1 of 512 per head on the 1.4B
-  // shape) get the float32 dot product. The selection is then the one the
-  // float32 logits give, and a kept probability is within the bound of theirs.
-  const int64_t N = w.rows, K = w.cols;
-  gemm(k_, threads_, GemmCompute::Split2, x, K, T, w, /*transposed=*/true, z, N, /*accumulate=*/false);
+  // One bf16 product (the inputs rounded to the nearest bf16, as under
+  // GemmCompute::BF16), then the float32 dot products of the decode for
+  // every logit that may be kept. A logit of the product differs from the
+  // real x . w_e by at most |(x - x^) . w_e| + |float32 sums' error|
+  // <= c_t ||w_e||, where c_t = (2^-8 + K 2^-21) ||x|| (Cauchy-Schwarz;
+  // |x - x^| <= 2^-8 |x| for each input in float32's normal range, as
+  // activations after RMSNorm are; K 2^-23 bounds float32 sums of K terms,
+  // counted twice over: the product's sums and the float32 dot product's).
+  // In BatchNorm units n_e +- margin_e: a logit whose upper bound is under
+  // the lowest possible threshold is dropped; the others (14 of 512 per
+  // head in a 1.4B prefill: the kept ones and the threshold's neighbours)
+  // are the decode's float32 dot products, so the selection and the
+  // probabilities are the decode's, bit for bit.
+  const int64_t K = w.cols;
+  gemm(k_, threads_, GemmCompute::BF16, x, K, T, w, /*transposed=*/true, z, w.rows, /*accumulate=*/false);
   const std::shared_ptr<const std::vector<float>> wn = row_norms(w);
   // (x . x in float32: its error, under K 2^-24 relative, is inside the 1.01.)
   float* c = thread_scratch(3, size_t(T));
-  const double c_per_norm = (std::ldexp(1.0, -16) + double(K) * std::ldexp(1.0, -21)) * 1.01;
+  const double c_per_norm = (std::ldexp(1.0, -8) + double(K) * std::ldexp(1.0, -21)) * 1.01;
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
-  for_each_head_row(threads_, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
-    const float* norms = wn->data() + h * E;
-    const float* xt = x + t * K;
-    select_within_bounds(
-        z + t * N + h * E, E, mu, inv_std, float(sigma), /*keep_above=*/true,
-        [&](int64_t e) { return c[t] * norms[e]; },
-        [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
-        g + t * N + h * E);
-  });
+  const float* norms = wn->data();
+  bounded_select(threads_, *rk, w, x, T, mean, var, H, E, float(sigma), /*keep_above=*/false,
+                 [&](int64_t t, int64_t n) { return c[t] * norms[n]; }, z, g);
 }
 
 void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean,
@@ -676,7 +719,7 @@ void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T,
   // (Cauchy-Schwarz), and K 2^-21 (||x|| + ||x - x^||)(||w_e|| + ||w_e - w^_e||)
   // bounds both float32 sums (the products' and the dot product's, whose
   // errors are under K 2^-24 times those norms each).
-  const int64_t N = w.rows, K = w.cols;
+  const int64_t K = w.cols;
   const RowKernels* rk = k_.rows(w.dtype);
   const std::shared_ptr<const std::vector<float>> wn = row_norms(w);
   const std::shared_ptr<const Int8Copy> copy = int8_copy(w);
@@ -697,17 +740,13 @@ void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T,
     c[3 * t + 1] = float(std::sqrt(norm_q) * 1.01);
     c[3 * t + 2] = float(double(K) * std::ldexp(1.0, -21) * (std::sqrt(norm) + std::sqrt(err)) * 1.01);
   }
-  for_each_head_row(threads_, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
-    const float* norms = wn->data() + h * E;
-    const float* errs = copy->err_norms.data() + h * E;
-    const float* xt = x + t * K;
-    const float ex = c[3 * t], nq = c[3 * t + 1], fs = c[3 * t + 2];
-    select_within_bounds(
-        z + t * N + h * E, E, mu, inv_std, float(sigma), /*keep_above=*/false,
-        [&](int64_t e) { return ex * norms[e] + nq * errs[e] + fs * (norms[e] + errs[e]); },
-        [&](int64_t e) { return decode_dot(*rk, w, h * E + e, xt); },
-        g + t * N + h * E);
-  });
+  const float* norms = wn->data();
+  const float* errs = copy->err_norms.data();
+  bounded_select(threads_, *rk, w, x, T, mean, var, H, E, float(sigma), /*keep_above=*/false,
+                 [&](int64_t t, int64_t n) {
+                   return c[3 * t] * norms[n] + c[3 * t + 1] * errs[n] + c[3 * t + 2] * (norms[n] + errs[n]);
+                 },
+                 z, g);
 }
 
 void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {

@@ -133,12 +133,10 @@ bool bf16_tiles() {
 
 void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, int64_t lda, int64_t M, const Weight& W,
           bool transposed, float* C, int64_t ldc, bool accumulate) {
-  const bool split3 = compute == GemmCompute::F32Split && bf16_tiles();
-  const bool split2 = compute == GemmCompute::Split2 && bf16_products_native();
-  if ((split3 || split2) && W.dtype == DType::BF16) {
-    // a16 [n_parts M, K]: the hi parts of A's rows, then the mid parts, then (F32Split) the lo parts.
+  if (compute == GemmCompute::F32Split && bf16_tiles() && W.dtype == DType::BF16) {
+    // a16 [3 M, K]: the hi parts of A's rows, then the mid parts, then the lo parts.
     const int64_t K = transposed ? W.cols : W.rows, N = transposed ? W.rows : W.cols;
-    const int64_t n_parts = split3 ? 3 : 2;
+    const int64_t n_parts = 3;
     static thread_local std::vector<uint16_t> a16;
     static thread_local std::vector<float> parts;  // [n_parts M, N]: the partial products
     a16.resize(size_t(n_parts * M * K));
@@ -156,16 +154,16 @@ void gemm(const KernelSet& k, int threads, GemmCompute compute, const float* A, 
         const uint16_t d = f32_to_bf16(r1);
         hi[m * K + kk] = h;
         mid[m * K + kk] = d;
-        if (split3) lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
+        lo[m * K + kk] = f32_to_bf16(r1 - bf16_to_f32(d));
       }
     float* P = parts.data();
     Bf16Matmul::instance().run(threads, a16.data(), n_parts * M, W, transposed, P, N, /*accumulate=*/false);
     const float* p_mid = P + M * N;
-    const float* p_lo = split3 ? p_mid + M * N : nullptr;
+    const float* p_lo = p_mid + M * N;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * N > (1 << 16))
     for (int64_t m = 0; m < M; m++)
       for (int64_t n = 0; n < N; n++) {
-        const float v = P[m * N + n] + (p_mid[m * N + n] + (p_lo ? p_lo[m * N + n] : 0.0f));
+        const float v = P[m * N + n] + (p_mid[m * N + n] + p_lo[m * N + n]);
         C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
       }
     return;

@@ -17,11 +17,8 @@ namespace monet::cpu {
 // its 24-bit significand), every part's products with the weights exact in
 // float32 and summed in float32 by the tiles, then the three results added
 // (lo + mid first). The same products as F32, other float32 roundings in the
-// sums; anything else falls back to F32. Split2: hi + mid only (16 of the 24
-// bits; the dropped part is under 2^-16 of each input), for bf16 weights
-// where the CPU multiplies bf16 natively (the routers' first pass, whose
-// error CpuBackend::router bounds); F32 elsewhere.
-enum class GemmCompute { F32, BF16, F32Split, Split2 };
+// sums; anything else falls back to F32.
+enum class GemmCompute { F32, BF16, F32Split };
 
 // The CPU multiplies bf16 natively (AVX-512-BF16 or AMX) / with AMX tiles.
 bool bf16_products_native();
