@@ -166,8 +166,8 @@ void decode_gemv(const monet::cpu::KernelSet& k, int threads, int repeat) {
 }
 
 // The routers of a prefill (T tokens): the CPU backend's router (from
-// K = kBoundedRouterMinK on, two bf16 products, bounds, the logits near the
-// threshold in float32) against the exact product + selection
+// K = kBoundedRouterMinK and 128 experts on, one bf16 product, bounds, the
+// logits that may be kept in float32) against the exact product + selection
 // (Backend::router), from the default model's shape to the 1.4B's. Logits
 // ~ N(0, 1), the threshold keeping about moe_topk of E per head as
 // calibrated routers do.

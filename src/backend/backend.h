@@ -46,7 +46,8 @@ struct ExpertMixArgs {
   float* out = nullptr;                       // [T, d], overwritten
   // g1 and g2 hold what they held at this thread's previous expert_mix call
   // (a router group's later layers): a backend may reuse what it derived
-  // from them then, if that call had the same g1, g2, T and config.
+  // from them then, if that call had the same g1, g2, T, moe_heads and
+  // moe_experts.
   bool same_routing = false;
 };
 

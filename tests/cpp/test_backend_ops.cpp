@@ -454,12 +454,12 @@ void expect_router_selects_as_decode(Backend& be, const Weight& wp, const std::v
 
 // A router over a batch selects the experts of the float32 logits the
 // decode computes (linear(exact) of one token: its row-by-row dot products)
-// and gives their probabilities within float32 rounding: on the CPU with
-// bf16 products, two bf16 products bound every logit and only those near the
-// threshold are computed in float32, so the selection is theirs exactly.
-// Over a few tokens (1 and 5: decode steps) with bf16 weights, int8 products
-// bound every logit and the decode's dot products compute the ones that may
-// be kept: its probabilities bit for bit.
+// and gives their probabilities within float32 rounding. On the CPU with
+// bf16 products (bf16 weights, 128 experts or more), one bf16 product bounds
+// every logit and the decode's dot products compute the ones that may be
+// kept: its probabilities bit for bit, for 40 tokens and for 140 (two blocks
+// of the dot products' tokens). Over a few tokens (1 and 5: decode steps)
+// with bf16 weights, int8 products bound every logit, the same way.
 TEST_P(BackendOps, RouterEqualsDecodeLogits) {
   std::mt19937 rng(13);
   const int64_t T = 40, H = 4, E = 128, K = 2048;
@@ -472,6 +472,12 @@ TEST_P(BackendOps, RouterEqualsDecodeLogits) {
       for (int64_t k = 0; k < K; k++) xh[size_t(t * K + k)] *= 0.5f + float(t % 5);
     const Weight wp = be->prepare(w.w);
     expect_router_selects_as_decode(*be, wp, xh, H, mean, var, bf16_compute);
+    if (dt == DType::BF16) {  // 140 tokens: the first 40 and 100 more of other sizes
+      std::vector<float> more = xh;
+      for (int64_t t = 0; t < 100; t++)
+        for (int64_t k = 0; k < K; k++) more.push_back(xh[size_t((t % T) * K + (k + 7 * t) % K)] * (0.75f + 0.01f * float(t % 9)));
+      expect_router_selects_as_decode(*be, wp, more, H, mean, var, bf16_compute);
+    }
     for (int64_t few : {1, 5})
       expect_router_selects_as_decode(*be, wp, std::vector<float>(xh.begin(), xh.begin() + few * K), H, mean, var,
                                       bf16_compute, /*decode_exact=*/dt == DType::BF16);
@@ -840,6 +846,19 @@ TEST_P(BackendOps, ExpertMixSameRouting) {
       EXPECT_LT(max_rel_err(mix(y, G1, G2, false), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
       EXPECT_LT(max_rel_err(mix(y, G1, H2, true), explicit_sum(s, yh, g1, h2, T, no_masks)), tol)
           << what << ": another side-2 buffer than the previous call's";
+      if (T > 1) {  // the same buffers over fewer tokens, then over all again: made afresh each time
+        mix(y, H1, H2, false);
+        monet::ExpertMixArgs args = mix_args(s, T - 1, y.get(), G1.get(), G2.get(), nullptr, monet::ExpertPath::Auto, out.get());
+        args.same_routing = true;
+        be->expert_mix(args);
+        const std::vector<float> got = out.host();
+        auto head = [&](const std::vector<float>& v, int64_t per) { return std::vector<float>(v.begin(), v.begin() + (T - 1) * per); };
+        const std::vector<double> want = explicit_sum(s, head(yh, d), head(g1, H * E), head(g2, H * E), T - 1,
+                                                      std::vector<const monet::ExpertMask*>(size_t(T - 1), nullptr));
+        EXPECT_LT(max_rel_err(head(got, d), want), tol) << what << ": fewer tokens";
+        EXPECT_LT(max_rel_err(mix(y, G1, G2, true), explicit_sum(s, yh, g1, g2, T, no_masks)), tol)
+            << what << ": more tokens than the previous call's";
+      }
     }
 }
 

@@ -246,7 +246,7 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
     _tile_stored(4, c, c_stride);
     _tile_stored(5, c + 16, c_stride);
     _tile_stored(6, c + 32, c_stride);
-    if (prefetch) prefetch->issue(prefetch_per_block);
+    if (prefetch) prefetch->issue(prefetch_per_block);  // (plain loads' hints: the tiles stay as they are)
     add_to_out(n0, 48);
   }
   for (; n0 < N; n0 += 16) {

@@ -563,15 +563,13 @@ namespace {
 // One head's approximate logits z[E], whose error is at most margin(e) (raw
 // logit units), against the selection router_select_row makes from the
 // float32 logits of the decode: a logit whose upper bound is under the
-// lowest possible threshold drops out (-inf); one whose lower bound is over
-// the highest possible threshold keeps its approximate value if keep_above;
-// the others must be the decode's float32 dot products: their indices go to
-// need (the count is returned). The threshold min(max_e n_e, sigma) is at
-// least min(max_e low_e, sigma), so every logit the decode keeps, and its
-// largest one, is among those recomputed or kept.
+// lowest possible threshold drops out (-inf); the others may be kept and
+// must be the decode's float32 dot products: their indices go to need (the
+// count is returned). The threshold min(max_e n_e, sigma) is at least
+// min(max_e low_e, sigma), so every logit the decode keeps, and its largest
+// one, is among those marked.
 template <class Margin>
-int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, bool keep_above, Margin margin,
-                  int32_t* need) {
+int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, Margin margin, int32_t* need) {
   // n_e +- margin_e in BatchNorm units (the margin with slack for the
   // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
   float* low = thread_scratch(4, size_t(2 * E));
@@ -581,12 +579,11 @@ int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, boo
     low[e] = n - m;
     high[e] = n + m;
   }
-  const float max_low = max_value(low, E), max_high = max_value(high, E);
-  const float lowest_cut = std::min(max_low, sigma), highest_cut = std::min(max_high, sigma);
+  const float lowest_cut = std::min(max_value(low, E), sigma);
   int64_t count = 0;
   for (int64_t e = 0; e < E; e++) {
     if (high[e] < lowest_cut) z[e] = -std::numeric_limits<float>::infinity();
-    else if (!keep_above || low[e] < highest_cut) need[count++] = int32_t(e);
+    else need[count++] = int32_t(e);
   }
   return count;
 }
@@ -603,38 +600,37 @@ void for_each_head_row(int threads, int64_t T, int64_t H, const Weight& mean, co
   }
 }
 
-// A bounded router's three passes over T tokens' approximate logits z
-// [T, H*E]: bound_row per (token, head) row (margin(t, n): the error bound of
-// logit n of token t); the logits it marks recomputed as the decode's
-// float32 dot products (one token's row kernel), weight row by weight row,
-// so that each row is read once for all the tokens that need it; then the
-// selection.
+// The first passes of a bounded router over T tokens' approximate logits z
+// [T, H*E] (router_select makes the selection from them after):
+// bound_row per (token, head) row (margin(t, n): the error bound of logit n
+// of token t), then the logits it marks recomputed as the decode's float32
+// dot products (one token's row kernel), weight row by weight row, so that a
+// row is read once for all the tokens of a block that need it. g [T, H*E]
+// holds the marks meanwhile (router_select overwrites it).
 template <class Margin>
-void bounded_select(int threads, const RowKernels& rk, const Weight& w, const float* x, int64_t T, const Weight& mean,
-                    const Weight& var, int64_t H, int64_t E, float sigma, bool keep_above, Margin margin, float* z,
-                    float* g) {
+void recompute_marked(int threads, const RowKernels& rk, const Weight& w, const float* x, int64_t T,
+                      const Weight& mean, const Weight& var, int64_t H, int64_t E, float sigma, Margin margin,
+                      float* z, float* g) {
   const int64_t N = H * E, K = w.cols;
+  int32_t* by_row = reinterpret_cast<int32_t*>(g);  // [T*H, E]: each row's marked indices from its start
   struct Marks {
-    std::vector<int32_t> by_row;                  // [T*H, E]: each row's marked indices from its start
-    std::vector<int64_t> count, start, fill;      // per (token, head) row; per weight row [N + 1]; fill
-    std::vector<int32_t> tokens;                  // the tokens of each weight row's marks, by weight row
+    std::vector<int64_t> count, start, fill;  // per (token, head) row; per slot (below) + 1; fill
+    std::vector<int32_t> tokens;              // the tokens of the marks, slot by slot
   };
   static thread_local Marks marks;  // kept with its capacity; taken by reference in the calling
   Marks& mk = marks;                 // thread (named in a parallel loop, it is each thread's own)
-  mk.by_row.resize(size_t(T * N));
   mk.count.resize(size_t(T * H));
   for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
-    mk.count[size_t(t * H + h)] =
-        bound_row(z + t * N + h * E, E, mu, inv_std, sigma, keep_above, [&](int64_t e) { return margin(t, h * E + e); },
-                  mk.by_row.data() + (t * H + h) * E);
+    mk.count[size_t(t * H + h)] = bound_row(z + t * N + h * E, E, mu, inv_std, sigma,
+                                            [&](int64_t e) { return margin(t, h * E + e); }, by_row + (t * H + h) * E);
   });
-  // Counting sort of the marks by (block of kTokens tokens, weight row): a
-  // block's inputs stay in L2 while its rows are read (1.4B, 512 tokens: the
-  // dot products took 8.5 ms per router reading every row once for all
-  // tokens, their inputs from L3).
+  // Counting sort of the marks by slot (block of kTokens tokens, weight row):
+  // a block's inputs stay in L2 while its rows are read (1.4B, 512 tokens:
+  // the dot products took 8.5 ms per router with every row read once for
+  // all tokens, their inputs from L3; 4.2 ms by blocks).
   constexpr int64_t kTokens = 128;
   const int64_t slots = (T + kTokens - 1) / kTokens * N;
-  auto slot = [&](int64_t th, int64_t i) { return th / H / kTokens * N + (th % H) * E + mk.by_row[size_t(th * E + i)]; };
+  auto slot = [&](int64_t th, int64_t i) { return th / H / kTokens * N + (th % H) * E + by_row[th * E + i]; };
   mk.start.assign(size_t(slots + 1), 0);
   for (int64_t th = 0; th < T * H; th++)
     for (int64_t i = 0; i < mk.count[size_t(th)]; i++) mk.start[size_t(slot(th, i) + 1)]++;
@@ -650,9 +646,6 @@ void bounded_select(int threads, const RowKernels& rk, const Weight& w, const fl
       const float* xt = x + t * K;
       rk.dot_rows(w.row(n), w.row_bytes(), 1, &xt, 1, K, z + t * N + n, 1);
     }
-  for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
-    router_select_row<float, float>(z + t * N + h * E, E, mu, inv_std, sigma, g + t * N + h * E);
-  });
 }
 
 }  // namespace
@@ -689,12 +682,14 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
   // <= c_t ||w_e||, where c_t = (2^-8 + K 2^-21) ||x|| (Cauchy-Schwarz;
   // |x - x^| <= 2^-8 |x| for each input in float32's normal range, as
   // activations after RMSNorm are; K 2^-23 bounds float32 sums of K terms,
-  // counted twice over: the product's sums and the float32 dot product's).
+  // counted for the product's sums and the float32 dot product's, and
+  // doubled for slack).
   // In BatchNorm units n_e +- margin_e: a logit whose upper bound is under
   // the lowest possible threshold is dropped; the others (14 of 512 per
   // head in a 1.4B prefill: the kept ones and the threshold's neighbours)
   // are the decode's float32 dot products, so the selection and the
-  // probabilities are the decode's, bit for bit.
+  // probabilities are those the decode makes from the same inputs x, bit
+  // for bit.
   const int64_t K = w.cols;
   gemm(k_, threads_, GemmCompute::BF16, x, K, T, w, /*transposed=*/true, z, w.rows, /*accumulate=*/false);
   const std::shared_ptr<const std::vector<float>> wn = row_norms(w);
@@ -704,8 +699,9 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
   const float* norms = wn->data();
-  bounded_select(threads_, *rk, w, x, T, mean, var, H, E, float(sigma), /*keep_above=*/false,
-                 [&](int64_t t, int64_t n) { return c[t] * norms[n]; }, z, g);
+  recompute_marked(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
+                   [&](int64_t t, int64_t n) { return c[t] * norms[n]; }, z, g);
+  router_select(z, mean, var, T, H, E, sigma, g);
 }
 
 void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean,
@@ -742,11 +738,12 @@ void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T,
   }
   const float* norms = wn->data();
   const float* errs = copy->err_norms.data();
-  bounded_select(threads_, *rk, w, x, T, mean, var, H, E, float(sigma), /*keep_above=*/false,
-                 [&](int64_t t, int64_t n) {
-                   return c[3 * t] * norms[n] + c[3 * t + 1] * errs[n] + c[3 * t + 2] * (norms[n] + errs[n]);
-                 },
-                 z, g);
+  recompute_marked(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
+                   [&](int64_t t, int64_t n) {
+                     return c[3 * t] * norms[n] + c[3 * t + 1] * errs[n] + c[3 * t + 2] * (norms[n] + errs[n]);
+                   },
+                   z, g);
+  router_select(z, mean, var, T, H, E, sigma, g);
 }
 
 void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {

@@ -541,8 +541,9 @@ void CpuBackend::expert_mix_sparse(const ExpertMixArgs& a, const SideEntries& r1
       // The next slice's rows, prefetched while a slice's products run: on
       // the tiles all terms' rows and the bias row from column c0 (as
       // pack_pairs reads them), for Q8_0 the terms' blocks over [c0, c1).
-      // (1.4B prefill of 128 tokens: bf16 +5 %, q8_0 +2 %, medians of
+      // (1.4B prefill of 128 tokens: bf16 +3-5 %, q8_0 +2-4 %, medians of
       // alternating runs.)
+      static_assert(2 * amx::kMaxPairRows + 1 <= kMaxAxpyRows, "RowPrefetch holds a tile slice's rows");
       RowPrefetch ahead;
       const int64_t n_used = int64_t(r.used.size());
       auto prefetch_slice = [&](int64_t j_used) {
