@@ -432,9 +432,9 @@ void expect_router_selects_as_decode(Backend& be, const Weight& wp, const std::v
       differ += (got[i] > 0) != (want[i] > 0);
     }
     // Bounded (more tokens, bf16 products, 128 experts or more per head):
-    // every logit that may be kept is the decode's dot product too. Elsewhere (float32 GEMMs): the same
-    // products, float32 sums in another order (so a logit on the cut may
-    // fall on either side).
+    // every logit that may be kept is the decode's dot product too.
+    // Elsewhere (float32 GEMMs): the same products, float32 sums in another
+    // order (so a logit on the cut may fall on either side).
     const bool bounded = dt == DType::BF16 && bf16_compute && monet::cpu::bf16_products_native() && E >= 128;
     if (decode_exact || bounded) {
       EXPECT_EQ(differ, 0) << "T=" << T << " sigma=" << sigma << ": selections differ";
@@ -822,41 +822,38 @@ TEST_P(BackendOps, ExpertMixSameRouting) {
       const std::vector<float> yh = random_vec(size_t(T * d), rng), yh2 = random_vec(size_t(T * d), rng);
       const std::vector<const monet::ExpertMask*> no_masks(static_cast<size_t>(T), nullptr);
       DeviceVec y(*be, yh), y2(*be, yh2), G1(*be, g1), G2(*be, g2), H1(*be, h1), H2(*be, h2), out(*be, size_t(T * d));
-      auto mix = [&](const DeviceVec& x, const DeviceVec& a1, const DeviceVec& a2, bool same) {
-        monet::ExpertMixArgs args = mix_args(s, T, x.get(), a1.get(), a2.get(), nullptr, monet::ExpertPath::Auto, out.get());
+      auto mix = [&](const DeviceVec& x, const DeviceVec& a1, const DeviceVec& a2, bool same, int64_t tokens) {
+        monet::ExpertMixArgs args = mix_args(s, tokens, x.get(), a1.get(), a2.get(), nullptr, monet::ExpertPath::Auto, out.get());
         args.same_routing = same;
         be->expert_mix(args);
         return out.host();
       };
       const double tol = bf16_compute ? 2e-2 : 1e-5;
       const std::string what = std::string(dec == monet::Decompose::Vertical ? "VD" : "HD") + " T=" + std::to_string(T);
-      EXPECT_LT(max_rel_err(mix(y, G1, G2, false), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
-      EXPECT_LT(max_rel_err(mix(y, H1, H2, true), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, false, T), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
+      EXPECT_LT(max_rel_err(mix(y, H1, H2, true, T), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
           << what << ": other buffers than the previous call's";
       // G1, G2 now hold h1, h2: the previous call read H1, H2, so they are read again.
       be->from_host(G1.get(), h1.data(), h1.size() * 4);
       be->from_host(G2.get(), h2.data(), h2.size() * 4);
-      EXPECT_LT(max_rel_err(mix(y2, G1, G2, true), explicit_sum(s, yh2, h1, h2, T, no_masks)), tol) << what;
+      EXPECT_LT(max_rel_err(mix(y2, G1, G2, true, T), explicit_sum(s, yh2, h1, h2, T, no_masks)), tol) << what;
       // The same buffers again, their contents changed behind the flag's back:
       // the entries of h1, h2 are reused, with this call's inputs.
       be->from_host(G1.get(), g1.data(), g1.size() * 4);
       be->from_host(G2.get(), g2.data(), g2.size() * 4);
-      EXPECT_LT(max_rel_err(mix(y, G1, G2, true), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, true, T), explicit_sum(s, yh, h1, h2, T, no_masks)), tol)
           << what << ": the entries were not reused";
-      EXPECT_LT(max_rel_err(mix(y, G1, G2, false), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
-      EXPECT_LT(max_rel_err(mix(y, G1, H2, true), explicit_sum(s, yh, g1, h2, T, no_masks)), tol)
+      EXPECT_LT(max_rel_err(mix(y, G1, G2, false, T), explicit_sum(s, yh, g1, g2, T, no_masks)), tol) << what;
+      EXPECT_LT(max_rel_err(mix(y, G1, H2, true, T), explicit_sum(s, yh, g1, h2, T, no_masks)), tol)
           << what << ": another side-2 buffer than the previous call's";
       if (T > 1) {  // the same buffers over fewer tokens, then over all again: made afresh each time
-        mix(y, H1, H2, false);
-        monet::ExpertMixArgs args = mix_args(s, T - 1, y.get(), G1.get(), G2.get(), nullptr, monet::ExpertPath::Auto, out.get());
-        args.same_routing = true;
-        be->expert_mix(args);
-        const std::vector<float> got = out.host();
+        mix(y, H1, H2, false, T);
+        const std::vector<float> got = mix(y, G1, G2, true, T - 1);
         auto head = [&](const std::vector<float>& v, int64_t per) { return std::vector<float>(v.begin(), v.begin() + (T - 1) * per); };
         const std::vector<double> want = explicit_sum(s, head(yh, d), head(g1, H * E), head(g2, H * E), T - 1,
                                                       std::vector<const monet::ExpertMask*>(size_t(T - 1), nullptr));
         EXPECT_LT(max_rel_err(head(got, d), want), tol) << what << ": fewer tokens";
-        EXPECT_LT(max_rel_err(mix(y, G1, G2, true), explicit_sum(s, yh, g1, g2, T, no_masks)), tol)
+        EXPECT_LT(max_rel_err(mix(y, G1, G2, true, T), explicit_sum(s, yh, g1, g2, T, no_masks)), tol)
             << what << ": more tokens than the previous call's";
       }
     }
