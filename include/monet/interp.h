@@ -19,6 +19,9 @@ struct ExpertActivation {
 // components are visited (never E^2 values).
 std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
                                              float threshold, bool sorted = true);
+// The same unsorted into `out` (its capacity reused: one call per token).
+void active_experts(const float* g1, const float* g2, int64_t H, int64_t E, float threshold,
+                    std::vector<ExpertActivation>& out);
 
 // The experts of token t in router group g of a capture, split by a mask:
 // a removed expert's weight is zero, so it is listed apart, not as firing.

@@ -419,13 +419,32 @@ IndexProgress build_index(const Model& model, const Tokenizer& tok, const std::v
     // Router groups keep separate state: one thread each.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(model.threads())
     for (int64_t g = 0; g < groups; g++) {
-      for (size_t t = first; t < window.size(); t++) {
-        const int64_t pos = int64_t(start + t - first);
-        const auto act = active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E),
-                                        cap.g2[size_t(g)].data() + t * size_t(H * E), H, E, opts.threshold,
-                                        /*sorted=*/false);
+      // The experts' states are random reads in E^2 of them, and so are their
+      // heaps: three tokens in flight (a token's experts found and their
+      // states prefetched, the next one's heaps prefetched, one absorbed).
+      std::vector<ExpertState>& states = state[size_t(g)];
+      std::vector<ExpertActivation> acts[3];
+      auto find = [&](size_t t, std::vector<ExpertActivation>& act) {
+        act.clear();
+        if (t >= window.size()) return;
+        active_experts(cap.g1[size_t(g)].data() + t * size_t(H * E), cap.g2[size_t(g)].data() + t * size_t(H * E),
+                       H, E, opts.threshold, act);
         for (const ExpertActivation& a : act) {
-          ExpertState& s = state[size_t(g)][size_t(a.id)];
+          const char* line = reinterpret_cast<const char*>(&states[size_t(a.id)]);
+          __builtin_prefetch(line, 1);
+          __builtin_prefetch(line + sizeof(ExpertState) - 1, 1);
+        }
+      };
+      find(first, acts[0]);
+      find(first + 1, acts[1]);
+      for (size_t t = first; t < window.size(); t++) {
+        const std::vector<ExpertActivation>& act = acts[(t - first) % 3];
+        for (const ExpertActivation& a : acts[(t - first + 1) % 3])
+          if (const Activation* top = states[size_t(a.id)].top.data()) __builtin_prefetch(top, 1);
+        find(t + 2, acts[(t - first + 2) % 3]);
+        const int64_t pos = int64_t(start + t - first);
+        for (const ExpertActivation& a : act) {
+          ExpertState& s = states[size_t(a.id)];
           s.count++;
           s.max_prob = std::max(s.max_prob, a.prob);
           s.changed = true;

@@ -7,39 +7,64 @@
 
 namespace monet {
 
-std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
-                                             float threshold, bool sorted) {
-  std::vector<int32_t> s1, s2;
-  for (int64_t i = 0; i < E; i++) {
-    bool on1 = false, on2 = false;
-    for (int64_t h = 0; h < H; h++) {
-      on1 |= g1[h * E + i] > 0.0f;
-      on2 |= g2[h * E + i] > 0.0f;
+void active_experts(const float* g1, const float* g2, int64_t H, int64_t E, float threshold,
+                    std::vector<ExpertActivation>& out) {
+  // Reused by the calling thread: the index calls this for every token.
+  struct Scratch {
+    std::vector<uint8_t> on1, on2;
+    std::vector<int32_t> s1, s2;
+    std::vector<float> a1, a2, p;
+  };
+  static thread_local Scratch sc;
+  // The experts any head keeps, head by head (contiguous rows: vectorized).
+  sc.on1.assign(size_t(E), 0);
+  sc.on2.assign(size_t(E), 0);
+  uint8_t* on1 = sc.on1.data();
+  uint8_t* on2 = sc.on2.data();
+  for (int64_t h = 0; h < H; h++) {
+    const float* r1 = g1 + h * E;
+    const float* r2 = g2 + h * E;
+    for (int64_t i = 0; i < E; i++) {
+      on1[i] |= uint8_t(r1[i] > 0.0f);
+      on2[i] |= uint8_t(r2[i] > 0.0f);
     }
-    if (on1) s1.push_back(int32_t(i));
-    if (on2) s2.push_back(int32_t(i));
+  }
+  sc.s1.clear();
+  sc.s2.clear();
+  for (int64_t i = 0; i < E; i++) {
+    if (on1[i]) sc.s1.push_back(int32_t(i));
+    if (on2[i]) sc.s2.push_back(int32_t(i));
   }
   // The kept experts' probabilities gathered head by head, so that a pair's
   // sum over the heads runs over contiguous j (vectorized; each pair's sum
   // still adds its heads in order from 0).
-  const size_t n1 = s1.size(), n2 = s2.size();
-  std::vector<float> a1(size_t(H) * n1), a2(size_t(H) * n2), p(n2);
+  const size_t n1 = sc.s1.size(), n2 = sc.s2.size();
+  sc.a1.resize(size_t(H) * n1);
+  sc.a2.resize(size_t(H) * n2);
+  sc.p.resize(n2);
   for (int64_t h = 0; h < H; h++) {
-    for (size_t a = 0; a < n1; a++) a1[size_t(h) * n1 + a] = g1[h * E + s1[a]];
-    for (size_t b = 0; b < n2; b++) a2[size_t(h) * n2 + b] = g2[h * E + s2[b]];
+    for (size_t a = 0; a < n1; a++) sc.a1[size_t(h) * n1 + a] = g1[h * E + sc.s1[a]];
+    for (size_t b = 0; b < n2; b++) sc.a2[size_t(h) * n2 + b] = g2[h * E + sc.s2[b]];
   }
-  std::vector<ExpertActivation> out;
+  out.clear();
+  float* p = sc.p.data();
   for (size_t a = 0; a < n1; a++) {
-    std::fill(p.begin(), p.end(), 0.0f);
+    std::fill(p, p + n2, 0.0f);
     for (int64_t h = 0; h < H; h++) {
-      const float x = a1[size_t(h) * n1 + a];
-      const float* y = a2.data() + size_t(h) * n2;
+      const float x = sc.a1[size_t(h) * n1 + a];
+      const float* y = sc.a2.data() + size_t(h) * n2;
       for (size_t b = 0; b < n2; b++) p[b] += x * y[b];
     }
-    const int32_t i = s1[a];
+    const int32_t i = sc.s1[a];
     for (size_t b = 0; b < n2; b++)
-      if (p[b] > threshold) out.push_back({int64_t(i) * E + s2[b], i, s2[b], p[b]});
+      if (p[b] > threshold) out.push_back({int64_t(i) * E + sc.s2[b], i, sc.s2[b], p[b]});
   }
+}
+
+std::vector<ExpertActivation> active_experts(const float* g1, const float* g2, int64_t H, int64_t E,
+                                             float threshold, bool sorted) {
+  std::vector<ExpertActivation> out;
+  active_experts(g1, g2, H, E, threshold, out);
   if (sorted)
     std::sort(out.begin(), out.end(), [](const ExpertActivation& a, const ExpertActivation& b) {
     return a.prob > b.prob || (a.prob == b.prob && a.id < b.id);
