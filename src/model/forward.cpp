@@ -180,7 +180,8 @@ void Model::forward_batch(std::vector<Sequence>& seqs, const BatchOptions& opts)
       be.copy(v_cache + bl.pos0[s] * kv_row, a.v.f32() + bl.row0[s] * kv_row, bytes);
       attn_seqs[s] = {bl.row0[s], seqs[s].n, bl.pos0[s], k_cache, v_cache};
     }
-    be.attention(a.q.f32(), attn_seqs.data(), int64_t(attn_seqs.size()), nh, nkv, hd, /*causal=*/true, a.attn.f32());
+    be.attention(a.q.f32(), attn_seqs.data(), int64_t(attn_seqs.size()), nh, nkv, hd, /*causal=*/true, a.attn.f32(),
+                 lw.wq.dtype);
     be.linear(lw.wo, a.attn.f32(), T, a.proj.f32());
     capture("attn_out", l, a.proj.f32());
     be.add(a.x.f32(), a.proj.f32(), T * d);

@@ -321,7 +321,7 @@ TEST_P(BackendOps, Attention) {
   };
   // Sequences (pos0, n): decode tokens and prompts mixed; long ones cross key blocks.
   const std::vector<std::pair<int64_t, int64_t>> seq_shapes = {{0, 1}, {3, 4}, {0, 20}, {5, 13}, {290, 1}, {0, 300}, {130, 70}};
-  for (Shape sh : {Shape{4, 2, 6}, Shape{3, 3, 17}, Shape{8, 1, 64}})
+  for (Shape sh : {Shape{4, 2, 6}, Shape{3, 3, 17}, Shape{8, 1, 64}, Shape{4, 2, 128}})
     for (bool causal : {true, false}) {
       const int64_t q_stride = sh.nh * sh.hd, kv_stride = sh.nkv * sh.hd;
       int64_t rows = 0;
@@ -341,18 +341,31 @@ TEST_P(BackendOps, Attention) {
         row0 += n;
       }
       be->attention(q.get(), seqs.data(), int64_t(seqs.size()), sh.nh, sh.nkv, sh.hd, causal, out.get());
-      std::vector<double> want(size_t(rows * q_stride));
+      const std::vector<float> got = out.host();
       for (size_t s = 0; s < seqs.size(); s++) {
+        // bf16 compute on a CPU with AMX: a sequence of 16 queries or more
+        // (head size 64 or 128) runs on the bf16 tiles, from q, k, v rounded
+        // to bf16 (as the reference takes them here), and its softmax
+        // weights rounded too (2^-9 relative each: the bound).
+        const bool tiles = bf16_compute && monet::cpu::amx::usable() && (sh.hd == 64 || sh.hd == 128) && seqs[s].n >= 16;
+        auto maybe_rounded = [&](std::vector<float> v) {
+          if (tiles)
+            for (float& x : v) x = float(bf16(x));
+          return v;
+        };
         // The sequence's queries, each against its own keys.
-        std::vector<float> qs(qh.begin() + seqs[s].row0 * q_stride, qh.begin() + (seqs[s].row0 + seqs[s].n) * q_stride);
-        std::vector<double> o(qs.size());
+        const std::vector<float> qs = maybe_rounded(
+            std::vector<float>(qh.begin() + seqs[s].row0 * q_stride, qh.begin() + (seqs[s].row0 + seqs[s].n) * q_stride));
+        const std::vector<float> k_ref = maybe_rounded(kh[s]), v_ref = maybe_rounded(vh[s]);
+        std::vector<double> want(qs.size());
         for (int64_t r = 0; r < seqs[s].n; r++)
-          attention_ref(qs, kh[s], vh[s], r, causal ? seqs[s].pos0 + r + 1 : seqs[s].pos0 + seqs[s].n, sh.nh, sh.nkv,
-                        sh.hd, o);
-        std::copy(o.begin(), o.end(), want.begin() + seqs[s].row0 * q_stride);
+          attention_ref(qs, k_ref, v_ref, r, causal ? seqs[s].pos0 + r + 1 : seqs[s].pos0 + seqs[s].n, sh.nh, sh.nkv,
+                        sh.hd, want);
+        const std::vector<float> got_s(got.begin() + seqs[s].row0 * q_stride, got.begin() + (seqs[s].row0 + seqs[s].n) * q_stride);
+        EXPECT_LT(max_rel_err(got_s, want), tiles ? std::ldexp(1.0, -9) : 1e-5)
+            << "nh=" << sh.nh << " nkv=" << sh.nkv << " hd=" << sh.hd << " causal=" << causal << " seq " << s
+            << " tiles=" << tiles;
       }
-      EXPECT_LT(max_rel_err(out.host(), want), 1e-5) << "nh=" << sh.nh << " nkv=" << sh.nkv << " hd=" << sh.hd
-                                                      << " causal=" << causal;
     }
 }
 

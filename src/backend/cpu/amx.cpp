@@ -260,6 +260,96 @@ void axpy_tile(const uint16_t* a, int64_t lda, int64_t pair_rows, const uint32_t
   _tile_release();
 }
 
+void attention_scores(const uint16_t* q, int64_t hd, const uint32_t* packed_k, int64_t n_blocks, float* s,
+                      int64_t s_stride) {
+  // Tiles 0-3: the queries' hd / 32 steps (A, loaded once); 4, 5: the scores
+  // of two key blocks (C, independent chains); 6, 7: their keys (B). (Tile
+  // numbers are spelled out: GCC's tile intrinsics paste them into the asm.)
+  const int64_t steps = hd / 32, block_words = hd / 2 * 16;
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.set(t, 16, 64);
+  cfg.load();
+  const size_t q_stride = size_t(hd) * 2, s_bytes = size_t(s_stride) * 4;
+  _tile_loadd(0, q, q_stride);
+  if (steps > 1) _tile_loadd(1, q + 32, q_stride);
+  if (steps > 2) _tile_loadd(2, q + 64, q_stride);
+  if (steps > 3) _tile_loadd(3, q + 96, q_stride);
+// C += A(step) B(the block's keys of the step: 16 pair rows, 256 words)
+#define MONET_SCORE_STEP(C, A, B, kb) \
+  do {                                \
+    _tile_loadd(B, (kb) + 256 * A, 64); \
+    _tile_dpbf16ps(C, A, B);          \
+  } while (0)
+#define MONET_SCORE_BLOCK(C, B, kb)                   \
+  do {                                                \
+    MONET_SCORE_STEP(C, 0, B, kb);                    \
+    if (steps > 1) MONET_SCORE_STEP(C, 1, B, kb);     \
+    if (steps > 2) MONET_SCORE_STEP(C, 2, B, kb);     \
+    if (steps > 3) MONET_SCORE_STEP(C, 3, B, kb);     \
+  } while (0)
+  int64_t b = 0;
+  for (; b + 2 <= n_blocks; b += 2) {
+    _tile_zero(4);
+    _tile_zero(5);
+    MONET_SCORE_BLOCK(4, 6, packed_k + b * block_words);
+    MONET_SCORE_BLOCK(5, 7, packed_k + (b + 1) * block_words);
+    _tile_stored(4, s + b * 16, s_bytes);
+    _tile_stored(5, s + (b + 1) * 16, s_bytes);
+  }
+  if (b < n_blocks) {
+    _tile_zero(4);
+    MONET_SCORE_BLOCK(4, 6, packed_k + b * block_words);
+    _tile_stored(4, s + b * 16, s_bytes);
+  }
+#undef MONET_SCORE_BLOCK
+#undef MONET_SCORE_STEP
+  _tile_release();
+  memory_barrier();
+}
+
+void attention_values(const uint16_t* p, int64_t ldp, int64_t n_steps, const uint32_t* packed_v, int64_t hd,
+                      float* o) {
+  // Tiles 0-3: the output's 64 columns at a time (C, over every key step);
+  // 4, 5: the step's weights (A, 16 queries x 32 keys); 6, 7: the values
+  // (B: 16 pair rows x 16 columns).
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.set(t, 16, 64);
+  cfg.load();
+  const size_t p_stride = size_t(ldp) * 2, v_stride = size_t(hd) * 4, o_stride = size_t(hd) * 4;
+#define MONET_VALUE_STEP(A, j)                          \
+  do {                                                  \
+    const uint32_t* vb = packed_v + (j) * 16 * hd + c0; \
+    _tile_loadd(A, p + (j) * 32, p_stride);             \
+    _tile_loadd(6, vb, v_stride);                       \
+    _tile_dpbf16ps(0, A, 6);                            \
+    _tile_loadd(7, vb + 16, v_stride);                  \
+    _tile_dpbf16ps(1, A, 7);                            \
+    _tile_loadd(6, vb + 32, v_stride);                  \
+    _tile_dpbf16ps(2, A, 6);                            \
+    _tile_loadd(7, vb + 48, v_stride);                  \
+    _tile_dpbf16ps(3, A, 7);                            \
+  } while (0)
+  for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    int64_t st = 0;
+    for (; st + 2 <= n_steps; st += 2) {
+      MONET_VALUE_STEP(4, st);
+      MONET_VALUE_STEP(5, st + 1);
+    }
+    if (st < n_steps) MONET_VALUE_STEP(4, st);
+    _tile_stored(0, o + c0, o_stride);
+    _tile_stored(1, o + c0 + 16, o_stride);
+    _tile_stored(2, o + c0 + 32, o_stride);
+    _tile_stored(3, o + c0 + 48, o_stride);
+  }
+#undef MONET_VALUE_STEP
+  _tile_release();
+  memory_barrier();
+}
+
 // A tile of 16 tokens' block b: their quants as the int8 products' second
 // operand (8 rows of 4 quants per token: row r holds quants 4r..4r+3 of
 // tokens 0..15), then the 16 tokens' scales.
@@ -424,6 +514,8 @@ void q8_dot_rows_tile(const void*, size_t, int64_t, const uint8_t*, int64_t, int
 int64_t q8_slice_bytes(int64_t) { return 0; }
 void pack_q8_slice(const void*, size_t, int64_t, int64_t, uint8_t*) {}
 void q8_dot_slice_tile(const BlockQ8Act* const*, int64_t, const uint8_t*, int64_t, int64_t, float*, float*) {}
+void attention_scores(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t) {}
+void attention_values(const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*) {}
 
 #endif
 

@@ -81,4 +81,16 @@ void pack_q8_slice(const void* rows, size_t row_bytes, int64_t w, int64_t nb, ui
 void q8_dot_slice_tile(const BlockQ8Act* const* x, int64_t nt, const uint8_t* packed, int64_t w, int64_t nb,
                        float* out, float* scratch);
 
+// Attention's two products for 16 queries of one head (CpuBackend::attention;
+// hd is 64 or 128). Keys are packed 16 to a block by pack_u (hd / 2 pair
+// rows of 16 keys), values 32 to a step by pack_pairs (16 pair rows of hd).
+// s[t * s_stride + 16 b + n] = q[t] . key n of block b for t < 16, b < n_blocks:
+// q holds 16 bf16 rows of hd values, contiguous.
+void attention_scores(const uint16_t* q, int64_t hd, const uint32_t* packed_k, int64_t n_blocks, float* s,
+                      int64_t s_stride);
+// o[t * hd + n] = sum_j p[t * ldp + j] v[j][n] for t < 16, j < 32 n_steps, n < hd:
+// p holds 16 bf16 rows (ldp values apart) of the keys' weights.
+void attention_values(const uint16_t* p, int64_t ldp, int64_t n_steps, const uint32_t* packed_v, int64_t hd,
+                      float* o);
+
 }  // namespace monet::cpu::amx

@@ -402,27 +402,127 @@ void CpuBackend::rope(float* x, int64_t T, int64_t heads, int64_t hd, const floa
 }
 
 void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_seqs, int64_t nh, int64_t nkv,
-                           int64_t hd, bool causal, float* out) {
-  // Flash-style: each task is (sequence, head, tile of up to kQ queries); it
-  // walks the keys in blocks of kK with an online softmax (running max m and
-  // sum l per query), so no score matrix larger than kQ x kK exists.
+                           int64_t hd, bool causal, float* out, DType projections) {
+  // Each task is (sequence, head, tile of queries). In float32 (kQ queries):
+  // flash-style, the keys in blocks of kK with an online softmax (running
+  // max m and sum l per query), so no score matrix larger than kQ x kK
+  // exists. On the bf16 tiles (16 queries of a sequence of 16 or more): the
+  // scores of every key the tile sees (a row of them stays in L1), their
+  // softmax in float32, then the weights rounded to bf16 times the values.
   constexpr int64_t kQ = 32, kK = 128;
   const int64_t group = nh / nkv, kv_stride = nkv * hd, q_stride = nh * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
+  // As linear's products for the projections' weights (amx.h: hd 64 or 128).
+  const bool tiles = compute_ != Compute::F32 && (compute_ == Compute::BF16 || projections == DType::BF16) &&
+                     (hd == 64 || hd == 128) && amx::usable();
+  constexpr int64_t kTile = amx::kTileRows;
   struct Task {
     int64_t seq, head, q0, nq;
+    bool tile;
   };
+  // The tiles' keys and values, bf16, per (sequence, kv head): keys in
+  // blocks of 16, values in steps of 32 (amx.h), zeros past the last key.
+  const int64_t key_block_words = hd / 2 * kTile, value_step_words = kTile * hd;
+  std::vector<size_t> packed_at(size_t(n_seqs) + 1, 0);
+  auto key_blocks = [&](int64_t s) { return (seqs[s].pos0 + seqs[s].n + 31) / 32 * 2; };  // (whole value steps)
+  for (int64_t s = 0; s < n_seqs; s++) {
+    const bool on_tiles = tiles && seqs[s].n >= kTile;
+    packed_at[size_t(s) + 1] =
+        packed_at[size_t(s)] + (on_tiles ? size_t(nkv * key_blocks(s) * (key_block_words + value_step_words / 2)) : 0);
+  }
+  static thread_local std::vector<uint32_t> packed_memory;  // the calling thread's (a name in the
+  packed_memory.resize(packed_at.back());                   // parallel loops is each thread's own)
+  uint32_t* const packed = packed_memory.data();
+  auto packed_keys = [&](int64_t s, int64_t kvh) {
+    return packed + packed_at[size_t(s)] + size_t(kvh * key_blocks(s) * key_block_words);
+  };
+  auto packed_values = [&](int64_t s, int64_t kvh) {
+    return packed + packed_at[size_t(s)] + size_t(nkv * key_blocks(s) * key_block_words) +
+           size_t(kvh * key_blocks(s) / 2 * value_step_words);
+  };
+  std::vector<std::pair<int64_t, int64_t>> to_pack;  // (sequence, kv head)
+  for (int64_t s = 0; s < n_seqs; s++)
+    if (packed_at[size_t(s) + 1] > packed_at[size_t(s)])
+      for (int64_t kvh = 0; kvh < nkv; kvh++) to_pack.push_back({s, kvh});
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (to_pack.size() > 1)
+  for (size_t i = 0; i < to_pack.size(); i++) {
+    const auto [s, kvh] = to_pack[i];
+    const AttentionSeq& sq = seqs[s];
+    const int64_t n_keys = sq.pos0 + sq.n;
+    // 32 rows of bf16 (16 keys for pack_u, 32 values for pack_pairs), zero past the last key.
+    uint16_t* rows = reinterpret_cast<uint16_t*>(thread_scratch(0, size_t(2 * kTile * hd / 2)));
+    const uint16_t* row_ptrs[2 * kTile];
+    for (int64_t r = 0; r < 2 * kTile; r++) row_ptrs[r] = rows + r * hd;
+    auto to_bf16 = [&](const float* m, int64_t j0, int64_t count) {
+      for (int64_t r = 0; r < count; r++) {
+        uint16_t* dst = rows + r * hd;
+        if (j0 + r < n_keys) k_.pack_bf16_pairs(m + (j0 + r) * kv_stride + kvh * hd, reinterpret_cast<uint32_t*>(dst), hd);
+        else std::fill(dst, dst + hd, uint16_t(0));
+      }
+    };
+    uint32_t* pk = packed_keys(s, kvh);
+    for (int64_t b = 0; b < key_blocks(s); b++) {
+      to_bf16(sq.k, b * kTile, kTile);
+      amx::pack_u(rows, size_t(hd) * 2, kTile, hd, pk + b * key_block_words);
+    }
+    uint32_t* pv = packed_values(s, kvh);
+    for (int64_t st = 0; st < key_blocks(s) / 2; st++) {
+      to_bf16(sq.v, st * 2 * kTile, 2 * kTile);
+      amx::pack_pairs(row_ptrs, 2 * kTile, hd, pv + st * value_step_words);
+    }
+  }
   // OpenBLAS (OpenMP build) runs single-threaded inside an active team; a
   // one-thread team is inactive, so tell it so, or it starts threads of its own.
   ScopedThreads blas_single(1);
   std::vector<Task> tasks;
-  for (int64_t s = 0; s < n_seqs; s++)
+  for (int64_t s = 0; s < n_seqs; s++) {
+    const bool on_tiles = packed_at[size_t(s) + 1] > packed_at[size_t(s)];
+    const int64_t step = on_tiles ? kTile : kQ;
     for (int64_t h = 0; h < nh; h++)
-      for (int64_t q0 = 0; q0 < seqs[s].n; q0 += kQ) tasks.push_back({s, h, q0, std::min(kQ, seqs[s].n - q0)});
+      for (int64_t q0 = 0; q0 < seqs[s].n; q0 += step)
+        tasks.push_back({s, h, q0, std::min(step, seqs[s].n - q0), on_tiles});
+  }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
   for (size_t ti = 0; ti < tasks.size(); ti++) {
     const Task& task = tasks[ti];
     const AttentionSeq& sq = seqs[task.seq];
+    if (task.tile) {
+      const int64_t nq = task.nq, kvh = task.head / group, first_pos = sq.pos0 + task.q0;
+      const int64_t kv_used = causal ? first_pos + nq : sq.pos0 + sq.n;
+      const int64_t ld = (kv_used + 31) / 32 * 32;  // scores and weights per query row
+      float* S = thread_scratch(0, size_t(kTile * ld));
+      float* O = thread_scratch(1, size_t(kTile * hd));
+      uint16_t* qb = reinterpret_cast<uint16_t*>(thread_scratch(2, size_t(kTile * hd / 2)));
+      uint16_t* P = reinterpret_cast<uint16_t*>(thread_scratch(3, size_t(kTile * ld / 2)));
+      float* l = thread_scratch(4, size_t(kTile));
+      for (int64_t r = 0; r < kTile; r++) {
+        uint16_t* dst = qb + r * hd;
+        if (r < nq) k_.pack_bf16_pairs(q + (sq.row0 + task.q0 + r) * q_stride + task.head * hd, reinterpret_cast<uint32_t*>(dst), hd);
+        else std::fill(dst, dst + hd, uint16_t(0));
+      }
+      amx::attention_scores(qb, hd, packed_keys(task.seq, kvh), (kv_used + kTile - 1) / kTile, S, ld);
+      for (int64_t r = 0; r < kTile; r++) {
+        uint32_t* p_row = reinterpret_cast<uint32_t*>(P + r * ld);
+        if (r >= nq) {
+          std::fill(p_row, p_row + ld / 2, 0u);
+          continue;
+        }
+        float* row = S + r * ld;
+        const int64_t visible = causal ? first_pos + r + 1 : kv_used;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < visible; j++) mx = std::max(mx, row[j] *= scale);
+        l[r] = k_.exp_shifted_sum(row, visible, mx);
+        std::fill(row + visible, row + ld, 0.0f);
+        k_.pack_bf16_pairs(row, p_row, ld);
+      }
+      amx::attention_values(P, ld, ld / 32, packed_values(task.seq, kvh), hd, O);
+      for (int64_t r = 0; r < nq; r++) {
+        const float inv = 1.0f / l[r];
+        float* o = out + (sq.row0 + task.q0 + r) * q_stride + task.head * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] = O[r * hd + i] * inv;
+      }
+      continue;
+    }
     const int64_t nq = task.nq, kvh = task.head / group;
     const float* Q = q + (sq.row0 + task.q0) * q_stride + task.head * hd;  // [nq, hd], row stride q_stride
     const float* Kh = sq.k + kvh * hd;                                       // [P, hd], row stride kv_stride

@@ -43,7 +43,7 @@ class CpuBackend final : public Backend {
   void activation(Activation a, float* x, int64_t n) override;
   void rope(float* x, int64_t T, int64_t heads, int64_t hd, const float* cos_t, const float* sin_t) override;
   void attention(const float* q, const AttentionSeq* seqs, int64_t n_seqs, int64_t nh, int64_t nkv, int64_t hd,
-                 bool causal, float* out) override;
+                 bool causal, float* out, DType projections = DType::F32) override;
   void router_select(const float* z, const Weight& mean, const Weight& var, int64_t T, int64_t H, int64_t E,
                      double sigma, float* g) override;
   void router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H, int64_t E,
