@@ -90,9 +90,9 @@ class Backend {
   // Scaled dot-product attention of each sequence's queries over its keys
   // (causal: a query sees positions up to its own). q, out: [rows, nh*hd];
   // GQA: query head h reads kv head h / (nh / nkv). seqs is a host array.
-  // projections: the dtype of the q/k/v projections' weights; under
-  // Compute::Auto the products round q, k, v and the weights to bf16 where
-  // linear's would for such weights (BF16: always, F32: never).
+  // projections: the dtype of the q projection's weights; under
+  // Compute::Auto the products round q, k, v and the softmax weights to bf16
+  // where linear's would for such weights (BF16: always, F32: never).
   virtual void attention(const float* q, const AttentionSeq* seqs, int64_t n_seqs, int64_t nh, int64_t nkv,
                          int64_t hd, bool causal, float* out, DType projections = DType::F32) = 0;
   // Router selection: z [T, H, E] raw logits -> g [T, H, E] probabilities

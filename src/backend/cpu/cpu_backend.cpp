@@ -509,9 +509,8 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
         }
         float* row = S + r * ld;
         const int64_t visible = causal ? first_pos + r + 1 : kv_used;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < visible; j++) mx = std::max(mx, row[j] *= scale);
-        l[r] = k_.exp_shifted_sum(row, visible, mx);
+        k_.scale(scale, row, visible);
+        l[r] = k_.exp_shifted_sum(row, visible, max_value(row, visible));
         std::fill(row + visible, row + ld, 0.0f);
         k_.pack_bf16_pairs(row, p_row, ld);
       }
@@ -550,8 +549,7 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
       for (int64_t r = 0; r < nq; r++) {
         float* row = S + r * kK;
         const int64_t visible = causal ? std::clamp<int64_t>(first_pos + r + 1 - k0, 0, nk) : nk;
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < visible; j++) block_max = std::max(block_max, row[j]);
+        const float block_max = max_value(row, visible);
         const float m_new = std::max(m[r], block_max);
         const float correction = visible == 0 || m[r] == m_new ? 1.0f : std::exp(m[r] - m_new);
         const float sum = visible > 0 ? k_.exp_shifted_sum(row, visible, m_new) : 0.0f;
