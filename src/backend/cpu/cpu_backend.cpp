@@ -156,7 +156,21 @@ Weight CpuBackend::prepare(const Weight& w) {
 }
 
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
-  if (bytes) std::memmove(dst, src, bytes);
+  // Large copies (a prefill's keys and values into the cache) by every
+  // thread: one core's copy falls well short of the memory's bandwidth.
+  constexpr size_t kSplitBytes = size_t(1) << 20;
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  if (bytes < kSplitBytes || threads_ < 2 || (d < s + bytes && s < d + bytes)) {
+    if (bytes) std::memmove(dst, src, bytes);
+    return;
+  }
+  const size_t piece = (bytes / size_t(threads_) + 63) / 64 * 64;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int t = 0; t < threads_; t++) {
+    const size_t from = std::min(bytes, size_t(t) * piece), to = std::min(bytes, from + piece);
+    std::memcpy(d + from, s + from, to - from);
+  }
 }
 
 void CpuBackend::embed(const Weight& table, const int32_t* ids, int64_t T, float* x) {
@@ -728,15 +742,27 @@ void recompute_marked(int threads, const RowKernels& rk, const Weight& w, const 
   // all tokens, their inputs from L3; 4.2 ms by blocks).
   constexpr int64_t kTokens = 128;
   const int64_t slots = (T + kTokens - 1) / kTokens * N;
-  auto slot = [&](int64_t th, int64_t i) { return th / H / kTokens * N + (th % H) * E + by_row[th * E + i]; };
+  // fn(t, token t's slots for head h, the row's marks, their count) per
+  // (token, head) row, in order: no divisions per mark (the sort of a 1.4B
+  // router of 512 tokens 1.7 -> 1.1 ms).
+  auto for_each_row = [&](auto fn) {
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t h = 0; h < H; h++) {
+        const int64_t th = t * H + h;
+        fn(t, mk.start.data() + t / kTokens * N + h * E, by_row + th * E, mk.count[size_t(th)]);
+      }
+  };
   mk.start.assign(size_t(slots + 1), 0);
-  for (int64_t th = 0; th < T * H; th++)
-    for (int64_t i = 0; i < mk.count[size_t(th)]; i++) mk.start[size_t(slot(th, i) + 1)]++;
+  for_each_row([&](int64_t, int64_t* slot_row, const int32_t* marked, int64_t count) {
+    for (int64_t i = 0; i < count; i++) slot_row[marked[i] + 1]++;
+  });
   for (int64_t j = 0; j < slots; j++) mk.start[size_t(j + 1)] += mk.start[size_t(j)];
   mk.fill.assign(mk.start.begin(), mk.start.end() - 1);
   mk.tokens.resize(size_t(mk.start[size_t(slots)]));
-  for (int64_t th = 0; th < T * H; th++)
-    for (int64_t i = 0; i < mk.count[size_t(th)]; i++) mk.tokens[size_t(mk.fill[size_t(slot(th, i))]++)] = int32_t(th / H);
+  for_each_row([&](int64_t t, int64_t* slot_row, const int32_t* marked, int64_t count) {
+    int64_t* fill_row = mk.fill.data() + (slot_row - mk.start.data());
+    for (int64_t i = 0; i < count; i++) mk.tokens[size_t(fill_row[marked[i]]++)] = int32_t(t);
+  });
 #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
   for (int64_t j = 0; j < slots; j++)
     for (int64_t i = mk.start[size_t(j)]; i < mk.start[size_t(j + 1)]; i++) {
