@@ -675,13 +675,13 @@ namespace {
 // One head's approximate logits z[E], whose error is at most margin(e) (raw
 // logit units), against the selection router_select_row makes from the
 // float32 logits of the decode: a logit whose upper bound is under the
-// lowest possible threshold drops out (-inf); the others may be kept and
-// must be the decode's float32 dot products: their indices go to need (the
+// lowest possible threshold drops out; the others may be kept and must be
+// the decode's float32 dot products: their indices go to need, in order (the
 // count is returned). The threshold min(max_e n_e, sigma) is at least
 // min(max_e low_e, sigma), so every logit the decode keeps, and its largest
 // one, is among those marked.
 template <class Margin>
-int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, Margin margin, int32_t* need) {
+int64_t bound_row(const float* z, int64_t E, float mu, float inv_std, float sigma, Margin margin, int32_t* need) {
   // n_e +- margin_e in BatchNorm units (the margin with slack for the
   // float32 arithmetic of the comparisons), in loops the compiler vectorizes.
   float* low = thread_scratch(4, size_t(2 * E));
@@ -693,10 +693,8 @@ int64_t bound_row(float* z, int64_t E, float mu, float inv_std, float sigma, Mar
   }
   const float lowest_cut = std::min(max_value(low, E), sigma);
   int64_t count = 0;
-  for (int64_t e = 0; e < E; e++) {
-    if (high[e] < lowest_cut) z[e] = -std::numeric_limits<float>::infinity();
-    else need[count++] = int32_t(e);
-  }
+  for (int64_t e = 0; e < E; e++)
+    if (high[e] >= lowest_cut) need[count++] = int32_t(e);
   return count;
 }
 
@@ -712,15 +710,16 @@ void for_each_head_row(int threads, int64_t T, int64_t H, const Weight& mean, co
   }
 }
 
-// The first passes of a bounded router over T tokens' approximate logits z
-// [T, H*E] (router_select makes the selection from them after):
-// bound_row per (token, head) row (margin(t, n): the error bound of logit n
-// of token t), then the logits it marks recomputed as the decode's float32
-// dot products (one token's row kernel), weight row by weight row, so that a
-// row is read once for all the tokens of a block that need it. g [T, H*E]
-// holds the marks meanwhile (router_select overwrites it).
+// A bounded router's selection g [T, H*E] from T tokens' approximate logits
+// z [T, H*E]: bound_row per (token, head) row (margin(t, n): the error bound
+// of logit n of token t), then the logits it marks recomputed as the
+// decode's float32 dot products (one token's row kernel), weight row by
+// weight row, so that a row is read once for all the tokens of a block that
+// need it, then router_select_row's selection from the marked logits alone
+// (the others would be -inf: the same g bit for bit, without a pass over
+// every logit). g holds the marks until then.
 template <class Margin>
-void recompute_marked(int threads, const RowKernels& rk, const Weight& w, const float* x, int64_t T,
+void select_bounded(int threads, const RowKernels& rk, const Weight& w, const float* x, int64_t T,
                       const Weight& mean, const Weight& var, int64_t H, int64_t E, float sigma, Margin margin,
                       float* z, float* g) {
   const int64_t N = H * E, K = w.cols;
@@ -770,6 +769,30 @@ void recompute_marked(int threads, const RowKernels& rk, const Weight& w, const 
       const float* xt = x + t * K;
       rk.dot_rows(w.row(n), w.row_bytes(), 1, &xt, 1, K, z + t * N + n, 1);
     }
+  // router_select_row over the row with every unmarked logit at -inf: the
+  // largest logit is marked, kept entries are marked, and the softmax sums
+  // the kept ones in index order as it does.
+  for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
+    const int64_t th = t * H + h, count = mk.count[size_t(th)];
+    int32_t* marked = reinterpret_cast<int32_t*>(thread_scratch(4, size_t(E)));
+    std::copy(by_row + th * E, by_row + th * E + count, marked);  // (g's row is overwritten below)
+    const float* zr = z + t * N + h * E;
+    float* gr = g + t * N + h * E;
+    float max_z = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < count; i++) max_z = std::max(max_z, zr[marked[i]]);
+    const float cut = std::min((max_z - mu) * inv_std, sigma);
+    std::fill(gr, gr + E, 0.0f);
+    double sum = 0.0;
+    for (int64_t i = 0; i < count; i++) {
+      const int32_t e = marked[i];
+      if ((zr[e] - mu) * inv_std >= cut) {
+        gr[e] = std::exp(zr[e] - max_z);
+        sum += double(gr[e]);
+      }
+    }
+    const float inv = float(1.0 / sum);
+    for (int64_t i = 0; i < count; i++) gr[marked[i]] *= inv;
+  });
 }
 
 }  // namespace
@@ -823,9 +846,8 @@ void CpuBackend::router(const Weight& w, const float* x, int64_t T, const Weight
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t t = 0; t < T; t++) c[t] = float(c_per_norm * std::sqrt(double(k_.dot(x + t * K, x + t * K, K))));
   const float* norms = wn->data();
-  recompute_marked(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
-                   [&](int64_t t, int64_t n) { return c[t] * norms[n]; }, z, g);
-  router_select(z, mean, var, T, H, E, sigma, g);
+  select_bounded(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
+                 [&](int64_t t, int64_t n) { return c[t] * norms[n]; }, z, g);
 }
 
 void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T, const Weight& mean,
@@ -862,12 +884,11 @@ void CpuBackend::router_int8_bounded(const Weight& w, const float* x, int64_t T,
   }
   const float* norms = wn->data();
   const float* errs = copy->err_norms.data();
-  recompute_marked(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
-                   [&](int64_t t, int64_t n) {
-                     return c[3 * t] * norms[n] + c[3 * t + 1] * errs[n] + c[3 * t + 2] * (norms[n] + errs[n]);
-                   },
-                   z, g);
-  router_select(z, mean, var, T, H, E, sigma, g);
+  select_bounded(threads_, *rk, w, x, T, mean, var, H, E, float(sigma),
+                 [&](int64_t t, int64_t n) {
+                   return c[3 * t] * norms[n] + c[3 * t + 1] * errs[n] + c[3 * t + 2] * (norms[n] + errs[n]);
+                 },
+                 z, g);
 }
 
 void CpuBackend::argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out) {
