@@ -101,10 +101,10 @@ class Backend {
   virtual void router_select(const float* z, const Weight& mean, const Weight& var, int64_t T, int64_t H,
                              int64_t E, double sigma, float* g) = 0;
   // A router: g [T, H, E] = router_select(x [T, w.cols] . w^T) with the
-  // logits of linear(exact). z [T, H*E] is scratch: a backend may compute
-  // exactly only the logits that can pass the threshold (the kept ones, whose
-  // softmax needs them) and set the others to -inf, as long as g is the one
-  // the exact logits give.
+  // logits of linear(exact). z [T, H*E] is scratch (its contents after the
+  // call unspecified): a backend may compute exactly only the logits that can
+  // pass the threshold (the kept ones, whose softmax needs them), as long as
+  // g is the one the exact logits give.
   virtual void router(const Weight& w, const float* x, int64_t T, const Weight& mean, const Weight& var, int64_t H,
                       int64_t E, double sigma, float* z, float* g) {
     linear(w, x, T, z, nullptr, /*exact=*/true);

@@ -266,6 +266,35 @@ TEST_P(BackendOps, NormsAddActivation) {
   }
 }
 
+// Copies within the backend, to and from the host: sizes around the CPU
+// backend's split into per-thread pieces (1 MiB), with any remainder, with
+// up to 16 threads, and overlapping ranges (memmove's semantics).
+TEST_P(BackendOps, Copy) {
+  const std::string name = GetParam();
+  for (int threads : {1, 2, 3, 16}) {
+    std::unique_ptr<Backend> b = make(name, threads);
+    for (size_t bytes : {size_t(0), size_t(5), (size_t(1) << 20) - 4, size_t(1) << 20, (size_t(1) << 20) + 4,
+                         (size_t(1) << 20) + 64 * 16 + 3, (size_t(3) << 20) + 12}) {
+      std::vector<uint8_t> src(bytes + 64), back(bytes + 64, 0xAB);
+      for (size_t i = 0; i < src.size(); i++) src[i] = uint8_t(i * 131 + 7);
+      monet::Buffer dev = b->alloc(bytes + 64), dev2 = b->alloc(bytes + 64);
+      b->from_host(dev.data(), src.data(), bytes);
+      b->copy(dev2.data(), dev.data(), bytes);
+      b->to_host(back.data(), dev2.data(), bytes);
+      EXPECT_TRUE(std::equal(src.begin(), src.begin() + ptrdiff_t(bytes), back.begin())) << bytes << " bytes, " << threads << " threads";
+      EXPECT_EQ(back[bytes], 0xAB) << "past the end";
+      // Overlapping: moved forward by 8 bytes within one buffer.
+      if (bytes >= 8) {
+        uint8_t* p = static_cast<uint8_t*>(dev.data());
+        b->copy(p + 8, p, bytes - 8);
+        std::vector<uint8_t> moved(bytes);
+        b->to_host(moved.data(), p, bytes);
+        EXPECT_TRUE(std::equal(src.begin(), src.begin() + ptrdiff_t(bytes - 8), moved.begin() + 8)) << bytes << " bytes overlapping";
+      }
+    }
+  }
+}
+
 TEST_P(BackendOps, Rope) {
   std::mt19937 rng(4);
   for (int64_t hd : {2, 8, 64, 128}) {

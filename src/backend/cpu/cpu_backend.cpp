@@ -159,13 +159,14 @@ void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
   // Large copies (a prefill's keys and values into the cache) by every
   // thread: one core's copy falls well short of the memory's bandwidth.
   constexpr size_t kSplitBytes = size_t(1) << 20;
-  const char* s = static_cast<const char*>(src);
-  char* d = static_cast<char*>(dst);
-  if (bytes < kSplitBytes || threads_ < 2 || (d < s + bytes && s < d + bytes)) {
+  const uintptr_t s_at = reinterpret_cast<uintptr_t>(src), d_at = reinterpret_cast<uintptr_t>(dst);
+  if (bytes < kSplitBytes || threads_ < 2 || (d_at < s_at + bytes && s_at < d_at + bytes)) {  // (overlapping: memmove)
     if (bytes) std::memmove(dst, src, bytes);
     return;
   }
-  const size_t piece = (bytes / size_t(threads_) + 63) / 64 * 64;
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  const size_t piece = ((bytes + size_t(threads_) - 1) / size_t(threads_) + 63) / 64 * 64;  // threads_ pieces cover it
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int t = 0; t < threads_; t++) {
     const size_t from = std::min(bytes, size_t(t) * piece), to = std::min(bytes, from + piece);
