@@ -461,7 +461,7 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
       for (int64_t kvh = 0; kvh < nkv; kvh++) to_pack.push_back({s, kvh});
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (to_pack.size() > 1)
   for (size_t i = 0; i < to_pack.size(); i++) {
-    const auto [s, kvh] = to_pack[i];
+    const int64_t s = to_pack[i].first, kvh = to_pack[i].second;  // (no structured bindings: lambdas below name them)
     const AttentionSeq& sq = seqs[s];
     const int64_t n_keys = sq.pos0 + sq.n;
     // 32 rows of bf16 (16 keys for pack_u, 32 values for pack_pairs), zero past the last key.
