@@ -71,6 +71,31 @@ void router_select_row(const R* z, int64_t E, N mean, N inv_std, N sigma, R* g) 
   for (int64_t i = 0; i < E; i++) g[i] *= inv;
 }
 
+// router_select_row's selection where only the `count` entries `marked`
+// (increasing indices) may pass and the others would be -inf: the largest
+// logit and every kept one are among them, so g is the same bit for bit
+// (the same maximum, cut, comparisons and double sum in index order),
+// without a pass over every logit (the CPU backend's bounded routers).
+// marked must not alias g.
+template <class R, class N>
+void router_select_marked(const R* z, const int32_t* marked, int64_t count, int64_t E, N mean, N inv_std, N sigma,
+                          R* g) {
+  R max_z = -std::numeric_limits<R>::infinity();
+  for (int64_t i = 0; i < count; i++) max_z = std::max(max_z, z[marked[i]]);
+  const N cut = std::min((N(max_z) - mean) * inv_std, sigma);
+  double sum = 0.0;
+  for (int64_t i = 0; i < E; i++) g[i] = R(0);
+  for (int64_t i = 0; i < count; i++) {
+    const int32_t e = marked[i];
+    if ((N(z[e]) - mean) * inv_std >= cut) {
+      g[e] = R(std::exp(z[e] - max_z));
+      sum += double(g[e]);
+    }
+  }
+  const R inv = R(1.0 / sum);
+  for (int64_t i = 0; i < count; i++) g[marked[i]] *= inv;
+}
+
 // log(sum_v exp(x_v)) of a row, computed stably.
 template <class R>
 double log_sum_exp(const R* x, int64_t n) {

@@ -428,7 +428,7 @@ void CpuBackend::attention(const float* q, const AttentionSeq* seqs, int64_t n_s
   const int64_t group = nh / nkv, kv_stride = nkv * hd, q_stride = nh * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   // As linear's products for the projections' weights (amx.h: hd 64 or 128).
-  const bool tiles = compute_ != Compute::F32 && (compute_ == Compute::BF16 || projections == DType::BF16) &&
+  const bool tiles = (compute_ == Compute::BF16 || (compute_ == Compute::Auto && projections == DType::BF16)) &&
                      (hd == 64 || hd == 128) && amx::usable();
   constexpr int64_t kTile = amx::kTileRows;
   struct Task {
@@ -770,29 +770,14 @@ void select_bounded(int threads, const RowKernels& rk, const Weight& w, const fl
       const float* xt = x + t * K;
       rk.dot_rows(w.row(n), w.row_bytes(), 1, &xt, 1, K, z + t * N + n, 1);
     }
-  // router_select_row over the row with every unmarked logit at -inf: the
-  // largest logit is marked, kept entries are marked, and the softmax sums
-  // the kept ones in index order as it does.
-  for_each_head_row(threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
+  // The selection from the marked logits (router_select's own threshold
+  // for its threads: a decode step's few rows in the calling thread).
+  const int select_threads = T * H * E > (1 << 14) ? threads : 1;
+  for_each_head_row(select_threads, T, H, mean, var, [&](int64_t t, int64_t h, float mu, float inv_std) {
     const int64_t th = t * H + h, count = mk.count[size_t(th)];
     int32_t* marked = reinterpret_cast<int32_t*>(thread_scratch(4, size_t(E)));
-    std::copy(by_row + th * E, by_row + th * E + count, marked);  // (g's row is overwritten below)
-    const float* zr = z + t * N + h * E;
-    float* gr = g + t * N + h * E;
-    float max_z = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < count; i++) max_z = std::max(max_z, zr[marked[i]]);
-    const float cut = std::min((max_z - mu) * inv_std, sigma);
-    std::fill(gr, gr + E, 0.0f);
-    double sum = 0.0;
-    for (int64_t i = 0; i < count; i++) {
-      const int32_t e = marked[i];
-      if ((zr[e] - mu) * inv_std >= cut) {
-        gr[e] = std::exp(zr[e] - max_z);
-        sum += double(gr[e]);
-      }
-    }
-    const float inv = float(1.0 / sum);
-    for (int64_t i = 0; i < count; i++) gr[marked[i]] *= inv;
+    std::copy(by_row + th * E, by_row + th * E + count, marked);  // (g's row is overwritten)
+    router_select_marked<float, float>(z + t * N + h * E, marked, count, E, mu, inv_std, sigma, g + t * N + h * E);
   });
 }
 
